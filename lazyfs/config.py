@@ -1,0 +1,52 @@
+"""Configuration: frozen dataclasses, units in the field names. A pure leaf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """Retry policy for transient registry failures (used by the network layer only)."""
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """How to talk to registries."""
+
+    connect_timeout_s: float = 10.0
+    fetch_timeout_s: float = 60.0
+    # None: verify TLS except for loopback registries, which use plain HTTP (as docker does).
+    tls_verify: bool | None = None
+    cert_dir: Path | None = None
+    max_connections: int = 16
+    # Blobs larger than this are uploaded in chunks (PATCH), smaller ones in one PUT.
+    monolithic_upload_max_bytes: int = 64 << 20
+    upload_chunk_bytes: int = 16 << 20
+    retry: RetryConfig = field(default_factory=RetryConfig)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A user name and secret for one registry. ``repr`` never shows the secret."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ChunkingConfig:
+    """Content-defined chunking and compression for converted layers.
+
+    The defaults were chosen by measurement; see docs/chunking.md.
+    """
+
+    min_chunk_bytes: int = 16 << 10
+    avg_chunk_bytes: int = 64 << 10
+    max_chunk_bytes: int = 256 << 10
+    zstd_level: int = 3
