@@ -26,7 +26,7 @@ class Digest:
 
     @classmethod
     def parse(cls, text: str) -> Digest:
-        match = _DIGEST_RE.match(text)
+        match = _DIGEST_RE.fullmatch(text)
         if match is None:
             raise ManifestError(f"invalid digest {text!r}")
         algorithm, hex_ = text.split(":", 1)

@@ -1,0 +1,7 @@
+"""``python -m lazyfs``."""
+
+import sys
+
+from lazyfs.cli import main
+
+sys.exit(main())

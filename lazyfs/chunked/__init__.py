@@ -1,0 +1,1 @@
+"""zstd:chunked layers: TOC model, tar-split, and the layer writer."""

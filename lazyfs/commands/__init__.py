@@ -1,0 +1,1 @@
+"""One module per CLI command: glue between parsed arguments and the library."""

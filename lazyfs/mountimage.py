@@ -1,0 +1,197 @@
+"""Open an image for mounting: manifest, config and TOCs, verified, and the merged tree.
+
+Only metadata is fetched here: the manifest (and index), the config, and each layer's TOC by a
+range read at the position its annotation gives. Each TOC is checked against the checksum
+annotation of the manifest, whose digest the tag resolved to, before it is parsed.
+
+Everything fetched is also kept in the cache's metadata store, keyed by digest, so that a
+remount works with the registry down: when the registry cannot be reached, the tag is resolved
+from the last digest seen and every blob is read from the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import anyio.to_thread
+import zstandard
+
+from lazyfs.cache import ChunkCache
+from lazyfs.chunked.toc import (
+    LEGACY_TOC_CHECKSUM_ANNOTATION,
+    LEGACY_TOC_POSITION_ANNOTATION,
+    TOC_CHECKSUM_ANNOTATION,
+    TOC_POSITION_ANNOTATION,
+    VERITY_ANNOTATION,
+    BlobSection,
+    Toc,
+    parse_toc_position,
+)
+from lazyfs.digest import Digest
+from lazyfs.errors import (
+    IntegrityError,
+    ManifestError,
+    RegistryUnreachableError,
+    TocError,
+    TransientRegistryError,
+    UnsupportedMediaTypeError,
+)
+from lazyfs.image import Descriptor, Manifest, parse_manifest_or_index
+from lazyfs.platform import Platform
+from lazyfs.ranges import ByteRange
+from lazyfs.reference import Reference
+from lazyfs.registry.client import RegistryClient
+from lazyfs.resolver import LayerBlob
+from lazyfs.tree import Tree, build_tree
+
+log = logging.getLogger(__name__)
+
+_OFFLINE_ERRORS = (RegistryUnreachableError, TransientRegistryError)
+
+
+@dataclass(frozen=True)
+class OpenedImage:
+    reference: Reference  # pinned to the manifest digest
+    manifest: Manifest
+    layers: tuple[LayerBlob, ...]
+    tree: Tree
+    offline: bool
+
+
+class MetadataFetcher:
+    """Fetches metadata from the registry, falling back to the cache when it is unreachable."""
+
+    def __init__(self, client: RegistryClient, cache: ChunkCache) -> None:
+        self._client = client
+        self._cache = cache
+        self.offline = False
+
+    async def root(self, ref: Reference) -> tuple[Digest, bytes, str | None]:
+        tag_key = f"tag:{ref}"
+        if not self.offline:
+            try:
+                fetched = await self._client.get_manifest(ref)
+            except _OFFLINE_ERRORS as exc:
+                log.warning("registry unreachable (%s); trying the cache", exc)
+                self.offline = True
+            else:
+                await self._remember(f"blob:{fetched.digest}", fetched.data)
+                await self._remember(tag_key, str(fetched.digest).encode())
+                return fetched.digest, fetched.data, fetched.media_type
+        digest = Digest.parse((await self._cached(tag_key, f"{ref} (registry down)")).decode())
+        return digest, await self._cached(f"blob:{digest}", str(digest)), None
+
+    async def manifest(self, ref: Reference, digest: Digest) -> bytes:
+        key = f"blob:{digest}"
+        if not self.offline:
+            cached = await anyio.to_thread.run_sync(self._cache.get_meta, key)
+            if cached is not None:
+                return cached
+            fetched = await self._client.get_manifest(ref.with_digest(digest))
+            await self._remember(key, fetched.data)
+            return fetched.data
+        return await self._cached(key, str(digest))
+
+    async def blob(self, ref: Reference, digest: Digest) -> bytes:
+        key = f"blob:{digest}"
+        cached = await anyio.to_thread.run_sync(self._cache.get_meta, key)
+        if cached is not None:
+            digest.verify(cached, f"cached blob {digest}")
+            return cached
+        if self.offline:
+            raise RegistryUnreachableError(f"blob {digest} is not cached and the registry is down")
+        data = await self._client.get_blob(ref, digest)
+        await self._remember(key, data)
+        return data
+
+    async def toc(
+        self, ref: Reference, layer: Descriptor, section: BlobSection, checksum: Digest
+    ) -> bytes:
+        """The compressed TOC, checked against the manifest's checksum annotation."""
+        key = f"blob:{checksum}"
+        data = await anyio.to_thread.run_sync(self._cache.get_meta, key)
+        if data is None:
+            if self.offline:
+                raise RegistryUnreachableError(
+                    f"TOC of {layer.digest} is not cached and the registry is down"
+                )
+            data = await self._client.get_blob_range(
+                ref, layer.digest, ByteRange(section.offset, section.end)
+            )
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if actual != str(checksum):
+            raise IntegrityError(f"TOC of layer {layer.digest}", str(checksum), actual)
+        await self._remember(key, data)
+        return data
+
+    async def _remember(self, key: str, data: bytes) -> None:
+        await anyio.to_thread.run_sync(self._cache.put_meta, key, data)
+
+    async def _cached(self, key: str, what: str) -> bytes:
+        data = await anyio.to_thread.run_sync(self._cache.get_meta, key)
+        if data is None:
+            raise RegistryUnreachableError(f"the registry is unreachable and {what} is not cached")
+        return data
+
+
+async def open_image(
+    client: RegistryClient, cache: ChunkCache, ref: Reference, platform: Platform
+) -> OpenedImage:
+    fetcher = MetadataFetcher(client, cache)
+    digest, data, media_type = await fetcher.root(ref)
+    parsed = parse_manifest_or_index(data, media_type)
+    if not isinstance(parsed, Manifest):
+        chosen = parsed.select(platform)
+        digest = chosen.digest
+        parsed = parse_manifest_or_index(await fetcher.manifest(ref, digest), chosen.media_type)
+        if not isinstance(parsed, Manifest):
+            raise ManifestError(f"{ref}: nested index {digest} is not supported")
+    pinned = ref.with_digest(digest)
+    await fetcher.blob(pinned, parsed.config.digest)  # cached for offline remounts
+    tocs = [await _layer_toc(fetcher, pinned, layer) for layer in parsed.layers]
+    tree = await anyio.to_thread.run_sync(build_tree, [toc.entries for toc in tocs])
+    layers = tuple(_layer_blob(layer) for layer in parsed.layers)
+    return OpenedImage(pinned, parsed, layers, tree, fetcher.offline)
+
+
+async def _layer_toc(fetcher: MetadataFetcher, ref: Reference, layer: Descriptor) -> Toc:
+    annotations = layer.annotations
+    position = annotations.get(TOC_POSITION_ANNOTATION) or annotations.get(
+        LEGACY_TOC_POSITION_ANNOTATION
+    )
+    checksum = annotations.get(TOC_CHECKSUM_ANNOTATION) or annotations.get(
+        LEGACY_TOC_CHECKSUM_ANNOTATION
+    )
+    if not position or not checksum:
+        raise UnsupportedMediaTypeError(
+            f"layer {layer.digest} ({layer.media_type}) is not zstd:chunked; "
+            "convert the image with `lazyfs convert` first"
+        )
+    section = parse_toc_position(position)
+    compressed = await fetcher.toc(ref, layer, section, Digest.parse(checksum))
+    return Toc.parse(_decompress_toc(compressed, section.uncompressed_length))
+
+
+def _decompress_toc(compressed: bytes, uncompressed_length: int) -> bytes:
+    try:
+        data = zstandard.ZstdDecompressor().decompress(
+            compressed, max_output_size=uncompressed_length
+        )
+    except zstandard.ZstdError as exc:
+        raise TocError(f"TOC does not decompress: {exc}") from exc
+    if len(data) != uncompressed_length:
+        raise TocError(f"TOC is {len(data)} bytes, the annotation says {uncompressed_length}")
+    return data
+
+
+def _layer_blob(layer: Descriptor) -> LayerBlob:
+    if layer.annotations.get(VERITY_ANNOTATION):
+        return LayerBlob(layer.digest, layer.size, "zstd", "verity")
+    return LayerBlob(layer.digest, layer.size, "zstd", "sha256")
+
+
+def layer_sizes(layers: Sequence[LayerBlob]) -> list[int]:
+    return [layer.size for layer in layers]

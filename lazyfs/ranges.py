@@ -1,0 +1,199 @@
+"""Byte ranges for HTTP range requests: coalescing, ``Range`` headers and 206 response parsing.
+
+Ranges are half-open (``end`` exclusive) everywhere in lazyfs; only the HTTP text forms use the
+inclusive last-byte positions RFC 9110 prescribes.
+
+A pure leaf: no I/O.
+"""
+
+from __future__ import annotations
+
+import email.message
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from lazyfs.errors import RegistryProtocolError
+
+_CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE | re.ASCII)
+_MULTIPART_BYTERANGES = "multipart/byteranges"
+# Looser than RFC 2046's boundary alphabet on purpose; only line breaks and controls would
+# make the boundary unmatchable.
+_BOUNDARY_RE = re.compile(r"[\x20-\x7e]+")
+
+
+@dataclass(frozen=True, order=True)
+class ByteRange:
+    """The half-open byte interval ``[start, end)``; never empty."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.start >= self.end:
+            raise ValueError(f"invalid byte range [{self.start}, {self.end})")
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def merge_ranges(ranges: Iterable[ByteRange], max_gap_bytes: int = 0) -> list[ByteRange]:
+    """Sort ``ranges`` and coalesce those that overlap, touch, or sit within ``max_gap_bytes``.
+
+    A gap is worth bridging when one request (and some wasted bytes) costs less than two.
+    """
+    if max_gap_bytes < 0:
+        raise ValueError(f"max_gap_bytes must be >= 0, got {max_gap_bytes}")
+    merged: list[ByteRange] = []
+    for current in sorted(ranges):
+        if merged and current.start <= merged[-1].end + max_gap_bytes:
+            previous = merged[-1]
+            if current.end > previous.end:
+                merged[-1] = ByteRange(previous.start, current.end)
+        else:
+            merged.append(current)
+    return merged
+
+
+def range_header(ranges: Sequence[ByteRange]) -> str:
+    """The ``Range`` header value for ``ranges``, e.g. ``bytes=0-99,200-299``."""
+    if not ranges:
+        raise ValueError("a Range header needs at least one range")
+    return "bytes=" + ",".join(f"{r.start}-{r.end - 1}" for r in ranges)
+
+
+def parse_content_range(value: str) -> tuple[ByteRange, int | None]:
+    """Parse ``bytes first-last/total`` (total may be ``*``) into a range and the total size."""
+    match = _CONTENT_RANGE_RE.fullmatch(value.strip())
+    if match is None:
+        raise RegistryProtocolError(f"malformed Content-Range {value!r}")
+    first, last = int(match[1]), int(match[2])
+    total = None if match[3] == "*" else int(match[3])
+    if last < first:
+        raise RegistryProtocolError(f"Content-Range {value!r} ends before it starts")
+    if total is not None and last >= total:
+        raise RegistryProtocolError(f"Content-Range {value!r} extends past the total length")
+    return ByteRange(first, last + 1), total
+
+
+def parse_multipart_byteranges(body: bytes, content_type: str) -> list[tuple[ByteRange, bytes]]:
+    """Split a ``multipart/byteranges`` 206 body into (range, bytes) pairs, in body order.
+
+    Each part's length comes from its Content-Range rather than from searching for the next
+    boundary, so binary data is taken exactly and a short part is caught as truncation.
+    """
+    delimiter = b"--" + _multipart_boundary(content_type)
+    pos = _first_delimiter(body, delimiter)
+    newline = _line_ending_after(body, pos + len(delimiter))
+    parts: list[tuple[ByteRange, bytes]] = []
+    while True:
+        pos += len(delimiter)
+        if body.startswith(b"--", pos):
+            break
+        pos = _skip_delimiter_line_end(body, pos, newline)
+        headers, pos = _read_part_headers(body, pos)
+        byte_range = _part_range(headers)
+        data = body[pos : pos + byte_range.length]
+        if len(data) != byte_range.length:
+            raise RegistryProtocolError(
+                f"multipart/byteranges part for {byte_range.start}-{byte_range.end - 1} "
+                f"is truncated: {len(data)} of {byte_range.length} bytes"
+            )
+        parts.append((byte_range, data))
+        pos = _expect_next_delimiter(body, pos + byte_range.length, delimiter, newline)
+    if not parts:
+        raise RegistryProtocolError("multipart/byteranges body has no parts")
+    return parts
+
+
+def slice_ranges(data: bytes, base_offset: int, ranges: Sequence[ByteRange]) -> list[bytes]:
+    """Cut each of ``ranges`` out of ``data``, whose first byte sits at ``base_offset``."""
+    data_end = base_offset + len(data)
+    slices: list[bytes] = []
+    for r in ranges:
+        if r.start < base_offset or r.end > data_end:
+            raise RegistryProtocolError(
+                f"received bytes {base_offset}-{data_end - 1} do not cover "
+                f"requested bytes {r.start}-{r.end - 1}"
+            )
+        slices.append(data[r.start - base_offset : r.end - base_offset])
+    return slices
+
+
+def _multipart_boundary(content_type: str) -> bytes:
+    # email.message handles parameter quoting and RFC 2231 for us.
+    message = email.message.Message()
+    message["Content-Type"] = content_type
+    if message.get_content_type() != _MULTIPART_BYTERANGES:
+        raise RegistryProtocolError(f"expected {_MULTIPART_BYTERANGES}, got {content_type!r}")
+    boundary = message.get_boundary()
+    if not boundary:
+        raise RegistryProtocolError(f"no boundary in Content-Type {content_type!r}")
+    if not _BOUNDARY_RE.fullmatch(boundary):
+        raise RegistryProtocolError(f"invalid multipart boundary {boundary!r}")
+    return boundary.encode("ascii")
+
+
+def _first_delimiter(body: bytes, delimiter: bytes) -> int:
+    """Offset of the first delimiter, which must start the body or a line (after a preamble)."""
+    if body.startswith(delimiter):
+        return 0
+    index = body.find(b"\n" + delimiter)
+    if index < 0:
+        raise RegistryProtocolError("multipart/byteranges body has no boundary delimiter")
+    return index + 1
+
+
+def _line_ending_after(body: bytes, pos: int) -> bytes:
+    """The line ending the body uses, judged by the first delimiter line.
+
+    Bare LF is tolerated for sloppy servers, but one style is then required throughout:
+    mixing them would let a part one byte short pass (``data\\r`` + ``\\n--boundary``).
+    """
+    line_end = body.find(b"\n", pos)
+    return b"\r\n" if line_end > pos and body[line_end - 1 : line_end] == b"\r" else b"\n"
+
+
+def _skip_delimiter_line_end(body: bytes, pos: int, newline: bytes) -> int:
+    # RFC 2046 allows linear whitespace ("transport padding") after a delimiter.
+    while body[pos : pos + 1] in (b" ", b"\t"):
+        pos += 1
+    return _skip_line_end(body, pos, newline, "after a boundary delimiter")
+
+
+def _skip_line_end(body: bytes, pos: int, newline: bytes, where: str) -> int:
+    if not body.startswith(newline, pos):
+        raise RegistryProtocolError(f"multipart/byteranges: expected a line break {where}")
+    return pos + len(newline)
+
+
+def _read_part_headers(body: bytes, pos: int) -> tuple[dict[str, str], int]:
+    """Read header lines up to the blank line; return lower-cased names and the body offset."""
+    headers: dict[str, str] = {}
+    while True:
+        line_end = body.find(b"\n", pos)
+        if line_end < 0:
+            raise RegistryProtocolError("multipart/byteranges: part headers are not terminated")
+        line = body[pos:line_end].removesuffix(b"\r")
+        pos = line_end + 1
+        if not line:
+            return headers, pos
+        name, colon, value = line.decode("latin-1").partition(":")
+        if not colon or not name.strip():
+            raise RegistryProtocolError(f"multipart/byteranges: malformed header line {line!r}")
+        headers[name.strip().lower()] = value.strip()
+
+
+def _part_range(headers: dict[str, str]) -> ByteRange:
+    value = headers.get("content-range")
+    if value is None:
+        raise RegistryProtocolError("multipart/byteranges part has no Content-Range")
+    return parse_content_range(value)[0]
+
+
+def _expect_next_delimiter(body: bytes, pos: int, delimiter: bytes, newline: bytes) -> int:
+    pos = _skip_line_end(body, pos, newline, "after part data")
+    if not body.startswith(delimiter, pos):
+        raise RegistryProtocolError("multipart/byteranges: part data is not followed by a boundary")
+    return pos

@@ -1,0 +1,1 @@
+"""Async OCI distribution client: manifests, blobs, ranges, uploads, and the auth flow."""

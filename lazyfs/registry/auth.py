@@ -1,0 +1,456 @@
+"""Registry credentials and the challenge/token auth flow.
+
+Credentials come from ``--creds`` or from the auth files podman, skopeo and docker use
+(``auths``, ``credHelpers``, ``credsStore``). The flow follows the docker token spec: a 401
+carries ``WWW-Authenticate: Basic ...`` or ``Bearer realm=...,service=...,scope=...``; for Bearer
+we GET the realm (with Basic credentials if we have any) and cache the token per host and scope.
+
+Secrets never reach logs, reprs or exception messages.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import re
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from lazyfs.config import Credentials
+from lazyfs.errors import AuthError, RegistryError, UsageError
+from lazyfs.registry.wire import status_error
+
+log = logging.getLogger(__name__)
+
+# The token spec's default lifetime when the answer has no expires_in.
+DEFAULT_TOKEN_LIFETIME_S = 60.0
+# Refresh a little early so a token does not expire between check and use.
+_TOKEN_EXPIRY_MARGIN = 0.1
+_HELPER_TIMEOUT_S = 30.0
+_HELPER_NOT_FOUND = "credentials not found"
+# Docker Hub's names: helpers and config files key it by the legacy index URL.
+_DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+_DOCKER_HUB_SERVER_URL = "https://index.docker.io/v1/"
+# A helper answering with this user name hands out an OAuth identity token instead.
+_IDENTITY_TOKEN_USER = "<token>"
+
+_CHALLENGE_PARAM_RE = re.compile(r'\s*([\w-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
+
+Scopes = tuple[str, ...]
+Send = Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+def pull_scope(repository: str) -> str:
+    return f"repository:{repository}:pull"
+
+
+def push_scope(repository: str) -> str:
+    return f"repository:{repository}:pull,push"
+
+
+# --------------------------------------------------------------------------- credential sources
+
+
+class CredentialSource(Protocol):
+    """Finds the credentials for a registry (``docker.io``, ``host:port``); may block."""
+
+    def lookup(self, registry: str) -> Credentials | None: ...
+
+
+@dataclass(frozen=True)
+class StaticCredentials:
+    """The same credentials for every registry (``--creds``)."""
+
+    credentials: Credentials
+
+    def lookup(self, registry: str) -> Credentials | None:
+        return self.credentials
+
+
+def parse_creds(text: str) -> Credentials:
+    """Parse ``--creds user[:password]``; a missing password is empty."""
+    username, _, password = text.partition(":")
+    if not username:
+        raise UsageError("--creds needs a user name: USER[:PASSWORD]")
+    return Credentials(username, password)
+
+
+def auth_file_paths(authfile: Path | None, environ: Mapping[str, str]) -> list[Path]:
+    """The auth files to search, in podman/skopeo order."""
+    if authfile is not None:
+        return [authfile]
+    if environ.get("REGISTRY_AUTH_FILE"):
+        return [Path(environ["REGISTRY_AUTH_FILE"])]
+    home = Path(environ.get("HOME") or Path.home())
+    paths = []
+    if environ.get("XDG_RUNTIME_DIR"):
+        paths.append(Path(environ["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
+    config_home = Path(environ.get("XDG_CONFIG_HOME") or home / ".config")
+    paths.append(config_home / "containers" / "auth.json")
+    docker_dir = (
+        Path(environ["DOCKER_CONFIG"]) if environ.get("DOCKER_CONFIG") else home / ".docker"
+    )
+    paths.append(docker_dir / "config.json")
+    return paths
+
+
+class DockerConfigCredentials:
+    """Credentials from ``--creds``, else from the first auth file that knows the registry."""
+
+    def __init__(
+        self,
+        authfile: Path | None = None,
+        *,
+        creds: Credentials | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        if authfile is not None and not authfile.is_file():
+            raise UsageError(f"auth file {authfile} does not exist")
+        self._explicit = creds
+        self._paths = auth_file_paths(authfile, os.environ if environ is None else environ)
+
+    def __repr__(self) -> str:
+        return (
+            f"DockerConfigCredentials(paths={self._paths}, explicit={self._explicit is not None})"
+        )
+
+    def lookup(self, registry: str) -> Credentials | None:
+        if self._explicit is not None:
+            return self._explicit
+        for path in self._paths:
+            found = _lookup_in_file(path, registry)
+            if found is not None:
+                log.debug("credentials for %s from %s", registry, path)
+                return found
+        return None
+
+
+def _lookup_in_file(path: Path, registry: str) -> Credentials | None:
+    config = _load_auth_file(path)
+    if config is None:
+        return None
+    helper = _entry_for(config.get("credHelpers"), registry)
+    if isinstance(helper, str) and helper:
+        return run_credential_helper(helper, registry)
+    inline = _inline_credentials(_entry_for(config.get("auths"), registry), path, registry)
+    if inline is not None:
+        return inline
+    store = config.get("credsStore")
+    if isinstance(store, str) and store:
+        return run_credential_helper(store, registry)
+    return None
+
+
+def _load_auth_file(path: Path) -> dict[str, Any] | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise AuthError(f"cannot read auth file {path}: {exc.strerror}") from exc
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise AuthError(f"auth file {path} is not valid JSON") from exc
+    if not isinstance(document, dict):
+        raise AuthError(f"auth file {path} is not a JSON object")
+    return document
+
+
+def _normalize_registry(key: str) -> str:
+    """``https://index.docker.io/v1/`` -> ``docker.io``; ``http://host:5000/`` -> ``host:5000``."""
+    host = key.split("://", 1)[-1].split("/", 1)[0].lower()
+    return "docker.io" if host in _DOCKER_HUB_ALIASES else host
+
+
+def _entry_for(section: Any, registry: str) -> Any:
+    if not isinstance(section, dict):
+        return None
+    wanted = _normalize_registry(registry)
+    for key, value in section.items():
+        if isinstance(key, str) and _normalize_registry(key) == wanted:
+            return value
+    return None
+
+
+def _inline_credentials(entry: Any, path: Path, registry: str) -> Credentials | None:
+    if not isinstance(entry, dict):
+        return None
+    encoded = entry.get("auth")
+    if isinstance(encoded, str) and encoded:
+        return _decode_auth_field(encoded, path, registry)
+    username, password = entry.get("username"), entry.get("password")
+    if isinstance(username, str) and username and isinstance(password, str):
+        return Credentials(username, password)
+    return None
+
+
+def _decode_auth_field(encoded: str, path: Path, registry: str) -> Credentials:
+    try:
+        decoded = base64.b64decode(encoded, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise AuthError(f"auth file {path}: malformed auth entry for {registry}") from exc
+    username, colon, password = decoded.partition(":")
+    if not colon or not username:
+        raise AuthError(f"auth file {path}: auth entry for {registry} is not user:password")
+    return Credentials(username, password)
+
+
+def helper_server_url(registry: str) -> str:
+    """What to hand a credential helper: docker keys Docker Hub by its legacy index URL."""
+    return _DOCKER_HUB_SERVER_URL if _normalize_registry(registry) == "docker.io" else registry
+
+
+def run_credential_helper(name: str, registry: str) -> Credentials | None:
+    """Run ``docker-credential-NAME get`` with the server on stdin; None if it has no entry."""
+    program = f"docker-credential-{name}"
+    try:
+        result = subprocess.run(
+            [program, "get"],
+            input=helper_server_url(registry).encode(),
+            capture_output=True,
+            timeout=_HELPER_TIMEOUT_S,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise AuthError(f"credential helper {program} not found on PATH") from exc
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AuthError(f"credential helper {program} failed to run for {registry}") from exc
+    return _parse_helper_answer(program, registry, result)
+
+
+def _parse_helper_answer(
+    program: str, registry: str, result: subprocess.CompletedProcess[bytes]
+) -> Credentials | None:
+    # The helper's output may hold a secret, so it never goes into a message.
+    if result.returncode != 0:
+        if _HELPER_NOT_FOUND in (result.stdout + result.stderr).decode(errors="replace").lower():
+            return None
+        raise AuthError(
+            f"credential helper {program} failed for {registry} (exit {result.returncode})"
+        )
+    try:
+        answer = json.loads(result.stdout)
+        username, secret = answer["Username"], answer["Secret"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AuthError(
+            f"credential helper {program} gave a malformed answer for {registry}"
+        ) from exc
+    if not isinstance(username, str) or not isinstance(secret, str):
+        raise AuthError(f"credential helper {program} gave a malformed answer for {registry}")
+    if username == _IDENTITY_TOKEN_USER:
+        log.warning(
+            "%s: identity tokens from %s are not supported; going anonymous", registry, program
+        )
+        return None
+    return Credentials(username, secret)
+
+
+def basic_authorization(credentials: Credentials) -> str:
+    """The ``Authorization`` value for HTTP Basic."""
+    pair = f"{credentials.username}:{credentials.password}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
+
+
+# --------------------------------------------------------------------------------- challenges
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """One ``WWW-Authenticate`` challenge: a lower-cased scheme and its parameters."""
+
+    scheme: str
+    params: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def realm(self) -> str | None:
+        return self.params.get("realm")
+
+    @property
+    def service(self) -> str | None:
+        return self.params.get("service")
+
+    @property
+    def scope(self) -> str | None:
+        return self.params.get("scope")
+
+
+def parse_www_authenticate(value: str) -> list[Challenge]:
+    """Parse ``Scheme k=v, k="v", Scheme2 ...`` into challenges (unknown syntax is skipped)."""
+    challenges: list[Challenge] = []
+    rest = value.strip()
+    while rest:
+        scheme, _, rest = rest.partition(" ")
+        params, rest = _parse_challenge_params(rest)
+        if scheme.strip(","):
+            challenges.append(Challenge(scheme.strip(",").lower(), params))
+    return challenges
+
+
+def _parse_challenge_params(text: str) -> tuple[dict[str, str], str]:
+    """Consume ``k=v`` pairs from ``text``; stop at the next scheme (a token without ``=``)."""
+    params: dict[str, str] = {}
+    pos = 0
+    while (match := _CHALLENGE_PARAM_RE.match(text, pos)) is not None and match.end() > pos:
+        key, raw = match.group(1).lower(), match.group(2)
+        if raw.startswith('"'):
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        params[key] = raw
+        pos = match.end()
+    return params, text[pos:].lstrip(" ,")
+
+
+# ------------------------------------------------------------------------------------- tokens
+
+
+@dataclass(frozen=True)
+class _CachedToken:
+    authorization: str = field(repr=False)
+    expires_at: float  # time.monotonic() deadline
+
+    @property
+    def fresh(self) -> bool:
+        return time.monotonic() < self.expires_at
+
+
+class Authenticator:
+    """Chooses the ``Authorization`` for each request and answers 401 challenges.
+
+    ``send`` performs one request and returns the fully read answer; it is the client's, so
+    token fetches are counted and their transport errors translated like any other request.
+    """
+
+    def __init__(self, send: Send, credentials: CredentialSource | None) -> None:
+        self._send = send
+        self._source = credentials
+        self._credentials: dict[str, Credentials | None] = {}
+        self._basic_hosts: set[str] = set()
+        self._tokens: dict[tuple[str, Scopes], _CachedToken] = {}
+        self._locks: dict[tuple[str, Scopes], anyio.Lock] = {}
+
+    def __repr__(self) -> str:
+        return f"Authenticator(tokens={len(self._tokens)}, basic_hosts={sorted(self._basic_hosts)})"
+
+    async def authorization(self, registry: str, scopes: Scopes) -> str | None:
+        """What to send before any challenge: a fresh cached token, or Basic if it was asked."""
+        token = self._tokens.get((registry, scopes))
+        if token is not None and token.fresh:
+            return token.authorization
+        if registry in self._basic_hosts:
+            credentials = await self.credentials_for(registry)
+            return basic_authorization(credentials) if credentials else None
+        return None
+
+    async def answer_challenge(
+        self, registry: str, scopes: Scopes, response: httpx.Response, sent: str | None
+    ) -> str:
+        """The ``Authorization`` to retry with after ``response`` (a 401) to a request that
+        carried ``sent``; raises AuthError when there is nothing new to try."""
+        challenges = parse_www_authenticate(response.headers.get("WWW-Authenticate", ""))
+        bearer = next((c for c in challenges if c.scheme == "bearer" and c.realm), None)
+        if bearer is not None:
+            return await self._bearer(registry, scopes, bearer, sent)
+        if any(c.scheme == "basic" for c in challenges):
+            return await self._basic(registry)
+        raise AuthError(f"{registry}: unauthorized, and no usable WWW-Authenticate challenge")
+
+    async def credentials_for(self, registry: str) -> Credentials | None:
+        if registry not in self._credentials:
+            source = self._source
+            found = (
+                None if source is None else await anyio.to_thread.run_sync(source.lookup, registry)
+            )
+            self._credentials[registry] = found
+        return self._credentials[registry]
+
+    async def _basic(self, registry: str) -> str:
+        credentials = await self.credentials_for(registry)
+        if credentials is None:
+            raise AuthError(f"{registry} requires credentials (use --creds or log in)")
+        self._basic_hosts.add(registry)
+        return basic_authorization(credentials)
+
+    async def _bearer(
+        self, registry: str, scopes: Scopes, challenge: Challenge, sent: str | None
+    ) -> str:
+        key = (registry, scopes)
+        async with self._locks.setdefault(key, anyio.Lock()):
+            cached = self._tokens.get(key)
+            # Another task may have refreshed the token while this request was failing.
+            if cached is not None and cached.fresh and cached.authorization != sent:
+                return cached.authorization
+            token = await self._fetch_token(registry, scopes, challenge)
+            self._tokens[key] = token
+            return token.authorization
+
+    async def _fetch_token(
+        self, registry: str, scopes: Scopes, challenge: Challenge
+    ) -> _CachedToken:
+        request = await self._token_request(registry, scopes, challenge)
+        log.debug(
+            "fetching a token for %s scope %s",
+            registry,
+            " ".join(request.url.params.get_list("scope")),
+        )
+        response = await self._send(request)
+        what = f"token for {registry} from {request.url.host}"
+        if response.status_code in (401, 403):
+            raise AuthError(
+                f"{what}: the token service refused the credentials (HTTP {response.status_code})"
+            )
+        if not response.is_success:
+            raise status_error(response, what)
+        return _token_from_answer(response.content, what)
+
+    async def _token_request(
+        self, registry: str, scopes: Scopes, challenge: Challenge
+    ) -> httpx.Request:
+        realm = challenge.realm or ""
+        wanted = _merge_scopes(scopes, challenge.scope)
+        params: list[tuple[str, str | int | float | bool | None]] = [
+            ("scope", scope) for scope in wanted
+        ]
+        if challenge.service:
+            params.insert(0, ("service", challenge.service))
+        headers = {}
+        credentials = await self.credentials_for(registry)
+        if credentials is not None:
+            params.append(("account", credentials.username))
+            headers["Authorization"] = basic_authorization(credentials)
+        try:
+            return httpx.Request("GET", httpx.URL(realm).copy_merge_params(params), headers=headers)
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError) as exc:
+            raise RegistryError(f"{registry}: invalid token realm {realm!r}") from exc
+
+
+def _merge_scopes(ours: Sequence[str], challenged: str | None) -> list[str]:
+    """Our scopes plus any extra the registry named (it may want more than we guessed)."""
+    merged = list(ours)
+    for scope in (challenged or "").split(" "):
+        if scope and scope not in merged:
+            merged.append(scope)
+    return merged
+
+
+def _token_from_answer(body: bytes, what: str) -> _CachedToken:
+    try:
+        answer: Any = json.loads(body)
+        token = answer.get("token") or answer.get("access_token")
+        lifetime = float(answer.get("expires_in") or DEFAULT_TOKEN_LIFETIME_S)
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise AuthError(f"{what}: malformed token answer") from exc
+    if not isinstance(token, str) or not token:
+        raise AuthError(f"{what}: the answer holds no token")
+    expires_at = time.monotonic() + lifetime * (1 - _TOKEN_EXPIRY_MARGIN)
+    return _CachedToken(f"Bearer {token}", expires_at)

@@ -1,0 +1,107 @@
+"""HTTP-level translation: httpx failures and registry error answers into lazyfs errors.
+
+This is the boundary where httpx exceptions stop; everything above it sees lazyfs/errors.py
+classes only. Messages are one line and start with what was being fetched.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from typing import Any
+
+import httpx
+
+from lazyfs.errors import (
+    AuthError,
+    NotFoundError,
+    RegistryError,
+    RegistryProtocolError,
+    RegistryUnreachableError,
+    TransientRegistryError,
+    UnsupportedMediaTypeError,
+)
+
+_NOT_FOUND_CODES = frozenset({"MANIFEST_UNKNOWN", "BLOB_UNKNOWN", "NAME_UNKNOWN"})
+_AUTH_CODES = frozenset({"UNAUTHORIZED", "DENIED"})
+_TRANSIENT_STATUSES = frozenset({408, 429})
+_MAX_MESSAGE_CHARS = 200
+
+
+class ThrottledError(TransientRegistryError):
+    """A transient answer that said how long to wait (``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after_s: float | None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def one_line(text: str) -> str:
+    """Collapse whitespace and cap the length: registry messages end up in one-line errors."""
+    collapsed = " ".join(text.split())
+    if len(collapsed) > _MAX_MESSAGE_CHARS:
+        return collapsed[: _MAX_MESSAGE_CHARS - 1] + "…"
+    return collapsed
+
+
+def transport_error(exc: httpx.HTTPError, host: str, what: str) -> RegistryError:
+    """Translate an httpx failure (no HTTP answer, or a broken one) for ``what`` on ``host``."""
+    detail = one_line(str(exc)) or type(exc).__name__
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return RegistryUnreachableError(f"{what}: cannot reach registry {host}: {detail}")
+    if isinstance(exc, httpx.TimeoutException):
+        return TransientRegistryError(f"{what}: {host} timed out ({type(exc).__name__})")
+    if isinstance(exc, httpx.NetworkError | httpx.RemoteProtocolError):
+        return TransientRegistryError(f"{what}: connection to {host} broke: {detail}")
+    return RegistryProtocolError(f"{what}: bad exchange with {host}: {detail}")
+
+
+def error_code_and_message(body: bytes) -> tuple[str | None, str | None]:
+    """``errors[0].code`` and ``.message`` of a distribution error body, if it has them."""
+    try:
+        document: Any = json.loads(body)
+        first = document["errors"][0]
+        code, message = first.get("code"), first.get("message")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None, None
+    return (
+        code if isinstance(code, str) else None,
+        message if isinstance(message, str) else None,
+    )
+
+
+def status_error(response: httpx.Response, what: str) -> RegistryError | UnsupportedMediaTypeError:
+    """The lazyfs error for a non-success answer whose body has been read."""
+    status = response.status_code
+    code, message = error_code_and_message(response.content)
+    reason = one_line(message or response.reason_phrase or "error")
+    text = f"{what}: {reason} ({code + ', ' if code else ''}HTTP {status})"
+    if status in (401, 403) or code in _AUTH_CODES:
+        return AuthError(text)
+    if status == 404 or code in _NOT_FOUND_CODES:
+        return NotFoundError(text)
+    if status in _TRANSIENT_STATUSES or status >= 500 or code == "TOOMANYREQUESTS":
+        return ThrottledError(text, retry_after_seconds(response.headers.get("Retry-After")))
+    if status == 415:
+        return UnsupportedMediaTypeError(text)
+    return RegistryError(text)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Parse ``Retry-After`` (delta seconds or an HTTP date) into seconds from now."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def media_type_of(content_type: str | None) -> str:
+    """``type/subtype`` of a Content-Type value, lower-cased, without parameters."""
+    return (content_type or "").partition(";")[0].strip().lower()

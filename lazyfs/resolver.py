@@ -1,0 +1,318 @@
+"""The chunk resolver: turns a read of a file range into verified chunk bytes.
+
+For each read it finds the chunks that cover the range, takes what the cache has, and fetches
+the rest from a ByteSource: nearby chunks of one blob merge into one range, several ranges go
+into one multi-range request, and requests run concurrently up to a bound. Every fetched chunk
+is decompressed and checked against its digest in the TOC before it is cached or returned.
+
+Concurrency (docs/concurrency.md): all state lives on the trio event loop and is only touched
+there; blocking work (cache I/O, zstd, hashing) runs in worker threads and touches no resolver
+state. Fetches are owned by the resolver's long-lived task group, not by the read that started
+them, so a read that hits its deadline never strands other readers waiting on the same chunk
+(singleflight: one ``_Flight`` per chunk key while it is being fetched).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+import anyio.to_thread
+import zstandard
+from anyio.abc import TaskGroup
+
+from lazyfs.cache import ChunkCache
+from lazyfs.config import ResolverConfig
+from lazyfs.digest import Digest
+from lazyfs.errors import FetchDeadlineError, IntegrityError, LazyfsError, TocError
+from lazyfs.ranges import ByteRange
+from lazyfs.source import ByteSource
+from lazyfs.tree import LayerChunk, Node
+from lazyfs.verity import format_verity, fsverity_digest
+
+log = logging.getLogger(__name__)
+
+ChunkCheck = Literal["verity", "sha256"]
+
+
+@dataclass(frozen=True)
+class LayerBlob:
+    """A layer blob chunks are fetched from, and how its chunks are checked."""
+
+    digest: Digest
+    size: int
+    compression: Literal["zstd", "gzip"] = "zstd"
+    check: ChunkCheck = "verity"
+
+
+@dataclass
+class ResolverStats:
+    """Counters for ``lazyfs stats``. Mutated only on the event loop."""
+
+    bytes_fetched: int = 0
+    range_requests: int = 0
+    chunks_fetched: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    singleflight_waits: int = 0
+    verification_failures: int = 0
+    layer_bytes_fetched: dict[int, int] = field(default_factory=dict)
+
+
+class _Flight:
+    """One chunk being fetched; readers that need it wait on ``done``."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.data: bytes | None = None
+        self.error: LazyfsError | None = None
+
+    def finish(self, data: bytes | None, error: LazyfsError | None) -> None:
+        self.data, self.error = data, error
+        self.done.set()
+
+    async def wait(self) -> bytes:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.data is not None
+        return self.data
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    node: Node
+    chunk: LayerChunk
+    key: str
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One HTTP request: ranges of one blob and the chunks they carry."""
+
+    layer: int
+    ranges: tuple[ByteRange, ...]
+    chunks: tuple[tuple[_Wanted, ...], ...]  # per range, in blob order
+
+
+class ChunkResolver:
+    def __init__(
+        self,
+        source: ByteSource,
+        cache: ChunkCache,
+        layers: Sequence[LayerBlob],
+        config: ResolverConfig,
+        task_group: TaskGroup,
+    ) -> None:
+        self._source = source
+        self._cache = cache
+        self._layers = list(layers)
+        self._config = config
+        self._task_group = task_group
+        self._limiter = anyio.CapacityLimiter(config.max_concurrent_fetches)
+        self._flights: dict[str, _Flight] = {}
+        self._starts: dict[int, list[int]] = {}
+        self.stats = ResolverStats()
+
+    async def read(self, node: Node, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of a regular file, clipped at its end."""
+        end = min(offset + size, node.size)
+        if offset >= end:
+            return b""
+        chunks = self._covering(node, offset, end)
+        try:
+            with anyio.fail_after(self._config.read_deadline_s):
+                pieces = await self._load([_Wanted(node, c, _key(c)) for c in chunks])
+        except TimeoutError as exc:
+            raise FetchDeadlineError(
+                f"{node.path}: read not satisfied within {self._config.read_deadline_s} s"
+            ) from exc
+        first = chunks[0].ref.file_offset
+        return b"".join(pieces)[offset - first : end - first]
+
+    def _covering(self, node: Node, offset: int, end: int) -> list[LayerChunk]:
+        starts = self._starts.get(node.inode)
+        if starts is None:
+            starts = self._starts[node.inode] = [c.ref.file_offset for c in node.chunks]
+        low = bisect.bisect_right(starts, offset) - 1
+        high = bisect.bisect_left(starts, end)
+        return list(node.chunks[max(low, 0) : high])
+
+    async def _load(self, wanted: list[_Wanted]) -> list[bytes]:
+        found: dict[str, bytes] = {}
+        for item in wanted:
+            if item.chunk.ref.zeros:  # the TOC, verified, says so: nothing to fetch
+                found[item.key] = bytes(item.chunk.ref.size)
+        lookups = [w for w in wanted if w.key not in found and w.key not in self._flights]
+        found.update(await self._from_cache(lookups))
+        self._start_fetches([w for w in wanted if w.key not in found])
+        pieces = []
+        for item in wanted:
+            if item.key in found:
+                pieces.append(found[item.key])
+            else:
+                pieces.append(await self._flights_wait(item.key))
+        return pieces
+
+    async def _flights_wait(self, key: str) -> bytes:
+        flight = self._flights.get(key)
+        if flight is None:  # finished while we waited on another chunk: it is cached now
+            data = await anyio.to_thread.run_sync(self._cache.get_chunk, key)
+            if data is None:
+                raise FetchDeadlineError(f"chunk {key} vanished from the cache")
+            return data
+        return await flight.wait()
+
+    async def _from_cache(self, wanted: list[_Wanted]) -> dict[str, bytes]:
+        if not wanted:
+            return {}
+        keys = sorted({w.key for w in wanted})
+        values = await anyio.to_thread.run_sync(lambda: [self._cache.get_chunk(k) for k in keys])
+        found = {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+        self.stats.cache_hits += len(found)
+        self.stats.cache_misses += len(keys) - len(found)
+        return found
+
+    def _start_fetches(self, wanted: list[_Wanted]) -> None:
+        new: list[_Wanted] = []
+        for item in wanted:
+            if item.key in self._flights:
+                self.stats.singleflight_waits += 1
+                continue
+            self._flights[item.key] = _Flight()
+            new.append(item)
+        for request in self._plan(new):
+            self._task_group.start_soon(self._fetch, request)
+
+    def _plan(self, wanted: list[_Wanted]) -> list[_Request]:
+        by_layer: dict[int, list[_Wanted]] = {}
+        for item in wanted:
+            by_layer.setdefault(item.chunk.layer, []).append(item)
+        requests: list[_Request] = []
+        for layer, items in sorted(by_layer.items()):
+            groups = self._merge(sorted(items, key=lambda w: w.chunk.ref.blob_offset))
+            step = max(1, self._config.max_ranges_per_request)
+            for i in range(0, len(groups), step):
+                batch = groups[i : i + step]
+                requests.append(
+                    _Request(layer, tuple(r for r, _ in batch), tuple(c for _, c in batch))
+                )
+        return requests
+
+    def _merge(self, items: list[_Wanted]) -> list[tuple[ByteRange, tuple[_Wanted, ...]]]:
+        groups: list[tuple[ByteRange, tuple[_Wanted, ...]]] = []
+        for item in items:
+            ref = item.chunk.ref
+            if groups:
+                last, members = groups[-1]
+                gap = ref.blob_offset - last.end
+                merged_length = ref.blob_end - last.start
+                if (
+                    gap <= self._config.merge_gap_bytes
+                    and merged_length <= self._config.max_request_bytes
+                ):
+                    groups[-1] = (
+                        ByteRange(last.start, max(last.end, ref.blob_end)),
+                        (*members, item),
+                    )
+                    continue
+            groups.append((ByteRange(ref.blob_offset, ref.blob_end), (item,)))
+        return groups
+
+    async def _fetch(self, request: _Request) -> None:
+        items = [item for group in request.chunks for item in group]
+        try:
+            async with self._limiter:
+                blob = self._layers[request.layer]
+                bodies = await self._source.read_ranges(blob.digest, request.ranges)
+            self._count_fetch(request, bodies)
+            frames = _cut_frames(request, bodies)
+            results = await anyio.to_thread.run_sync(self._verify_and_store, blob, frames)
+        except LazyfsError as exc:
+            log.warning(
+                "fetch of %d chunks from layer %d failed: %s", len(items), request.layer, exc
+            )
+            results = [exc] * len(items)
+        except BaseException:
+            self._finish(items, [FetchDeadlineError("fetch cancelled")] * len(items))
+            raise
+        self._finish(items, results)
+
+    def _count_fetch(self, request: _Request, bodies: list[bytes]) -> None:
+        fetched = sum(len(b) for b in bodies)
+        self.stats.bytes_fetched += fetched
+        self.stats.range_requests += 1
+        per_layer = self.stats.layer_bytes_fetched
+        per_layer[request.layer] = per_layer.get(request.layer, 0) + fetched
+
+    def _finish(self, items: list[_Wanted], results: Sequence[bytes | LazyfsError]) -> None:
+        for item, result in zip(items, results, strict=True):
+            flight = self._flights.pop(item.key, None)
+            if flight is None:
+                continue
+            if isinstance(result, bytes):
+                self.stats.chunks_fetched += 1
+                flight.finish(result, None)
+            else:
+                if isinstance(result, IntegrityError):
+                    self.stats.verification_failures += 1
+                    log.error("%s: %s", item.node.path, result)
+                flight.finish(None, result)
+
+    def _verify_and_store(
+        self, blob: LayerBlob, frames: list[tuple[_Wanted, bytes]]
+    ) -> list[bytes | LazyfsError]:
+        """Worker thread: decompress, verify, cache. Touches no resolver state."""
+        results: list[bytes | LazyfsError] = []
+        for item, frame in frames:
+            try:
+                data = _decompress(frame, blob.compression, item.chunk.ref.size)
+                _check(item, blob, data)
+                self._cache.put_chunk(item.key, data)
+                results.append(data)
+            except LazyfsError as exc:
+                results.append(exc)
+        return results
+
+
+def _key(chunk: LayerChunk) -> str:
+    return chunk.ref.verity or chunk.ref.sha256
+
+
+def _cut_frames(request: _Request, bodies: list[bytes]) -> list[tuple[_Wanted, bytes]]:
+    frames = []
+    for rng, body, members in zip(request.ranges, bodies, request.chunks, strict=True):
+        for item in members:
+            ref = item.chunk.ref
+            frames.append((item, body[ref.blob_offset - rng.start : ref.blob_end - rng.start]))
+    return frames
+
+
+def _decompress(frame: bytes, compression: str, size: int) -> bytes:
+    try:
+        if compression == "zstd":
+            return zstandard.ZstdDecompressor().decompressobj().decompress(frame)
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(frame, size)
+    except (zstandard.ZstdError, zlib.error) as exc:
+        raise TocError(f"chunk does not decompress: {exc}") from exc
+
+
+def _check(item: _Wanted, blob: LayerBlob, data: bytes) -> None:
+    ref = item.chunk.ref
+    what = f"chunk at offset {ref.file_offset} of {item.node.path} (layer {blob.digest})"
+    if len(data) != ref.size:
+        raise IntegrityError(what, f"{ref.size} bytes", f"{len(data)} bytes")
+    if blob.check == "verity":
+        actual = format_verity(fsverity_digest(data))
+        if actual != ref.verity:
+            raise IntegrityError(what, ref.verity, actual)
+        return
+    actual = "sha256:" + hashlib.sha256(data).hexdigest()
+    if actual != ref.sha256:
+        raise IntegrityError(what, ref.sha256, actual)

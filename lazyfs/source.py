@@ -1,0 +1,62 @@
+"""The byte-source protocol the resolver fetches from, and its registry implementation.
+
+The resolver never sees httpx: anything that can return byte ranges of a blob (a registry, a
+mirror, a local file, an OCI layout, a fault-injecting test double) can serve a mount.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import anyio.to_thread
+
+from lazyfs.digest import Digest
+from lazyfs.errors import NotFoundError
+from lazyfs.ranges import ByteRange
+from lazyfs.reference import Reference
+from lazyfs.registry.client import RegistryClient
+
+
+class ByteSource(Protocol):
+    """Returns byte ranges of a blob, in the order asked."""
+
+    async def read_ranges(self, blob: Digest, ranges: Sequence[ByteRange]) -> list[bytes]: ...
+
+
+class RegistryByteSource:
+    """Ranges of blobs in one registry repository."""
+
+    def __init__(self, client: RegistryClient, reference: Reference) -> None:
+        self._client = client
+        self._ref = reference
+
+    async def read_ranges(self, blob: Digest, ranges: Sequence[ByteRange]) -> list[bytes]:
+        if len(ranges) == 1:
+            return [await self._client.get_blob_range(self._ref, blob, ranges[0])]
+        return await self._client.get_blob_ranges(self._ref, blob, ranges)
+
+
+class DirectoryByteSource:
+    """Blobs stored as files named by digest (an OCI layout's blobs/ directory)."""
+
+    def __init__(self, blobs_dir: Path) -> None:
+        self._dir = blobs_dir
+
+    async def read_ranges(self, blob: Digest, ranges: Sequence[ByteRange]) -> list[bytes]:
+        return await anyio.to_thread.run_sync(self._read, blob, list(ranges))
+
+    def _read(self, blob: Digest, ranges: list[ByteRange]) -> list[bytes]:
+        path = self._dir / blob.algorithm / blob.hex
+        try:
+            with path.open("rb") as file:
+                return [_pread(file.fileno(), rng) for rng in ranges]
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"blob {blob} is not in {self._dir}") from exc
+
+
+def _pread(fd: int, rng: ByteRange) -> bytes:
+    import os
+
+    return os.pread(fd, rng.length, rng.start)

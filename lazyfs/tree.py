@@ -1,0 +1,270 @@
+"""The merged root filesystem of an image: layers applied in order with OCI whiteouts.
+
+A pure model, built once at mount time from each layer's TOC entries and then only read, so the
+FUSE handlers can use it without locks. Semantics follow the OCI image-spec layer rules:
+
+- ``.wh.NAME`` deletes NAME (and everything below it) from the layers underneath;
+- ``.wh..wh..opq`` in a directory hides everything the lower layers put in it;
+- whiteouts only act on lower layers, so a layer's whiteouts are applied before its entries;
+- a non-directory replaces whatever was at its path; a directory over a directory merges;
+- a hardlink names an earlier path and shares its inode (``st_nlink`` counts the names).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import stat
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from lazyfs.chunked.toc import ChunkRef, TocEntry, file_chunks, group_file_entries
+from lazyfs.errors import TocError
+
+ROOT_INODE = 1
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+
+_KIND_BITS = {
+    "dir": stat.S_IFDIR,
+    "reg": stat.S_IFREG,
+    "symlink": stat.S_IFLNK,
+    "char": stat.S_IFCHR,
+    "block": stat.S_IFBLK,
+    "fifo": stat.S_IFIFO,
+}
+
+
+@dataclass(frozen=True)
+class LayerChunk:
+    """A chunk of file content, and the layer blob that holds it."""
+
+    layer: int
+    ref: ChunkRef
+
+
+@dataclass(eq=False)
+class Node:
+    """One inode of the merged tree."""
+
+    kind: str
+    mode: int  # permission bits, with setuid/setgid/sticky
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    rdev: int = 0
+    target: bytes = b""  # symlink target
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    chunks: tuple[LayerChunk, ...] = ()
+    verity: str = ""  # fs-verity digest of the whole file, when the layer format has one
+    layer: int = -1  # the layer the node came from
+    inode: int = 0
+    nlink: int = 1
+    children: dict[bytes, Node] | None = None
+    path: str = "/"  # the first path that names this node, for messages
+
+    @property
+    def st_mode(self) -> int:
+        return _KIND_BITS[self.kind] | (self.mode & 0o7777)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "dir"
+
+
+@dataclass(frozen=True)
+class Tree:
+    """The finished, read-only tree: inode table and sorted directory listings."""
+
+    nodes: dict[int, Node]
+    listings: dict[int, tuple[tuple[bytes, Node], ...]]
+
+    @property
+    def root(self) -> Node:
+        return self.nodes[ROOT_INODE]
+
+    def lookup(self, parent: int, name: bytes) -> Node | None:
+        children = self.nodes[parent].children
+        return None if children is None else children.get(name)
+
+    def walk(self) -> Iterator[tuple[bytes, Node]]:
+        """Every (path, node) pair, depth first; hardlinked nodes appear once per name."""
+        stack: list[tuple[bytes, Node]] = [(b"/", self.root)]
+        while stack:
+            path, node = stack.pop()
+            yield path, node
+            for name, child in reversed(self.listings.get(node.inode, ())):
+                stack.append((posixpath.join(path, name), child))
+
+
+def build_tree(layers: Sequence[Iterable[TocEntry]]) -> Tree:
+    """Apply layers bottom to top and number the inodes."""
+    root = Node(kind="dir", mode=0o755, children={})
+    for index, entries in enumerate(layers):
+        _apply_layer(root, index, list(entries))
+    return _finish(root)
+
+
+def _apply_layer(root: Node, layer: int, entries: list[TocEntry]) -> None:
+    groups = list(group_file_entries(tuple(entries)))
+    for group in groups:
+        _apply_whiteout(root, _split(group[0].name))
+    for group in groups:
+        parts = _split(group[0].name)
+        if not parts or not parts[-1].startswith(WHITEOUT_PREFIX.encode()):
+            _add_entry(root, layer, parts, group)
+
+
+def _split(name: str) -> list[bytes]:
+    clean = posixpath.normpath("/" + name).lstrip("/")
+    return [p.encode("utf-8", "surrogateescape") for p in clean.split("/") if p and p != "."]
+
+
+def _apply_whiteout(root: Node, parts: list[bytes]) -> None:
+    if not parts or not parts[-1].startswith(WHITEOUT_PREFIX.encode()):
+        return
+    parent = _find_dir(root, parts[:-1])
+    if parent is None or parent.children is None:
+        return
+    if parts[-1] == OPAQUE_MARKER.encode():
+        parent.children.clear()
+    else:
+        parent.children.pop(parts[-1][len(WHITEOUT_PREFIX) :], None)
+
+
+def _find_dir(root: Node, parts: list[bytes]) -> Node | None:
+    node = root
+    for part in parts:
+        child = node.children.get(part) if node.children is not None else None
+        if child is None or not child.is_dir:
+            return None
+        node = child
+    return node
+
+
+def _ensure_dir(root: Node, parts: list[bytes], layer: int) -> Node:
+    """The directory at ``parts``, created (0755, root-owned) where a layer left it implicit."""
+    node = root
+    for part in parts:
+        assert node.children is not None
+        child = node.children.get(part)
+        if child is None or not child.is_dir:
+            child = Node(kind="dir", mode=0o755, layer=layer, children={})
+            node.children[part] = child
+        node = child
+    return node
+
+
+def _add_entry(root: Node, layer: int, parts: list[bytes], group: list[TocEntry]) -> None:
+    head = group[0]
+    if not parts:  # the root directory's own metadata
+        _set_metadata(root, head, layer)
+        return
+    parent = _ensure_dir(root, parts[:-1], layer)
+    assert parent.children is not None
+    if head.type == "hardlink":
+        target = _resolve_hardlink(root, head)
+        parent.children[parts[-1]] = target
+        return
+    existing = parent.children.get(parts[-1])
+    if head.type == "dir" and existing is not None and existing.is_dir:
+        _set_metadata(existing, head, layer)
+        return
+    parent.children[parts[-1]] = _new_node(head, group, layer)
+
+
+def _resolve_hardlink(root: Node, entry: TocEntry) -> Node:
+    parts = _split(entry.link_name)
+    parent = _find_dir(root, parts[:-1])
+    target = parent.children.get(parts[-1]) if parent and parent.children and parts else None
+    if target is None or target.is_dir:
+        raise TocError(f"hardlink {entry.name!r} points to missing {entry.link_name!r}")
+    return target
+
+
+def _new_node(head: TocEntry, group: list[TocEntry], layer: int) -> Node:
+    if head.type not in _KIND_BITS:
+        raise TocError(f"TOC entry {head.name!r} has unexpected type {head.type!r}")
+    node = Node(kind=head.type, mode=0, children={} if head.type == "dir" else None)
+    _set_metadata(node, head, layer)
+    if head.type == "reg":
+        node.size = head.size
+        node.verity = head.verity
+        node.chunks = tuple(LayerChunk(layer, ref) for ref in file_chunks(group))
+    elif head.type == "symlink":
+        node.target = head.link_name.encode("utf-8", "surrogateescape")
+    elif head.type in ("char", "block"):
+        node.rdev = _makedev(head.dev_major, head.dev_minor)
+    return node
+
+
+def _set_metadata(node: Node, entry: TocEntry, layer: int) -> None:
+    node.mode = entry.mode & 0o7777
+    node.uid = entry.uid
+    node.gid = entry.gid
+    node.mtime_ns = parse_rfc3339_ns(entry.modtime)
+    node.xattrs = {k.encode(): v for k, v in entry.xattrs.items()}
+    node.layer = layer
+
+
+def _makedev(major: int, minor: int) -> int:
+    # The Linux encoding (os.makedev), written out so that huge numbers from a TOC cannot raise.
+    return (
+        ((major & 0xFFF) << 8) | (minor & 0xFF) | ((minor & ~0xFF) << 12) | ((major & ~0xFFF) << 32)
+    )
+
+
+def parse_rfc3339_ns(text: str) -> int:
+    """``2023-01-02T03:04:05.123Z`` (or with an offset) -> nanoseconds since the epoch."""
+    if not text:
+        return 0
+    from datetime import datetime
+
+    main, fraction, zone = _split_timestamp(text)
+    try:
+        seconds = int(datetime.fromisoformat(main + zone).timestamp())
+    except ValueError as exc:
+        raise TocError(f"invalid timestamp {text!r}") from exc
+    return seconds * 1_000_000_000 + int((fraction + "000000000")[:9] or 0)
+
+
+def _split_timestamp(text: str) -> tuple[str, str, str]:
+    zone = "+00:00"
+    body = text
+    if body.endswith(("Z", "z")):
+        body = body[:-1]
+    elif len(body) > 6 and body[-6] in "+-" and body[-3] == ":":
+        body, zone = body[:-6], body[-6:]
+    main, _, fraction = body.partition(".")
+    return main, fraction, zone
+
+
+def _finish(root: Node) -> Tree:
+    nodes: dict[int, Node] = {}
+    listings: dict[int, tuple[tuple[bytes, Node], ...]] = {}
+    names: dict[int, int] = {}  # id(node) -> number of names, for st_nlink
+    _number(root, nodes, names)
+    for node in nodes.values():
+        if node.children is not None:
+            listings[node.inode] = tuple(sorted(node.children.items()))
+            node.nlink = 2 + sum(1 for child in node.children.values() if child.is_dir)
+        else:
+            node.nlink = names[id(node)]
+    return Tree(nodes, listings)
+
+
+def _number(root: Node, nodes: dict[int, Node], names: dict[int, int]) -> None:
+    root.inode = ROOT_INODE
+    nodes[ROOT_INODE] = root
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        assert directory.children is not None
+        for name, child in sorted(directory.children.items()):
+            names[id(child)] = names.get(id(child), 0) + 1
+            if child.inode == 0:
+                child.inode = len(nodes) + 1
+                child.path = posixpath.join(directory.path, name.decode("utf-8", "replace"))
+                nodes[child.inode] = child
+                if child.is_dir:
+                    stack.append(child)

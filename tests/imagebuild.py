@@ -1,0 +1,640 @@
+"""Build OCI image layouts from Python descriptions of their layers, for tests.
+
+Layers are written with :mod:`tarfile` in PAX format and are reproducible: fixed mtimes, empty
+user and group names, entries sorted by path (hardlinks after the files they name), gzip headers
+without name or time. The same description therefore always gives the same digests. Blobs go
+through :class:`lazyfs.layout.OciLayout`, so the builders exercise it too.
+
+Ready-made images: :func:`build_feature_image` (every kind of tar entry, whiteouts and opaque
+directories across three layers) and :func:`build_big_image` (about ``total_bytes`` of many
+files). :func:`build_umoci_image` builds an image from the same descriptions with umoci, an
+independent tool, to check the builders against.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import random
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import BinaryIO, Literal, Protocol, cast
+
+import zstandard
+from oracles import require_tool, run_tool
+
+from lazyfs.digest import Digest
+from lazyfs.image import (
+    OCI_CONFIG,
+    OCI_LAYER_TAR,
+    OCI_LAYER_TAR_GZIP,
+    OCI_LAYER_TAR_ZSTD,
+    OCI_MANIFEST,
+    Descriptor,
+    ImageConfig,
+    LayerCompression,
+    Manifest,
+)
+from lazyfs.layout import OciLayout
+from lazyfs.platform import Platform
+
+KIB = 1024
+MIB = 1024 * KIB
+FIXED_MTIME = 1_700_000_000  # 2023-11-14; any fixed instant keeps layers reproducible
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+
+EntryType = Literal["dir", "file", "symlink", "hardlink", "char", "block", "fifo"]
+
+_TAR_TYPES: Mapping[EntryType, bytes] = MappingProxyType(
+    {
+        "dir": tarfile.DIRTYPE,
+        "file": tarfile.REGTYPE,
+        "symlink": tarfile.SYMTYPE,
+        "hardlink": tarfile.LNKTYPE,
+        "char": tarfile.CHRTYPE,
+        "block": tarfile.BLKTYPE,
+        "fifo": tarfile.FIFOTYPE,
+    }
+)
+_LAYER_MEDIA_TYPES: Mapping[LayerCompression, str] = MappingProxyType(
+    {"none": OCI_LAYER_TAR, "gzip": OCI_LAYER_TAR_GZIP, "zstd": OCI_LAYER_TAR_ZSTD}
+)
+_NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
+
+
+# --- entries -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tar member: ``link`` is a symlink's target or the path a hardlink names."""
+
+    path: str
+    type: EntryType
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    data: bytes = b""
+    link: str = ""
+    xattrs: Mapping[str, bytes] = field(default_factory=dict)
+    device: tuple[int, int] = (0, 0)
+    mtime: int = FIXED_MTIME
+
+    @property
+    def is_whiteout(self) -> bool:
+        return self.path.rsplit("/", 1)[-1].startswith(WHITEOUT_PREFIX)
+
+
+def directory(
+    path: str,
+    mode: int = 0o755,
+    *,
+    uid: int = 0,
+    gid: int = 0,
+    xattrs: Mapping[str, bytes] = _NO_XATTRS,
+) -> Entry:
+    return Entry(path, "dir", mode, uid, gid, xattrs=xattrs)
+
+
+def regular_file(
+    path: str,
+    data: bytes = b"",
+    mode: int = 0o644,
+    *,
+    uid: int = 0,
+    gid: int = 0,
+    xattrs: Mapping[str, bytes] = _NO_XATTRS,
+) -> Entry:
+    return Entry(path, "file", mode, uid, gid, data=data, xattrs=xattrs)
+
+
+def symlink(path: str, target: str, *, uid: int = 0, gid: int = 0) -> Entry:
+    return Entry(path, "symlink", 0o777, uid, gid, link=target)
+
+
+def hardlink(path: str, target: str) -> Entry:
+    """A second name for the file ``target``, which must come from the same layer."""
+    return Entry(path, "hardlink", 0o644, link=target)
+
+
+def char_device(path: str, major: int, minor: int, mode: int = 0o666) -> Entry:
+    return Entry(path, "char", mode, device=(major, minor))
+
+
+def block_device(path: str, major: int, minor: int, mode: int = 0o660) -> Entry:
+    return Entry(path, "block", mode, device=(major, minor))
+
+
+def fifo(path: str, mode: int = 0o644) -> Entry:
+    return Entry(path, "fifo", mode)
+
+
+def whiteout(path: str) -> Entry:
+    """Deletes ``path`` (file or whole directory) of the layers below."""
+    parent, _, name = path.rpartition("/")
+    return regular_file(_join(parent, WHITEOUT_PREFIX + name))
+
+
+def opaque_whiteout(dir_path: str) -> Entry:
+    """Hides everything the layers below put in ``dir_path``."""
+    return regular_file(_join(dir_path, OPAQUE_MARKER))
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def with_parent_dirs(entries: Iterable[Entry], mode: int = 0o755) -> list[Entry]:
+    """``entries`` plus a directory entry for every parent that has none."""
+    entries = list(entries)
+    present = {e.path for e in entries}
+    parents = {p for e in entries for p in _ancestors(e.path)} - present
+    return [*(directory(p, mode) for p in sorted(parents)), *entries]
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split("/")[:-1]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+# --- layer tars --------------------------------------------------------------------------------
+
+
+def tar_order(entries: Iterable[Entry]) -> list[Entry]:
+    """Sorted by path (parents first), hardlinks last so their targets precede them."""
+    ordered = sorted(entries, key=lambda e: e.path)
+    return [e for e in ordered if e.type != "hardlink"] + [
+        e for e in ordered if e.type == "hardlink"
+    ]
+
+
+def _pax_xattrs(xattrs: Mapping[str, bytes]) -> dict[str, str]:
+    # tarfile takes str values; surrogateescape carries arbitrary bytes (it then writes
+    # hdrcharset=BINARY and the raw bytes, which is what Go's archive/tar reads).
+    return {
+        f"SCHILY.xattr.{name}": value.decode("utf-8", "surrogateescape")
+        for name, value in sorted(xattrs.items())
+    }
+
+
+def tar_member(entry: Entry) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(entry.path)
+    info.type = _TAR_TYPES[entry.type]
+    info.mode = entry.mode
+    info.uid, info.gid = entry.uid, entry.gid
+    info.uname = info.gname = ""
+    info.mtime = entry.mtime
+    info.size = len(entry.data) if entry.type == "file" else 0
+    info.linkname = entry.link
+    info.devmajor, info.devminor = entry.device
+    info.pax_headers = _pax_xattrs(entry.xattrs)
+    return info
+
+
+def write_layer_tar(entries: Iterable[Entry], out: BinaryIO) -> None:
+    """Write the layer tar of ``entries`` (in :func:`tar_order`) to a stream."""
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for entry in tar_order(entries):
+            payload = io.BytesIO(entry.data) if entry.type == "file" else None
+            tar.addfile(tar_member(entry), payload)
+
+
+def layer_tar_bytes(entries: Iterable[Entry]) -> bytes:
+    buffer = io.BytesIO()
+    write_layer_tar(entries, buffer)
+    return buffer.getvalue()
+
+
+class _Writable(Protocol):
+    def write(self, data: bytes | bytearray | memoryview, /) -> object: ...
+
+
+class _HashingSink(io.RawIOBase):
+    """A write-only stream that hashes and counts what passes through to ``target``."""
+
+    def __init__(self, target: _Writable) -> None:
+        self._target = target
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        self._hash.update(data)
+        self.size += len(data)
+        self._target.write(data)
+        return len(data)
+
+    @property
+    def digest(self) -> Digest:
+        return Digest("sha256", self._hash.hexdigest())
+
+
+def _compressing_writer(sink: _HashingSink, compression: LayerCompression, level: int) -> BinaryIO:
+    """A stream that compresses into ``sink``; closing it finishes the stream, not ``sink``."""
+    if compression == "gzip":
+        # filename="" and mtime=0 keep the gzip header free of anything that varies.
+        return cast(
+            BinaryIO,
+            gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0, compresslevel=level),
+        )
+    if compression == "zstd":
+        compressor = zstandard.ZstdCompressor(level=level)
+        return cast(BinaryIO, compressor.stream_writer(cast(BinaryIO, sink), closefd=False))
+    return cast(BinaryIO, _Uncloseable(sink))
+
+
+class _Uncloseable(io.RawIOBase):
+    """Passes writes through; closing it leaves the target open."""
+
+    def __init__(self, target: io.RawIOBase) -> None:
+        self._target = target
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        self._target.write(data)
+        return len(data)
+
+
+_DEFAULT_LEVELS: Mapping[LayerCompression, int] = MappingProxyType(
+    {"none": 0, "gzip": 6, "zstd": 3}
+)
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuiltLayer:
+    entries: tuple[Entry, ...]
+    compression: LayerCompression
+    descriptor: Descriptor
+    diff_id: Digest
+    tar_size: int
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    layout: OciLayout
+    tag: str
+    manifest_descriptor: Descriptor
+    manifest: Manifest
+    config: ImageConfig
+    layers: tuple[BuiltLayer, ...]
+
+    @property
+    def reference(self) -> str:
+        """``oci:PATH:TAG``, as skopeo and lazyfs name it."""
+        return f"oci:{self.layout.path}:{self.tag}"
+
+
+def write_layer(
+    layout: OciLayout,
+    entries: Sequence[Entry],
+    compression: LayerCompression,
+    level: int | None = None,
+) -> BuiltLayer:
+    """Write one layer blob into ``layout`` (streamed through a temporary file)."""
+    level = _DEFAULT_LEVELS[compression] if level is None else level
+    with tempfile.NamedTemporaryFile(dir=layout.path, prefix=".layer-", delete=False) as temp:
+        blob_sink = _HashingSink(temp)
+        with _compressing_writer(blob_sink, compression, level) as compressed:
+            tar_sink = _HashingSink(compressed)
+            write_layer_tar(entries, cast(BinaryIO, tar_sink))
+    layout.add_blob_file(Path(temp.name), blob_sink.digest)
+    descriptor = Descriptor(_LAYER_MEDIA_TYPES[compression], blob_sink.digest, blob_sink.size)
+    return BuiltLayer(tuple(entries), compression, descriptor, tar_sink.digest, tar_sink.size)
+
+
+def image_config(diff_ids: Sequence[Digest], platform: Platform) -> ImageConfig:
+    """A minimal, reproducible image config for ``platform``."""
+    fields: dict[str, object] = {
+        "created": "2023-11-14T22:13:20Z",
+        "architecture": platform.architecture,
+        "os": platform.os,
+    }
+    if platform.variant is not None:
+        fields["variant"] = platform.variant
+    fields["config"] = {"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"}
+    fields["rootfs"] = {"type": "layers", "diff_ids": []}
+    fields["history"] = [
+        {"created": "2023-11-14T22:13:20Z", "created_by": "imagebuild"} for _ in diff_ids
+    ]
+    return ImageConfig(fields).with_diff_ids(diff_ids)
+
+
+def write_image(
+    layout_dir: Path,
+    tag: str,
+    layers: Sequence[Sequence[Entry]],
+    compression: LayerCompression | Sequence[LayerCompression] = "gzip",
+    *,
+    platform: Platform | None = None,
+    annotations: Mapping[str, str] | None = None,
+) -> BuiltImage:
+    """Write an image of ``layers`` (bottom first) into the layout at ``layout_dir`` as ``tag``.
+
+    ``compression`` is one method for all layers or one per layer.
+    """
+    layout = OciLayout.create(layout_dir)
+    methods = [compression] * len(layers) if isinstance(compression, str) else list(compression)
+    if len(methods) != len(layers):
+        raise ValueError(f"{len(methods)} compressions for {len(layers)} layers")
+    built = tuple(
+        write_layer(layout, entries, method)
+        for entries, method in zip(layers, methods, strict=True)
+    )
+    config = image_config([layer.diff_id for layer in built], platform or Platform.host())
+    config_bytes = config.to_bytes()
+    config_descriptor = Descriptor.of_bytes(OCI_CONFIG, config_bytes)
+    layout.add_blob_bytes(config_bytes)
+    manifest = Manifest(
+        OCI_MANIFEST, config_descriptor, tuple(b.descriptor for b in built), annotations or {}
+    )
+    manifest_bytes = manifest.to_bytes()
+    layout.add_blob_bytes(manifest_bytes)
+    manifest_descriptor = Descriptor.of_bytes(OCI_MANIFEST, manifest_bytes)
+    layout.tag(manifest_descriptor, tag)
+    return BuiltImage(layout, tag, manifest_descriptor, manifest, config, built)
+
+
+# --- the feature image -------------------------------------------------------------------------
+
+# VFS_CAP_REVISION_2 with the effective flag, permitting CAP_NET_RAW (bit 13): what setcap writes
+# for "cap_net_raw+ep".
+CAP_NET_RAW_XATTR = (0x02000001).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
+LONG_DIR = "data/long-" + "x" * 150  # needs a PAX path record
+
+
+def text_bytes(size: int, seed: int) -> bytes:
+    """``size`` bytes of compressible, text-like data, different for each seed."""
+    rng = random.Random(seed)
+    words = [
+        "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(512)
+    ]
+    line_count = size // 40 + 1
+    lines = (" ".join(rng.choices(words, k=7)) for _ in range(line_count))
+    return "\n".join(lines).encode()[:size]
+
+
+def random_bytes(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def feature_layers() -> list[list[Entry]]:
+    """Three layers that use every entry kind, then delete, hide and replace across layers."""
+    return [_feature_base_layer(), _feature_second_layer(), _feature_third_layer()]
+
+
+def _feature_base_layer() -> list[Entry]:
+    return [
+        directory("etc"),
+        regular_file("etc/hostname", b"base\n"),
+        regular_file(
+            "etc/passwd", b"root:x:0:0::/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n"
+        ),
+        symlink("etc/localtime", "/usr/share/zoneinfo/UTC"),  # absolute and dangling
+        directory("usr"),
+        directory("usr/bin"),
+        regular_file("usr/bin/tool", b"#!/bin/sh\necho tool\n", 0o755),
+        hardlink("usr/bin/tool-alias", "usr/bin/tool"),
+        symlink("usr/bin/sh", "tool"),
+        regular_file("usr/bin/su", b"\x7fELF setuid", 0o4755),
+        regular_file("usr/bin/wall", b"\x7fELF setgid", 0o2755, gid=5),
+        regular_file(
+            "usr/bin/ping",
+            b"\x7fELF caps",
+            0o755,
+            xattrs={"security.capability": CAP_NET_RAW_XATTR},
+        ),
+        directory("tmp", 0o1777),
+        directory("home"),
+        directory("home/user", 0o700, uid=1000, gid=1000),
+        regular_file("home/user/.profile", b"export PS1='$ '\n", 0o600, uid=1000, gid=1000),
+        regular_file(
+            "home/user/notes.txt",
+            b"notes\n",
+            uid=1000,
+            gid=1000,
+            xattrs={"user.comment": b"hello", "user.binary": bytes(range(256))},
+        ),
+        directory("dev"),
+        char_device("dev/null", 1, 3),
+        char_device("dev/zero", 1, 5),
+        block_device("dev/loop0", 7, 0),
+        fifo("dev/initctl", 0o600),
+        directory("data"),
+        regular_file("data/empty"),
+        regular_file("data/small.txt", b"hello world\n"),
+        regular_file("data/big-text.txt", text_bytes(3 * MIB + 17, seed=1)),
+        regular_file("data/big-random.bin", random_bytes(2 * MIB + 5, seed=2)),
+        regular_file("data/zeros.bin", bytes(1 * MIB) + b"end"),
+        regular_file("data/ünïcödé-名前.txt", "ünïcödé\n".encode()),
+        directory(LONG_DIR),
+        regular_file(f"{LONG_DIR}/file", b"long path\n"),
+        directory("data/hl"),
+        regular_file("data/hl/one", b"three names, one inode\n"),
+        hardlink("data/hl/two", "data/hl/one"),
+        hardlink("data/hl/three", "data/hl/one"),
+        directory("opaque", xattrs={"user.dirattr": b"kept"}),
+        regular_file("opaque/old-a", b"hidden by the opaque marker\n"),
+        directory("opaque/old-sub"),
+        regular_file("opaque/old-sub/deep", b"hidden too\n"),
+        directory("gone"),
+        regular_file("gone/file", b"deleted with its directory\n"),
+        directory("gone/sub"),
+        regular_file("gone/sub/x"),
+        regular_file("remove-me.txt", b"deleted in layer 2\n"),
+        regular_file("becomes-dir", b"a file in layer 1\n"),
+        directory("becomes-file"),
+        regular_file("becomes-file/child"),
+    ]
+
+
+def _feature_second_layer() -> list[Entry]:
+    return [
+        whiteout("remove-me.txt"),
+        whiteout("gone"),
+        opaque_whiteout("opaque"),
+        regular_file("opaque/new-b", b"added with the opaque marker\n"),
+        directory("etc"),
+        regular_file("etc/hostname", b"layer2\n"),
+        directory("becomes-dir"),
+        regular_file("becomes-dir/inner", b"inside\n"),
+        regular_file("becomes-file", b"now a file\n"),
+        directory("data"),
+        regular_file("data/added-in-2.txt", b"deleted in layer 3\n"),
+        directory("home/user", 0o750, uid=1000, gid=1000),
+        regular_file(
+            "home/user/notes.txt",
+            b"notes v2\n",
+            uid=1000,
+            gid=1000,
+            xattrs={"user.comment": b"changed"},
+        ),
+    ]
+
+
+def _feature_third_layer() -> list[Entry]:
+    return [
+        directory("data"),
+        whiteout("data/added-in-2.txt"),
+        regular_file("data/small.txt", b"hello world\n", 0o600, uid=1, gid=1),
+        symlink("data/link-to-big", "big-text.txt"),
+        regular_file("data/l3-file", b"layer 3 hardlink\n"),
+        hardlink("data/l3-link", "data/l3-file"),
+        directory("gone"),
+        regular_file("gone/reborn", b"recreated after the whiteout\n"),
+        regular_file("opaque/new-c", b"layer 3\n"),
+    ]
+
+
+def build_feature_image(
+    layout_dir: Path, tag: str, compression: LayerCompression = "gzip"
+) -> BuiltImage:
+    """The three :func:`feature_layers` as an image (a few MiB)."""
+    return write_image(layout_dir, tag, feature_layers(), compression)
+
+
+# --- the big image -----------------------------------------------------------------------------
+
+
+def _file_size(rng: random.Random) -> int:
+    """Mostly small files, some medium, a few large: roughly a distro image's shape."""
+    bucket = rng.random()
+    if bucket < 0.85:
+        return rng.randint(0, 16 * KIB)
+    if bucket < 0.98:
+        return rng.randint(16 * KIB, 256 * KIB)
+    return rng.randint(256 * KIB, 6 * MIB)
+
+
+def _text_from_corpus(corpus: bytes, size: int, rng: random.Random) -> bytes:
+    """Text made of random slices of ``corpus``: compressible, and fast to make."""
+    pieces = []
+    remaining = size
+    while remaining > 0:
+        length = min(remaining, rng.randint(1 * KIB, 8 * KIB))
+        start = rng.randrange(len(corpus) - length)
+        pieces.append(corpus[start : start + length])
+        remaining -= length
+    return b"".join(pieces)
+
+
+def _big_file_data(rng: random.Random, corpus: bytes) -> tuple[bytes, str]:
+    """Half text-like, half random data; with the file suffix that says which."""
+    size = _file_size(rng)
+    if rng.random() < 0.5:
+        return _text_from_corpus(corpus, size, rng), "txt"
+    return rng.randbytes(size), "bin"
+
+
+def big_image_layers(total_bytes: int, layer_count: int = 3, seed: int = 0) -> list[list[Entry]]:
+    """About ``total_bytes`` of file data in ``layer_count`` layers; about a tenth of the files
+    of each upper layer repeat earlier content, at the same path or a new one."""
+    rng = random.Random(seed)
+    corpus = text_bytes(1 * MIB, seed=seed + 1)
+    layers: list[list[Entry]] = [[] for _ in range(layer_count)]
+    earlier: list[Entry] = []
+    written = 0
+    index = 0
+    while written < total_bytes:
+        layer = min(layer_count - 1, written * layer_count // total_bytes)
+        entry = _big_entry(rng, corpus, layer, index, earlier)
+        layers[layer].append(entry)
+        written += len(entry.data)
+        index += 1
+        if layer == 0 or rng.random() < 0.3:
+            earlier.append(entry)
+    return [with_parent_dirs(entries) for entries in layers]
+
+
+def _big_entry(
+    rng: random.Random, corpus: bytes, layer: int, index: int, earlier: Sequence[Entry]
+) -> Entry:
+    if layer > 0 and earlier and rng.random() < 0.1:
+        original = rng.choice(earlier)
+        same_path = rng.random() < 0.5
+        path = original.path if same_path else f"layer{layer}/shared/copy{index}"
+        return regular_file(path, original.data, original.mode)
+    data, suffix = _big_file_data(rng, corpus)
+    return regular_file(
+        f"layer{layer}/dir{index % 37:02d}/file{index:05d}.{suffix}",
+        data,
+        rng.choice((0o644, 0o755)),
+    )
+
+
+def build_big_image(
+    layout_dir: Path,
+    tag: str,
+    total_bytes: int,
+    compression: LayerCompression = "gzip",
+    *,
+    seed: int = 0,
+) -> BuiltImage:
+    """An image of about ``total_bytes`` of file data in three layers (see big_image_layers)."""
+    return write_image(layout_dir, tag, big_image_layers(total_bytes, seed=seed), compression)
+
+
+# --- materialising entries and umoci -----------------------------------------------------------
+
+
+def materialize(entries: Iterable[Entry], root: Path) -> None:
+    """Create ``entries`` as real files under ``root`` (as root: owners, devices, caps)."""
+    for entry in tar_order(entries):
+        if entry.is_whiteout:
+            raise ValueError(f"{entry.path}: whiteouts have no on-disk form here")
+        _create(entry, root / entry.path, root)
+        if entry.type != "hardlink":
+            _apply_metadata(entry, root / entry.path)
+
+
+def _create(entry: Entry, path: Path, root: Path) -> None:
+    if entry.type == "dir":
+        path.mkdir(exist_ok=True)
+    elif entry.type == "file":
+        path.write_bytes(entry.data)
+    elif entry.type == "symlink":
+        path.symlink_to(entry.link)
+    elif entry.type == "hardlink":
+        os.link(root / entry.link, path, follow_symlinks=False)
+    elif entry.type == "fifo":
+        os.mkfifo(path)
+    else:
+        kind = 0o020000 if entry.type == "char" else 0o060000
+        os.mknod(path, kind | entry.mode, os.makedev(*entry.device))
+
+
+def _apply_metadata(entry: Entry, path: Path) -> None:
+    # chown clears setuid bits and file capabilities, so: owner, then mode, then xattrs.
+    os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
+    if entry.type != "symlink":
+        os.chmod(path, entry.mode)
+    for name, value in entry.xattrs.items():
+        os.setxattr(path, name, value, follow_symlinks=False)
+
+
+def build_umoci_image(layout_dir: Path, tag: str, entries: Sequence[Entry], work_dir: Path) -> None:
+    """An independent single-layer image of ``entries``: umoci new, unpack, fill, repack."""
+    umoci = require_tool("umoci")
+    if not layout_dir.exists():
+        run_tool([umoci, "init", "--layout", layout_dir])
+    image = f"{layout_dir}:{tag}"
+    run_tool([umoci, "new", "--image", image])
+    bundle = work_dir / f"umoci-bundle-{tag}"
+    run_tool([umoci, "unpack", "--image", image, bundle])
+    materialize(entries, bundle / "rootfs")
+    run_tool([umoci, "repack", "--image", image, bundle])
+    shutil.rmtree(bundle)
