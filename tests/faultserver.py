@@ -90,7 +90,10 @@ class FaultServer:
         handler = type("_BoundHandler", (_Handler,), {"state": self.state})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # A short poll interval keeps shutdown (and so each test's teardown) quick.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
 
     @property
     def port(self) -> int:
@@ -254,7 +257,7 @@ class _Handler(BaseHTTPRequestHandler):
         return all(action in token.grants.get(repo, set()) for repo, action in needed.items())
 
     def _challenge(self, path: str) -> str:
-        realm = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+        realm = f"http://127.0.0.1:{self._port()}/token"
         scopes = " ".join(
             f"repository:{repo}:{'pull' if action == 'pull' else 'pull,push'}"
             for repo, action in self._needed_scopes(path).items()
@@ -298,7 +301,7 @@ class _Handler(BaseHTTPRequestHandler):
         if data is None:
             return self._error(404, "BLOB_UNKNOWN", "blob unknown to registry")
         if allow_redirect and self.state.faults.redirect_blobs and self.command == "GET":
-            target = f"http://localhost:{self.server.server_address[1]}/storage/{digest}"
+            target = f"http://localhost:{self._port()}/storage/{digest}"
             return self._send(307, b"", {"Location": target})
         ranges = self._requested_ranges()
         if ranges and not self.state.faults.ignore_range:
@@ -392,6 +395,11 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(201, b"", {"Docker-Content-Digest": digest})
 
     # ---------------------------------------------------------------- helpers
+
+    def _port(self) -> int:
+        address = self.server.server_address
+        assert isinstance(address, tuple)
+        return int(address[1])
 
     def _read_body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)

@@ -93,6 +93,7 @@ def umoci_unpack(layout: Path, tag: str, dest: Path) -> Path:
     umoci = require_tool("umoci")
     if os.geteuid() != 0:
         pytest.skip("umoci unpack needs root to restore owners, devices and xattrs")
+    dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".gzip-layout-") as scratch:
         source = layout
         if _has_zstd_layers(layout, tag):
@@ -134,9 +135,16 @@ class EntryInfo:
     hardlink_group: str | None = None
 
     def describe(self) -> str:
+        """One line: kind, mode, owner, then the optional fields that are set."""
         parts = [self.kind, f"mode={self.mode:04o}", f"owner={self.uid}:{self.gid}"]
-        parts += [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)[4:]]
-        return " ".join(p for p in parts if not p.endswith(("=None", "=()")))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name not in _ALWAYS_SHOWN and value not in (None, ()):
+                parts.append(f"{f.name}={value!r}")
+        return " ".join(parts)
+
+
+_ALWAYS_SHOWN = frozenset({"kind", "mode", "uid", "gid"})
 
 
 def _kind_of(mode: int, path: Path) -> EntryKind:

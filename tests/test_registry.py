@@ -116,7 +116,9 @@ async def client() -> AsyncIterator[RegistryClient]:
 # ------------------------------------------------------------------------------------- blobs
 
 
-async def test_monolithic_push_then_get(registry: LocalRegistry, client, tmp_path):
+async def test_monolithic_push_then_get(
+    registry: LocalRegistry, client: RegistryClient, tmp_path: Path
+) -> None:
     ref = fresh_ref(registry)
     data = os.urandom(50_000)
     digest = await push_data(client, ref, tmp_path, data)
@@ -126,7 +128,7 @@ async def test_monolithic_push_then_get(registry: LocalRegistry, client, tmp_pat
     assert await client.get_blob(ref, digest) == data
 
 
-async def test_chunked_push_when_over_threshold(registry: LocalRegistry, tmp_path):
+async def test_chunked_push_when_over_threshold(registry: LocalRegistry, tmp_path: Path) -> None:
     config = RegistryConfig(monolithic_upload_max_bytes=1000, upload_chunk_bytes=4096)
     ref = fresh_ref(registry)
     data = os.urandom(10_000)
@@ -136,7 +138,9 @@ async def test_chunked_push_when_over_threshold(registry: LocalRegistry, tmp_pat
         assert await chunked.get_blob(ref, digest) == data
 
 
-async def test_push_skips_blob_the_registry_has(registry: LocalRegistry, client, tmp_path):
+async def test_push_skips_blob_the_registry_has(
+    registry: LocalRegistry, client: RegistryClient, tmp_path: Path
+) -> None:
     ref = fresh_ref(registry)
     data = os.urandom(1000)
     await push_data(client, ref, tmp_path, data)
@@ -145,7 +149,9 @@ async def test_push_skips_blob_the_registry_has(registry: LocalRegistry, client,
     assert client.stats.requests["POST"] == posts
 
 
-async def test_cross_repository_mount(registry: LocalRegistry, client, tmp_path):
+async def test_cross_repository_mount(
+    registry: LocalRegistry, client: RegistryClient, tmp_path: Path
+) -> None:
     source, target = fresh_ref(registry), fresh_ref(registry)
     data = os.urandom(2000)
     digest = await push_data(client, source, tmp_path, data)
@@ -154,13 +160,17 @@ async def test_cross_repository_mount(registry: LocalRegistry, client, tmp_path)
     assert await client.get_blob(target, digest) == data
 
 
-async def test_mount_of_unknown_blob_is_refused(registry: LocalRegistry, client):
+async def test_mount_of_unknown_blob_is_refused(
+    registry: LocalRegistry, client: RegistryClient
+) -> None:
     ref = fresh_ref(registry)
     missing = Digest.of(os.urandom(16))
     assert not await client.mount_blob(ref, missing, "test/nowhere")
 
 
-async def test_download_blob_streams_to_file(registry: LocalRegistry, client, tmp_path):
+async def test_download_blob_streams_to_file(
+    registry: LocalRegistry, client: RegistryClient, tmp_path: Path
+) -> None:
     ref = fresh_ref(registry)
     data = os.urandom(3 << 20)
     digest = await push_data(client, ref, tmp_path, data)
@@ -189,8 +199,13 @@ async def test_download_blob_streams_to_file(registry: LocalRegistry, client, tm
     ids=["oci", "docker"],
 )
 async def test_manifest_and_index_round_trip(
-    registry: LocalRegistry, client, tmp_path, types, accept_manifest, accept_index
-):
+    registry: LocalRegistry,
+    client: RegistryClient,
+    tmp_path: Path,
+    types: tuple[str, str, str, str],
+    accept_manifest: str,
+    accept_index: str,
+) -> None:
     image = await push_image(client, fresh_ref(registry), tmp_path, types)
     for ref, data, digest, media_type in [
         (image.manifest_ref, image.manifest, image.manifest_digest, accept_manifest),
@@ -205,14 +220,18 @@ async def test_manifest_and_index_round_trip(
         assert await client.resolve(ref) == digest
 
 
-async def test_oci_manifest_needs_oci_accept_types(registry: LocalRegistry, client, tmp_path):
+async def test_oci_manifest_needs_oci_accept_types(
+    registry: LocalRegistry, client: RegistryClient, tmp_path: Path
+) -> None:
     image = await push_image(client, fresh_ref(registry), tmp_path)
     # The distribution 2.8 quirk reference.md describes: no OCI type in Accept, no manifest.
     with pytest.raises(NotFoundError, match="MANIFEST_UNKNOWN"):
         await client.get_manifest(image.manifest_ref, [DOCKER_MANIFEST_V2])
 
 
-async def test_corrupted_blob_raises_integrity_error(registry: LocalRegistry, client, tmp_path):
+async def test_corrupted_blob_raises_integrity_error(
+    registry: LocalRegistry, client: RegistryClient, tmp_path: Path
+) -> None:
     ref = fresh_ref(registry)
     data = os.urandom(4096)
     digest = await push_data(client, ref, tmp_path, data)
@@ -226,7 +245,9 @@ async def test_corrupted_blob_raises_integrity_error(registry: LocalRegistry, cl
     assert list(dest.parent.iterdir()) == []
 
 
-async def test_corrupted_manifest_raises_integrity_error(registry: LocalRegistry, client, tmp_path):
+async def test_corrupted_manifest_raises_integrity_error(
+    registry: LocalRegistry, client: RegistryClient, tmp_path: Path
+) -> None:
     image = await push_image(client, fresh_ref(registry), tmp_path)
     stored = stored_blob_path(registry, image.manifest_digest)
     stored.write_bytes(image.manifest.replace(b'"schemaVersion": 2', b'"schemaVersion":  2'))
@@ -237,7 +258,9 @@ async def test_corrupted_manifest_raises_integrity_error(registry: LocalRegistry
         await client.get_manifest(image.manifest_ref)  # checked against Docker-Content-Digest
 
 
-async def test_wrong_digest_in_reference_is_not_found(registry: LocalRegistry, client, tmp_path):
+async def test_wrong_digest_in_reference_is_not_found(
+    registry: LocalRegistry, client: RegistryClient, tmp_path: Path
+) -> None:
     image = await push_image(client, fresh_ref(registry), tmp_path)
     wrong = Digest.of(b"not this manifest")
     with pytest.raises(NotFoundError):
@@ -247,7 +270,9 @@ async def test_wrong_digest_in_reference_is_not_found(registry: LocalRegistry, c
 # ------------------------------------------------------------------------------------ ranges
 
 
-async def test_single_range(registry: LocalRegistry, client, tmp_path):
+async def test_single_range(
+    registry: LocalRegistry, client: RegistryClient, tmp_path: Path
+) -> None:
     ref = fresh_ref(registry)
     data = os.urandom(100_000)
     digest = await push_data(client, ref, tmp_path, data)
@@ -255,7 +280,9 @@ async def test_single_range(registry: LocalRegistry, client, tmp_path):
     assert await client.get_blob_range(ref, digest, ByteRange(99_000, 100_000)) == data[99_000:]
 
 
-async def test_multi_range_uses_multipart_answer(registry: LocalRegistry, client, tmp_path):
+async def test_multi_range_uses_multipart_answer(
+    registry: LocalRegistry, client: RegistryClient, tmp_path: Path
+) -> None:
     ref = fresh_ref(registry)
     data = os.urandom(100_000)
     digest = await push_data(client, ref, tmp_path, data)
@@ -272,7 +299,9 @@ async def test_multi_range_uses_multipart_answer(registry: LocalRegistry, client
     assert answer.headers["Content-Type"].startswith("multipart/byteranges")
 
 
-async def test_pull_through_proxy_ignores_first_range(registry: LocalRegistry, client, tmp_path):
+async def test_pull_through_proxy_ignores_first_range(
+    registry: LocalRegistry, client: RegistryClient, tmp_path: Path
+) -> None:
     ref = fresh_ref(registry)
     data = os.urandom(50_000)
     digest = await push_data(client, ref, tmp_path, data)
@@ -290,7 +319,9 @@ async def test_pull_through_proxy_ignores_first_range(registry: LocalRegistry, c
 # ----------------------------------------------------------------------------------- errors
 
 
-async def test_unknown_manifest_and_blob_are_not_found(registry: LocalRegistry, client):
+async def test_unknown_manifest_and_blob_are_not_found(
+    registry: LocalRegistry, client: RegistryClient
+) -> None:
     ref = fresh_ref(registry)
     with pytest.raises(NotFoundError, match=f"{ref}.*MANIFEST_UNKNOWN|NAME_UNKNOWN"):
         await client.get_manifest(ref)
@@ -300,7 +331,7 @@ async def test_unknown_manifest_and_blob_are_not_found(registry: LocalRegistry, 
     assert await client.blob_size(ref, missing) is None
 
 
-async def test_unreachable_port(tmp_path):
+async def test_unreachable_port(tmp_path: Path) -> None:
     ref = Reference.parse("127.0.0.1:9/test/nothing:latest")  # discard port: nothing listens
     config = RegistryConfig(retry=RetryConfig(max_attempts=2, initial_backoff_s=0.01))
     async with RegistryClient(config) as unreachable:
@@ -322,7 +353,9 @@ def _wait_for_log(local: LocalRegistry, requests: int) -> AccessLogSummary:
         time.sleep(0.05)
 
 
-async def test_access_log_counts_match_client_stats(registry: LocalRegistry, tmp_path):
+async def test_access_log_counts_match_client_stats(
+    registry: LocalRegistry, tmp_path: Path
+) -> None:
     ref = fresh_ref(registry)
     data = os.urandom(200_000)
     async with RegistryClient() as pusher:

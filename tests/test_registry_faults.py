@@ -73,20 +73,20 @@ def secret_forms() -> list[str]:
 # ----------------------------------------------------------------------------------- retries
 
 
-async def test_5xx_then_success(server, client):
+async def test_5xx_then_success(server: FaultServer, client: RegistryClient) -> None:
     data, digest = add_blob(server)
     server.faults.fail_times = 2
     assert await client.get_blob(ref_on(server), digest) == data
     assert client.stats.retries == 2
 
 
-async def test_429_is_retried(server, client):
+async def test_429_is_retried(server: FaultServer, client: RegistryClient) -> None:
     data, digest = add_blob(server)
     server.faults.fail_times, server.faults.fail_status = 1, 429
     assert await client.get_blob(ref_on(server), digest) == data
 
 
-async def test_persistent_5xx_gives_up(server, client):
+async def test_persistent_5xx_gives_up(server: FaultServer, client: RegistryClient) -> None:
     _, digest = add_blob(server)
     server.faults.fail_times = 100
     with pytest.raises(TransientRegistryError, match=r"UNAVAILABLE, HTTP 503"):
@@ -94,7 +94,7 @@ async def test_persistent_5xx_gives_up(server, client):
     assert server.count("GET", "/v2/test/app/blobs/") == FAST_RETRY.max_attempts
 
 
-async def test_retry_after_is_honoured(server, client):
+async def test_retry_after_is_honoured(server: FaultServer, client: RegistryClient) -> None:
     data, digest = add_blob(server)
     server.faults.fail_times, server.faults.retry_after = 1, "1"
     started = time.monotonic()
@@ -102,7 +102,7 @@ async def test_retry_after_is_honoured(server, client):
     assert time.monotonic() - started >= 0.9
 
 
-async def test_slow_answer_times_out(server):
+async def test_slow_answer_times_out(server: FaultServer) -> None:
     _, digest = add_blob(server)
     server.faults.delay_s = 0.5
     config = RegistryConfig(
@@ -114,14 +114,16 @@ async def test_slow_answer_times_out(server):
         assert impatient.stats.retries == 1
 
 
-async def test_truncated_body_is_retried(server, client):
+async def test_truncated_body_is_retried(server: FaultServer, client: RegistryClient) -> None:
     data, digest = add_blob(server, 100_000)
     server.faults.truncate_times = 1
     assert await client.get_blob(ref_on(server), digest) == data
     assert client.stats.retries == 1
 
 
-async def test_persistent_truncation_gives_up(server, client, tmp_path):
+async def test_persistent_truncation_gives_up(
+    server: FaultServer, client: RegistryClient, tmp_path: Path
+) -> None:
     _, digest = add_blob(server, 100_000)
     server.faults.truncate_times = 100
     with pytest.raises(TransientRegistryError, match=str(digest)):
@@ -131,7 +133,9 @@ async def test_persistent_truncation_gives_up(server, client, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-async def test_download_progress_adds_up_across_retries(server, client, tmp_path):
+async def test_download_progress_adds_up_across_retries(
+    server: FaultServer, client: RegistryClient, tmp_path: Path
+) -> None:
     data, digest = add_blob(server, 100_000)
     server.faults.truncate_times = 2
     progress: list[int] = []
@@ -143,7 +147,7 @@ async def test_download_progress_adds_up_across_retries(server, client, tmp_path
 # ------------------------------------------------------------------------------------ ranges
 
 
-async def test_range_ignored_answer_is_sliced(server, client):
+async def test_range_ignored_answer_is_sliced(server: FaultServer, client: RegistryClient) -> None:
     data, digest = add_blob(server, 50_000)
     server.faults.ignore_range = True
     ref = ref_on(server)
@@ -153,7 +157,9 @@ async def test_range_ignored_answer_is_sliced(server, client):
     assert client.stats.requests["GET"] == 2
 
 
-async def test_range_ignored_answer_is_verified(server, client):
+async def test_range_ignored_answer_is_verified(
+    server: FaultServer, client: RegistryClient
+) -> None:
     digest = Digest.of(b"the real blob")
     server.add_blob(os.urandom(5000), str(digest))
     server.faults.ignore_range = True
@@ -161,7 +167,9 @@ async def test_range_ignored_answer_is_verified(server, client):
         await client.get_blob_range(ref_on(server), digest, ByteRange(0, 10))
 
 
-async def test_multi_range_answered_by_one_covering_part(server, client):
+async def test_multi_range_answered_by_one_covering_part(
+    server: FaultServer, client: RegistryClient
+) -> None:
     data, digest = add_blob(server, 50_000)
     server.faults.coalesce_ranges = True
     ranges = [ByteRange(10, 20), ByteRange(30, 45)]
@@ -171,7 +179,7 @@ async def test_multi_range_answered_by_one_covering_part(server, client):
     ]
 
 
-async def test_multi_range_multipart(server, client):
+async def test_multi_range_multipart(server: FaultServer, client: RegistryClient) -> None:
     data, digest = add_blob(server, 50_000)
     ranges = [ByteRange(10, 20), ByteRange(30_000, 30_045)]
     assert await client.get_blob_ranges(ref_on(server), digest, ranges) == [
@@ -183,7 +191,7 @@ async def test_multi_range_multipart(server, client):
 # --------------------------------------------------------------------------------- manifests
 
 
-async def test_unsupported_manifest_media_type(server, client):
+async def test_unsupported_manifest_media_type(server: FaultServer, client: RegistryClient) -> None:
     server.add_manifest("test/app", "latest", OCI_MANIFEST, b'{"schemaVersion": 1}')
     server.faults.manifest_content_type = (
         "application/vnd.docker.distribution.manifest.v1+prettyjws"
@@ -192,14 +200,16 @@ async def test_unsupported_manifest_media_type(server, client):
         await client.get_manifest(ref_on(server))
 
 
-async def test_manifest_digest_header_mismatch(server, client):
+async def test_manifest_digest_header_mismatch(server: FaultServer, client: RegistryClient) -> None:
     server.add_manifest("test/app", "latest", OCI_MANIFEST, b'{"schemaVersion": 2}')
     server.faults.manifest_digest_header = str(Digest.of(b"something else"))
     with pytest.raises(IntegrityError, match="test/app:latest"):
         await client.get_manifest(ref_on(server))
 
 
-async def test_generic_content_type_falls_back_to_media_type_field(server, client):
+async def test_generic_content_type_falls_back_to_media_type_field(
+    server: FaultServer, client: RegistryClient
+) -> None:
     body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST}).encode()
     server.add_manifest("test/app", "latest", "application/json", body)
     fetched = await client.get_manifest(ref_on(server))
@@ -209,7 +219,7 @@ async def test_generic_content_type_falls_back_to_media_type_field(server, clien
 # -------------------------------------------------------------------------------- bearer auth
 
 
-async def test_bearer_token_flow_and_cache(server, client):
+async def test_bearer_token_flow_and_cache(server: FaultServer, client: RegistryClient) -> None:
     data, digest = add_blob(server)
     server.faults.bearer = True
     ref = ref_on(server)
@@ -222,14 +232,16 @@ async def test_bearer_token_flow_and_cache(server, client):
     assert server.count("GET", "/v2/", status=401) == 1
 
 
-async def test_access_token_field_and_default_lifetime(server, client):
+async def test_access_token_field_and_default_lifetime(
+    server: FaultServer, client: RegistryClient
+) -> None:
     data, digest = add_blob(server)
     server.faults.bearer, server.faults.token_field = True, "access_token"
     server.faults.token_lifetime_s = None
     assert await client.get_blob(ref_on(server), digest) == data
 
 
-async def test_token_refreshed_after_expiry(server, client):
+async def test_token_refreshed_after_expiry(server: FaultServer, client: RegistryClient) -> None:
     data, digest = add_blob(server)
     server.faults.bearer, server.faults.token_lifetime_s = True, 1
     ref = ref_on(server)
@@ -241,7 +253,9 @@ async def test_token_refreshed_after_expiry(server, client):
     assert server.count("GET", "/v2/", status=401) == 1
 
 
-async def test_rejected_cached_token_is_refetched_once(server, client):
+async def test_rejected_cached_token_is_refetched_once(
+    server: FaultServer, client: RegistryClient
+) -> None:
     data, digest = add_blob(server)
     server.faults.bearer = True
     ref = ref_on(server)
@@ -251,7 +265,9 @@ async def test_rejected_cached_token_is_refetched_once(server, client):
     assert len(server.token_requests) == 2
 
 
-async def test_push_and_mount_ask_for_push_scopes(server, client, tmp_path):
+async def test_push_and_mount_ask_for_push_scopes(
+    server: FaultServer, client: RegistryClient, tmp_path: Path
+) -> None:
     server.faults.bearer = True
     data = os.urandom(3000)
     path = tmp_path / "blob"
@@ -267,7 +283,7 @@ async def test_push_and_mount_ask_for_push_scopes(server, client, tmp_path):
     ]
 
 
-async def test_chunked_push_to_fault_server(server, tmp_path):
+async def test_chunked_push_to_fault_server(server: FaultServer, tmp_path: Path) -> None:
     data = os.urandom(10_000)
     path = tmp_path / "blob"
     path.write_bytes(data)
@@ -278,14 +294,16 @@ async def test_chunked_push_to_fault_server(server, tmp_path):
     assert server.state.blobs[str(Digest.of(data))] == data
 
 
-async def test_push_of_changed_local_file_is_refused(server, client, tmp_path):
+async def test_push_of_changed_local_file_is_refused(
+    server: FaultServer, client: RegistryClient, tmp_path: Path
+) -> None:
     path = tmp_path / "blob"
     path.write_bytes(b"what the caller thinks")
     with pytest.raises(IntegrityError, match="local file"):
         await client.push_blob(ref_on(server), Digest.of(b"something else!!!!!"), path, 22)
 
 
-async def test_bearer_realm_with_basic_credentials(server):
+async def test_bearer_realm_with_basic_credentials(server: FaultServer) -> None:
     data, digest = add_blob(server)
     server.faults.bearer, server.faults.realm_auth = True, (USER, PASSWORD)
     source = StaticCredentials(Credentials(USER, PASSWORD))
@@ -297,7 +315,7 @@ async def test_bearer_realm_with_basic_credentials(server):
             await anonymous.get_blob(ref_on(server), digest)
 
 
-async def test_redirect_drops_authorization(server, client):
+async def test_redirect_drops_authorization(server: FaultServer, client: RegistryClient) -> None:
     data, digest = add_blob(server)
     server.faults.bearer, server.faults.redirect_blobs = True, True
     assert await client.get_blob(ref_on(server), digest) == data
@@ -311,7 +329,7 @@ async def test_redirect_drops_authorization(server, client):
 # --------------------------------------------------------------------------------- basic auth
 
 
-async def test_basic_auth(server):
+async def test_basic_auth(server: FaultServer) -> None:
     data, digest = add_blob(server)
     server.faults.basic_auth = (USER, PASSWORD)
     async with RegistryClient(FAST, StaticCredentials(Credentials(USER, PASSWORD))) as client:
@@ -321,14 +339,16 @@ async def test_basic_auth(server):
     assert server.count("GET", "/v2/", status=401) == 1
 
 
-async def test_basic_auth_without_credentials(server, client):
+async def test_basic_auth_without_credentials(server: FaultServer, client: RegistryClient) -> None:
     _, digest = add_blob(server)
     server.faults.basic_auth = (USER, PASSWORD)
     with pytest.raises(AuthError, match="requires credentials"):
         await client.get_blob(ref_on(server), digest)
 
 
-async def test_wrong_password_is_auth_error_without_secret(server, caplog):
+async def test_wrong_password_is_auth_error_without_secret(
+    server: FaultServer, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     _, digest = add_blob(server)
     server.faults.basic_auth = (USER, "the-right-one")
@@ -365,20 +385,20 @@ async def fetch_with(server: FaultServer, source: CredentialSource) -> bytes:
 
 
 @pytest.mark.parametrize("key_form", ["{host}", "http://{host}/", "https://{host}/v2/"])
-async def test_config_json_auths(server, tmp_path, key_form):
+async def test_config_json_auths(server: FaultServer, tmp_path: Path, key_form: str) -> None:
     auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
     key = key_form.format(host=server.host)
     write_config(tmp_path / "docker", {"auths": {key: {"auth": auth}}})
     await fetch_with(server, DockerConfigCredentials(environ=docker_environ(tmp_path)))
 
 
-async def test_config_json_username_password_fields(server, tmp_path):
+async def test_config_json_username_password_fields(server: FaultServer, tmp_path: Path) -> None:
     entry = {"username": USER, "password": PASSWORD}
     write_config(tmp_path / "docker", {"auths": {server.host: entry}})
     await fetch_with(server, DockerConfigCredentials(environ=docker_environ(tmp_path)))
 
 
-async def test_explicit_creds_win_over_config(server, tmp_path):
+async def test_explicit_creds_win_over_config(server: FaultServer, tmp_path: Path) -> None:
     write_config(tmp_path / "docker", {"auths": {server.host: {"username": "x", "password": "y"}}})
     source = DockerConfigCredentials(
         creds=parse_creds(f"{USER}:{PASSWORD}"), environ=docker_environ(tmp_path)
@@ -386,7 +406,7 @@ async def test_explicit_creds_win_over_config(server, tmp_path):
     await fetch_with(server, source)
 
 
-async def test_registry_auth_file_takes_precedence(server, tmp_path):
+async def test_registry_auth_file_takes_precedence(server: FaultServer, tmp_path: Path) -> None:
     write_config(tmp_path / "docker", {"auths": {server.host: {"username": "x", "password": "y"}}})
     authfile = write_config(
         tmp_path / "podman", {"auths": {server.host: {"username": USER, "password": PASSWORD}}}
@@ -417,7 +437,13 @@ def fake_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: FaultSe
 
 
 @pytest.mark.parametrize("section", ["credHelpers", "credsStore"])
-async def test_credential_helper(server, tmp_path, fake_helper, section, caplog):
+async def test_credential_helper(
+    server: FaultServer,
+    tmp_path: Path,
+    fake_helper: Path,
+    section: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.DEBUG)
     document: dict[str, object] = (
         {"credHelpers": {server.host: "test"}}
@@ -431,7 +457,9 @@ async def test_credential_helper(server, tmp_path, fake_helper, section, caplog)
         assert secret not in caplog.text
 
 
-async def test_credential_helper_without_entry_goes_anonymous(tmp_path, fake_helper):
+async def test_credential_helper_without_entry_goes_anonymous(
+    tmp_path: Path, fake_helper: Path
+) -> None:
     write_config(tmp_path / "docker", {"credsStore": "test"})
     source = DockerConfigCredentials(environ=docker_environ(tmp_path))
     assert source.lookup("example.org") is None
@@ -439,13 +467,13 @@ async def test_credential_helper_without_entry_goes_anonymous(tmp_path, fake_hel
     assert fake_helper.read_text().split() == ["example.org", "https://index.docker.io/v1/"]
 
 
-def test_missing_helper_is_auth_error(tmp_path):
+def test_missing_helper_is_auth_error(tmp_path: Path) -> None:
     write_config(tmp_path / "docker", {"credsStore": "no-such-helper-here"})
     with pytest.raises(AuthError, match="docker-credential-no-such-helper-here not found"):
         DockerConfigCredentials(environ=docker_environ(tmp_path)).lookup("example.org")
 
 
-def test_malformed_config_is_auth_error(tmp_path):
+def test_malformed_config_is_auth_error(tmp_path: Path) -> None:
     (tmp_path / "docker").mkdir()
     (tmp_path / "docker" / "config.json").write_text("{not json")
     with pytest.raises(AuthError, match="not valid JSON"):
@@ -455,7 +483,7 @@ def test_malformed_config_is_auth_error(tmp_path):
 # ------------------------------------------------------------------------------ pure helpers
 
 
-def test_auth_file_order():
+def test_auth_file_order() -> None:
     environ = {"HOME": "/h", "XDG_RUNTIME_DIR": "/run/u", "DOCKER_CONFIG": "/d"}
     assert auth_file_paths(None, environ) == [
         Path("/run/u/containers/auth.json"),
@@ -467,12 +495,12 @@ def test_auth_file_order():
     assert auth_file_paths(Path("/x.json"), environ) == [Path("/x.json")]
 
 
-def test_missing_authfile_is_usage_error(tmp_path):
+def test_missing_authfile_is_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
         DockerConfigCredentials(tmp_path / "nope.json")
 
 
-def test_parse_creds():
+def test_parse_creds() -> None:
     assert parse_creds("u:p:q") == Credentials("u", "p:q")
     assert parse_creds("u") == Credentials("u", "")
     with pytest.raises(UsageError):
@@ -480,7 +508,7 @@ def test_parse_creds():
     assert PASSWORD not in repr(Credentials(USER, PASSWORD))
 
 
-def test_parse_www_authenticate():
+def test_parse_www_authenticate() -> None:
     header = (
         'Bearer realm="https://auth.example/token",service="registry.example",'
         'scope="repository:a/b:pull,push repository:c:pull"'

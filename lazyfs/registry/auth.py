@@ -337,6 +337,7 @@ class Authenticator:
         self._credentials: dict[str, Credentials | None] = {}
         self._basic_hosts: set[str] = set()
         self._tokens: dict[tuple[str, Scopes], _CachedToken] = {}
+        self._bearer_challenges: dict[str, Challenge] = {}
         self._locks: dict[tuple[str, Scopes], anyio.Lock] = {}
 
     def __repr__(self) -> str:
@@ -347,6 +348,10 @@ class Authenticator:
         token = self._tokens.get((registry, scopes))
         if token is not None and token.fresh:
             return token.authorization
+        challenge = self._bearer_challenges.get(registry)
+        if challenge is not None:
+            # A token realm we already know: fetch (or refresh) without a 401 round trip.
+            return await self._bearer(registry, scopes, challenge, sent=None)
         if registry in self._basic_hosts:
             credentials = await self.credentials_for(registry)
             return basic_authorization(credentials) if credentials else None
@@ -360,6 +365,9 @@ class Authenticator:
         challenges = parse_www_authenticate(response.headers.get("WWW-Authenticate", ""))
         bearer = next((c for c in challenges if c.scheme == "bearer" and c.realm), None)
         if bearer is not None:
+            # The scope named here belongs to that one request; ours are added per fetch.
+            realm_only = {k: v for k, v in bearer.params.items() if k != "scope"}
+            self._bearer_challenges[registry] = Challenge(bearer.scheme, realm_only)
             return await self._bearer(registry, scopes, bearer, sent)
         if any(c.scheme == "basic" for c in challenges):
             return await self._basic(registry)
@@ -435,12 +443,16 @@ class Authenticator:
 
 
 def _merge_scopes(ours: Sequence[str], challenged: str | None) -> list[str]:
-    """Our scopes plus any extra the registry named (it may want more than we guessed)."""
-    merged = list(ours)
-    for scope in (challenged or "").split(" "):
-        if scope and scope not in merged:
-            merged.append(scope)
-    return merged
+    """Our scopes plus what the registry named (it may want more than we guessed), with the
+    actions for one resource merged: ``repository:a:pull`` joins ``repository:a:pull,push``."""
+    actions_by_resource: dict[str, list[str]] = {}
+    for scope in [*ours, *(challenged or "").split(" ")]:
+        resource, colon, actions = scope.rpartition(":")
+        if not colon or not resource:
+            continue
+        merged = actions_by_resource.setdefault(resource, [])
+        merged.extend(a for a in actions.split(",") if a and a not in merged)
+    return [f"{resource}:{','.join(actions)}" for resource, actions in actions_by_resource.items()]
 
 
 def _token_from_answer(body: bytes, what: str) -> _CachedToken:

@@ -453,7 +453,7 @@ class RegistryClient:
                     raise
                 delay = self._backoff_s(number, exc)
                 self.stats.retries += 1
-                log.warning(
+                log.info(
                     "%s; retry %d of %d in %.2f s", exc, number, policy.max_attempts - 1, delay
                 )
                 await anyio.sleep(delay)
