@@ -109,7 +109,11 @@ def _apply_layer(root: Node, layer: int, entries: list[TocEntry]) -> None:
     groups = list(group_file_entries(tuple(entries)))
     for group in groups:
         _apply_whiteout(root, _split(group[0].name))
-    for group in groups:
+    # Hardlinks last: a tar may name a link before the file it points to.
+    ordered = [g for g in groups if g[0].type != "hardlink"] + [
+        g for g in groups if g[0].type == "hardlink"
+    ]
+    for group in ordered:
         parts = _split(group[0].name)
         if not parts or not parts[-1].startswith(WHITEOUT_PREFIX.encode()):
             _add_entry(root, layer, parts, group)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 
 from lazyfs.config import RegistryConfig, RetryConfig
 from lazyfs.digest import Digest
-from lazyfs.errors import IntegrityError, NotFoundError, RegistryUnreachableError
+from lazyfs.errors import IntegrityError, NotFoundError, RegistryUnreachableError, UsageError
 from lazyfs.localregistry import AccessLogSummary, LocalRegistry
 from lazyfs.ranges import ByteRange
 from lazyfs.reference import Reference
@@ -373,3 +375,50 @@ async def test_access_log_counts_match_client_stats(
     blob_path = f"/v2/{ref.repository}/blobs/"
     assert after.count("GET", blob_path) - before.count("GET", blob_path) == 3
     assert after.count("HEAD", blob_path) - before.count("HEAD", blob_path) == 1
+
+
+# ---------------------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalRegistry, Path]]:
+    """A registry serving HTTPS with a fresh self-signed certificate for 127.0.0.1."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    root = tmp_path_factory.mktemp("tls")
+    cert, key = root / "certs" / "ca.crt", root / "server.key"
+    cert.parent.mkdir()
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls = {"http": {"tls": {"certificate": str(cert), "key": str(key)}}}
+    with LocalRegistry(root / "registry", extra_config=tls) as local:
+        yield local, cert.parent
+
+
+@pytest.mark.parametrize("mode", ["no-verify", "cert-dir", "untrusted"])
+async def test_tls(tls_registry: tuple[LocalRegistry, Path], tmp_path: Path, mode: str) -> None:
+    local, cert_dir = tls_registry
+    fast = RetryConfig(max_attempts=1)
+    config = {
+        "no-verify": RegistryConfig(tls_verify=False, retry=fast),
+        "cert-dir": RegistryConfig(tls_verify=True, cert_dir=cert_dir, retry=fast),
+        "untrusted": RegistryConfig(tls_verify=True, retry=fast),
+    }[mode]
+    ref = fresh_ref(local)
+    async with RegistryClient(config) as client:
+        if mode == "untrusted":
+            with pytest.raises(RegistryUnreachableError, match="CERTIFICATE_VERIFY_FAILED"):
+                await client.blob_size(ref, Digest.of(b"x"))
+            return
+        digest = await push_data(client, ref, tmp_path, b"over tls")
+        assert await client.get_blob(ref, digest) == b"over tls"
+
+
+def test_bad_cert_dir_is_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "broken.crt").write_text("not a certificate")
+    with pytest.raises(UsageError, match="cannot load certificates"):
+        RegistryClient(RegistryConfig(cert_dir=tmp_path))

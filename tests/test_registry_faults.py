@@ -219,7 +219,10 @@ async def test_generic_content_type_falls_back_to_media_type_field(
 # -------------------------------------------------------------------------------- bearer auth
 
 
-async def test_bearer_token_flow_and_cache(server: FaultServer, client: RegistryClient) -> None:
+async def test_bearer_token_flow_and_cache(
+    server: FaultServer, client: RegistryClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     data, digest = add_blob(server)
     server.faults.bearer = True
     ref = ref_on(server)
@@ -230,6 +233,7 @@ async def test_bearer_token_flow_and_cache(server: FaultServer, client: Registry
     assert query["service"] == ["fault"]
     assert query["scope"] == ["repository:test/app:pull"]
     assert server.count("GET", "/v2/", status=401) == 1
+    assert "tok-" not in caplog.text + repr(client)
 
 
 async def test_access_token_field_and_default_lifetime(
@@ -311,8 +315,12 @@ async def test_bearer_realm_with_basic_credentials(server: FaultServer) -> None:
         assert await client.get_blob(ref_on(server), digest) == data
     assert server.token_requests[0]["account"] == [USER]
     async with RegistryClient(FAST) as anonymous:
-        with pytest.raises(AuthError, match="refused"):
+        with pytest.raises(AuthError, match="requires credentials"):
             await anonymous.get_blob(ref_on(server), digest)
+    wrong = StaticCredentials(Credentials(USER, "wrong"))
+    async with RegistryClient(FAST, wrong) as mistaken:
+        with pytest.raises(AuthError, match="refused the credentials"):
+            await mistaken.get_blob(ref_on(server), digest)
 
 
 async def test_redirect_drops_authorization(server: FaultServer, client: RegistryClient) -> None:

@@ -142,7 +142,6 @@ class TarSplitWriter:
 
     def __init__(self) -> None:
         self._lines: list[bytes] = []
-        self._seen = _SeenNames()
 
     @property
     def entry_count(self) -> int:
@@ -155,8 +154,9 @@ class TarSplitWriter:
 
     def add_file(self, name: bytes, size: int, crc64: bytes) -> None:
         """Record a member; ``name`` is the raw header name, ``crc64`` its payload's CRC."""
+        # A tar may repeat a path (the later member wins). Go's unpacker refuses such a stream,
+        # but the layer itself is valid, so the writer records it as it is.
         _check_file_fields(size, crc64)
-        self._seen.add(name)
         self._append("file", name, size, bytes(crc64) if size else b"")
 
     def getvalue(self) -> bytes:

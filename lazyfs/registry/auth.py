@@ -414,9 +414,12 @@ class Authenticator:
         response = await self._send(request)
         what = f"token for {registry} from {request.url.host}"
         if response.status_code in (401, 403):
-            raise AuthError(
-                f"{what}: the token service refused the credentials (HTTP {response.status_code})"
+            refused = (
+                "refused the credentials"
+                if request.headers.get("Authorization")
+                else "requires credentials (use --creds or log in)"
             )
+            raise AuthError(f"{what}: the token service {refused} (HTTP {response.status_code})")
         if not response.is_success:
             raise status_error(response, what)
         return _token_from_answer(response.content, what)

@@ -40,6 +40,7 @@ from lazyfs.errors import (
     LayoutError,
     ManifestError,
     NotFoundError,
+    RegistryError,
     RegistryProtocolError,
     RegistryUnreachableError,
     TransientRegistryError,
@@ -386,7 +387,7 @@ class RegistryClient:
         try:
             async with self._exchange(call):
                 pass
-        except (NotFoundError, TransientRegistryError, RegistryProtocolError) as exc:
+        except RegistryError as exc:
             log.debug("%s", exc)
 
     # ------------------------------------------------------------------------- body handling

@@ -47,7 +47,7 @@ def one_line(text: str) -> str:
 
 def transport_error(exc: httpx.HTTPError, host: str, what: str) -> RegistryError:
     """Translate an httpx failure (no HTTP answer, or a broken one) for ``what`` on ``host``."""
-    detail = one_line(str(exc)) or type(exc).__name__
+    detail = _innermost_detail(exc)
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         return RegistryUnreachableError(f"{what}: cannot reach registry {host}: {detail}")
     if isinstance(exc, httpx.TimeoutException):
@@ -55,6 +55,24 @@ def transport_error(exc: httpx.HTTPError, host: str, what: str) -> RegistryError
     if isinstance(exc, httpx.NetworkError | httpx.RemoteProtocolError):
         return TransientRegistryError(f"{what}: connection to {host} broke: {detail}")
     return RegistryProtocolError(f"{what}: bad exchange with {host}: {detail}")
+
+
+def _innermost_detail(exc: BaseException) -> str:
+    """The most specific message in the cause chain: httpx often wraps an empty-message
+    error around the one that says what happened (refused, TLS verification, DNS)."""
+    detail = type(exc).__name__
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, BaseExceptionGroup):
+            # trio groups per-address connect failures; the first says enough.
+            current = current.exceptions[0]
+            continue
+        if str(current).strip():
+            detail = one_line(str(current))
+        current = current.__cause__ or current.__context__
+    return detail
 
 
 def error_code_and_message(body: bytes) -> tuple[str | None, str | None]:
