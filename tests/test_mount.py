@@ -131,7 +131,8 @@ def test_one_small_file_fetches_under_two_percent(
             own = stats(mnt)["bytes_fetched"]
         fetched = registry.access_log_summary().bytes_written - before
     print(
-        f"read {len(small.data)} B; registry sent {fetched} B of {image_bytes} B ({100 * fetched / image_bytes:.3f}%)"
+        f"read {len(small.data)} B; registry sent {fetched} B of {image_bytes} B "
+        f"({100 * fetched / image_bytes:.3f}%)"
     )
     assert fetched < 0.02 * image_bytes
     assert own <= fetched

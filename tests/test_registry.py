@@ -17,7 +17,13 @@ import pytest
 
 from lazyfs.config import RegistryConfig, RetryConfig
 from lazyfs.digest import Digest
-from lazyfs.errors import IntegrityError, NotFoundError, RegistryUnreachableError, UsageError
+from lazyfs.errors import (
+    IntegrityError,
+    NotFoundError,
+    RegistryError,
+    RegistryUnreachableError,
+    UsageError,
+)
 from lazyfs.localregistry import AccessLogSummary, LocalRegistry
 from lazyfs.ranges import ByteRange
 from lazyfs.reference import Reference
@@ -310,12 +316,12 @@ async def test_pull_through_proxy_ignores_first_range(
     proxy_config = {"proxy": {"remoteurl": registry.url}}
     with LocalRegistry(tmp_path / "proxy", extra_config=proxy_config) as proxy:
         proxied = Reference.parse(f"{proxy.host}/{ref.repository}:latest")
-        first = await client.get_blob_range(proxied, digest, ByteRange(100, 200))
-        second = await client.get_blob_range(proxied, digest, ByteRange(300, 400))
-        assert (first, second) == (data[100:200], data[300:400])
-        responses = _wait_for_log(proxy, requests=2)
-    # The first answer carried the whole blob; the second only the range.
-    assert responses.written("GET", f"/v2/{ref.repository}/") == len(data) + 100
+        assert await client.get_blob_range(proxied, digest, ByteRange(100, 200)) == data[100:200]
+        first = _wait_for_log(proxy, requests=2)  # the readiness probe, then our GET
+        # The quirk: the first answer carried the whole blob although Range was asked.
+        assert first.written("GET", f"/v2/{ref.repository}/") == len(data)
+        # Later answers may be 206 once the proxy has cached the blob (it does so async).
+        assert await client.get_blob_range(proxied, digest, ByteRange(300, 400)) == data[300:400]
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -422,3 +428,18 @@ def test_bad_cert_dir_is_usage_error(tmp_path: Path) -> None:
     (tmp_path / "broken.crt").write_text("not a certificate")
     with pytest.raises(UsageError, match="cannot load certificates"):
         RegistryClient(RegistryConfig(cert_dir=tmp_path))
+
+
+# ------------------------------------------------------------------------------ LocalRegistry
+
+
+def test_local_registry_without_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RegistryError, match="docker-registry not found"):
+        LocalRegistry(tmp_path / "r").start()
+
+
+def test_local_registry_that_cannot_start(tmp_path: Path) -> None:
+    broken = {"http": {"tls": {"certificate": "/nonexistent.crt", "key": "/nonexistent.key"}}}
+    with pytest.raises(RegistryError, match="exited at startup"):
+        LocalRegistry(tmp_path / "r", extra_config=broken).start()
