@@ -55,7 +55,7 @@ class Faults:
     manifest_digest_header: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class Recorded:
     method: str
     path: str
@@ -185,11 +185,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._status = 0
         url = urlsplit(self.path)
         self._query = parse_qs(url.query)
-        try:
-            self._route(url.path)
-        finally:
-            recorded = Recorded(self.command, url.path, dict(self.headers.items()), self._status)
-            self.state.requests.append(recorded)
+        # Record before answering: a client may look at the log as soon as it has the answer.
+        self._recorded = Recorded(self.command, url.path, dict(self.headers.items()), 0)
+        self.state.requests.append(self._recorded)
+        self._route(url.path)
 
     def _route(self, path: str) -> None:
         faults = self.state.faults
@@ -338,7 +337,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not truncate:
             return self._send(status, body, {"Content-Type": "application/octet-stream", **headers})
         # Promise the whole body, send half, hang up.
-        self._status = status
+        self._set_status(status)
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -415,8 +414,11 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.dumps({"errors": [{"code": code, "message": message}]}).encode()
         self._send(status, body, {"Content-Type": "application/json", **(headers or {})})
 
+    def _set_status(self, status: int) -> None:
+        self._status = self._recorded.status = status
+
     def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        self._status = status
+        self._set_status(status)
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
