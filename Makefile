@@ -19,7 +19,7 @@ VENV := .venv
 VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lazyfs-installed
 
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config docker-registry skopeo umoci fsverity \
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config docker-registry skopeo umoci fsverity zstd \
                 mmdebstrap iproute2 procps psmisc
 
 # Root runs apt-get directly; anyone else goes through sudo. Override with e.g.
