@@ -72,6 +72,17 @@ class ChunkCache:
     def chunk_keys(self) -> list[str]:
         return [str(key) for key in self._chunks.iterkeys()]
 
+    def get_alias(self, sha256: str) -> str | None:
+        """The fs-verity digest of the chunk whose sha256 is ``sha256``, once one was verified.
+
+        Chunks of layers without fs-verity digests (other writers' zstd:chunked, eStargz) are
+        still cached by fs-verity digest; this alias is how they are found again."""
+        value = self._get(self._meta, f"alias:{sha256}")
+        return value.decode() if value is not None else None
+
+    def put_alias(self, sha256: str, verity: str) -> None:
+        self.put_meta(f"alias:{sha256}", verity.encode())
+
     def get_meta(self, key: str) -> bytes | None:
         return self._get(self._meta, key)
 

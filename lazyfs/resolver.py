@@ -163,7 +163,7 @@ class ChunkResolver:
     async def _flights_wait(self, key: str) -> bytes:
         flight = self._flights.get(key)
         if flight is None:  # finished while we waited on another chunk: it is cached now
-            data = await anyio.to_thread.run_sync(self._cache.get_chunk, key)
+            data = await anyio.to_thread.run_sync(self._cached, key)
             if data is None:
                 raise FetchDeadlineError(f"chunk {key} vanished from the cache")
             return data
@@ -173,11 +173,18 @@ class ChunkResolver:
         if not wanted:
             return {}
         keys = sorted({w.key for w in wanted})
-        values = await anyio.to_thread.run_sync(lambda: [self._cache.get_chunk(k) for k in keys])
+        values = await anyio.to_thread.run_sync(lambda: [self._cached(k) for k in keys])
         found = {k: v for k, v in zip(keys, values, strict=True) if v is not None}
         self.stats.cache_hits += len(found)
         self.stats.cache_misses += len(keys) - len(found)
         return found
+
+    def _cached(self, key: str) -> bytes | None:
+        """Worker thread: the cached chunk for a flight key (fs-verity, or sha256 via alias)."""
+        if key.startswith(_SHA256_KEY):
+            verity = self._cache.get_alias(key.removeprefix(_SHA256_KEY))
+            return self._cache.get_chunk(verity) if verity else None
+        return self._cache.get_chunk(key)
 
     def _start_fetches(self, wanted: list[_Wanted]) -> None:
         new: list[_Wanted] = []
@@ -273,16 +280,21 @@ class ChunkResolver:
         for item, frame in frames:
             try:
                 data = _decompress(frame, blob.compression, item.chunk.ref.size)
-                _check(item, blob, data)
-                self._cache.put_chunk(item.key, data)
+                verity = _check(item, blob, data)
+                self._cache.put_chunk(verity, data)
+                if item.key.startswith(_SHA256_KEY):
+                    self._cache.put_alias(item.chunk.ref.sha256, verity)
                 results.append(data)
             except LazyfsError as exc:
                 results.append(exc)
         return results
 
 
+_SHA256_KEY = "plain-"  # flight keys of chunks known only by sha256
+
+
 def _key(chunk: LayerChunk) -> str:
-    return chunk.ref.verity or chunk.ref.sha256
+    return chunk.ref.verity or _SHA256_KEY + chunk.ref.sha256
 
 
 def _cut_frames(request: _Request, bodies: list[bytes]) -> list[tuple[_Wanted, bytes]]:
@@ -303,16 +315,18 @@ def _decompress(frame: bytes, compression: str, size: int) -> bytes:
         raise TocError(f"chunk does not decompress: {exc}") from exc
 
 
-def _check(item: _Wanted, blob: LayerBlob, data: bytes) -> None:
+def _check(item: _Wanted, blob: LayerBlob, data: bytes) -> str:
+    """Raise IntegrityError unless ``data`` is the chunk; return its fs-verity digest."""
     ref = item.chunk.ref
     what = f"chunk at offset {ref.file_offset} of {item.node.path} (layer {blob.digest})"
     if len(data) != ref.size:
         raise IntegrityError(what, f"{ref.size} bytes", f"{len(data)} bytes")
+    verity = format_verity(fsverity_digest(data))
     if blob.check == "verity":
-        actual = format_verity(fsverity_digest(data))
-        if actual != ref.verity:
-            raise IntegrityError(what, ref.verity, actual)
-        return
+        if verity != ref.verity:
+            raise IntegrityError(what, ref.verity, verity)
+        return verity
     actual = "sha256:" + hashlib.sha256(data).hexdigest()
     if actual != ref.sha256:
         raise IntegrityError(what, ref.sha256, actual)
+    return verity
