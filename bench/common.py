@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from lazyfs import image
 from lazyfs.digest import Digest
@@ -237,22 +237,26 @@ def read_file_seconds(path: Path, buffer_bytes: int = MIB) -> tuple[int, float]:
 
 
 def run(
-    argv: Sequence[str | Path], *, timeout: float = 180, check: bool = True, **kwargs: object
+    argv: Sequence[str | Path],
+    *,
+    timeout: float = 180,
+    check: bool = True,
+    stdout_null: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command, capturing output; on failure raise with its stderr."""
+    """Run a command (stdout captured, or discarded); on failure raise with its stderr."""
     result = subprocess.run(
         [str(a) for a in argv],
-        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL if stdout_null else subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         timeout=timeout,
         check=False,
-        **kwargs,  # type: ignore[call-overload]
     )
     if check and result.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(str(a) for a in argv)} failed ({result.returncode}): {result.stderr[-2000:]}"
-        )
-    return result  # type: ignore[no-any-return]
+        command = " ".join(str(a) for a in argv)
+        raise RuntimeError(f"{command} failed ({result.returncode}): {result.stderr[-2000:]}")
+    return result
 
 
 def lazyfs_argv(*args: str | Path) -> list[str]:
@@ -484,7 +488,10 @@ def gzip_file(src: Path, dest: Path, level: int = 6) -> tuple[Digest, Digest, in
     tar_hash, blob_hash = hashlib.sha256(), hashlib.sha256()
     with src.open("rb") as source, dest.open("wb") as raw:
         writer = _HashingWriter(raw, blob_hash)
-        with gzip.GzipFile(filename="", mode="wb", fileobj=writer, mtime=0, compresslevel=level) as gz:  # type: ignore[arg-type]
+        fileobj = cast(BinaryIO, writer)
+        with gzip.GzipFile(
+            filename="", mode="wb", fileobj=fileobj, mtime=0, compresslevel=level
+        ) as gz:
             while block := source.read(_COPY_BYTES):
                 tar_hash.update(block)
                 gz.write(block)

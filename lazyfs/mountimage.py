@@ -7,14 +7,22 @@ annotation of the manifest, whose digest the tag resolved to, before it is parse
 Everything fetched is also kept in the cache's metadata store, keyed by digest, so that a
 remount works with the registry down: when the registry cannot be reached, the tag is resolved
 from the last digest seen and every blob is read from the cache.
+
+Plain layers (``tar``, ``tar+gzip``, ``tar+zstd`` without a TOC) cannot be read lazily. Each is
+downloaded once, verified against its digest, and converted locally into a zstd:chunked blob
+with fs-verity digests, kept under ``CACHE_DIR/layers/``; from then on it is served like any
+other layer, from that local blob, and its chunks go into the same content-addressed cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio.to_thread
 import zstandard
@@ -30,6 +38,8 @@ from lazyfs.chunked.toc import (
     Toc,
     parse_toc_position,
 )
+from lazyfs.chunked.writer import ChunkedLayer, write_chunked_layer
+from lazyfs.config import ChunkingConfig
 from lazyfs.digest import Digest
 from lazyfs.errors import (
     IntegrityError,
@@ -39,7 +49,8 @@ from lazyfs.errors import (
     TransientRegistryError,
     UnsupportedMediaTypeError,
 )
-from lazyfs.image import Descriptor, Manifest, parse_manifest_or_index
+from lazyfs.image import Descriptor, Manifest, layer_compression, parse_manifest_or_index
+from lazyfs.layerio import Compression, decompress_layer
 from lazyfs.platform import Platform
 from lazyfs.ranges import ByteRange
 from lazyfs.reference import Reference
@@ -50,6 +61,9 @@ from lazyfs.tree import Tree, build_tree
 log = logging.getLogger(__name__)
 
 _OFFLINE_ERRORS = (RegistryUnreachableError, TransientRegistryError)
+
+
+LOCAL_LAYERS_DIR = "layers"
 
 
 @dataclass(frozen=True)
@@ -127,8 +141,38 @@ class MetadataFetcher:
         await self._remember(key, data)
         return data
 
-    async def _remember(self, key: str, data: bytes) -> None:
+    @property
+    def cache(self) -> ChunkCache:
+        return self._cache
+
+    async def cached_blob(self, key: str) -> bytes:
+        return await self._cached(key, key)
+
+    async def remember(self, key: str, data: bytes) -> None:
         await anyio.to_thread.run_sync(self._cache.put_meta, key, data)
+
+    async def convert_locally(
+        self, ref: Reference, layer: Descriptor, compression: Compression, local_dir: Path
+    ) -> ChunkedLayer:
+        """Fetch a whole layer (verified), then write it as a local zstd:chunked blob."""
+        staging = local_dir / "staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=staging) as tmp:
+            blob, tar, out = Path(tmp, "blob"), Path(tmp, "layer.tar"), Path(tmp, "layer.zst")
+            await self._client.download_blob(ref, layer.digest, blob)
+            diff_id = await anyio.to_thread.run_sync(
+                decompress_layer, blob, compression, layer.digest, tar
+            )
+            chunked = await anyio.to_thread.run_sync(
+                write_chunked_layer, tar, out, ChunkingConfig(), diff_id
+            )
+            final = local_dir / chunked.digest.algorithm / chunked.digest.hex
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(out, final)  # atomic: a half-written blob never has the final name
+        return chunked
+
+    async def _remember(self, key: str, data: bytes) -> None:
+        await self.remember(key, data)
 
     async def _cached(self, key: str, what: str) -> bytes:
         data = await anyio.to_thread.run_sync(self._cache.get_meta, key)
@@ -151,10 +195,61 @@ async def open_image(
             raise ManifestError(f"{ref}: nested index {digest} is not supported")
     pinned = ref.with_digest(digest)
     await fetcher.blob(pinned, parsed.config.digest)  # cached for offline remounts
-    tocs = [await _layer_toc(fetcher, pinned, layer) for layer in parsed.layers]
-    tree = await anyio.to_thread.run_sync(build_tree, [toc.entries for toc in tocs])
-    layers = tuple(_layer_blob(layer) for layer in parsed.layers)
+    indexed = [await _index_layer(fetcher, pinned, layer, cache) for layer in parsed.layers]
+    tree = await anyio.to_thread.run_sync(build_tree, [toc.entries for toc, _ in indexed])
+    layers = tuple(blob for _, blob in indexed)
     return OpenedImage(pinned, parsed, layers, tree, fetcher.offline)
+
+
+async def _index_layer(
+    fetcher: MetadataFetcher, ref: Reference, layer: Descriptor, cache: ChunkCache
+) -> tuple[Toc, LayerBlob]:
+    if _is_zstd_chunked(layer):
+        return await _layer_toc(fetcher, ref, layer), _layer_blob(layer)
+    return await _localize_plain_layer(fetcher, ref, layer, cache.directory / LOCAL_LAYERS_DIR)
+
+
+def _is_zstd_chunked(layer: Descriptor) -> bool:
+    keys = (TOC_POSITION_ANNOTATION, LEGACY_TOC_POSITION_ANNOTATION)
+    return any(key in layer.annotations for key in keys)
+
+
+async def _localize_plain_layer(
+    fetcher: MetadataFetcher, ref: Reference, layer: Descriptor, local_dir: Path
+) -> tuple[Toc, LayerBlob]:
+    """Download a plain layer once, verify it, convert it locally; reuse that on remounts."""
+    compression = layer_compression(layer.media_type)  # UnsupportedMediaTypeError if unknown
+    key = f"local-layer:{layer.digest}"
+    known = await anyio.to_thread.run_sync(fetcher.cache.get_meta, key)
+    if known is not None:
+        local = Digest.parse(known.decode())
+        if (local_dir / local.algorithm / local.hex).is_file():
+            toc = Toc.parse(await fetcher.cached_blob(f"local-toc:{local}"))
+            return toc, _local_blob(local, layer)
+    if fetcher.offline:
+        raise RegistryUnreachableError(
+            f"layer {layer.digest} is not cached and the registry is down"
+        )
+    log.warning(
+        "layer %s is a plain %s layer: fetching it whole (not lazy)", layer.digest, layer.media_type
+    )
+    chunked = await fetcher.convert_locally(ref, layer, compression, local_dir)
+    await fetcher.remember(f"local-toc:{chunked.digest}", chunked.toc.to_json())
+    await fetcher.remember(key, str(chunked.digest).encode())
+    return chunked.toc, _local_blob(chunked.digest, layer, fetched=True)
+
+
+def _local_blob(local: Digest, source: Descriptor, fetched: bool = False) -> LayerBlob:
+    """A locally converted plain layer; sizes and digests shown to users are the source's."""
+    return LayerBlob(
+        local,
+        source.size,
+        "zstd",
+        "verity",
+        lazy=False,
+        source_digest=source.digest,
+        fetched_whole_bytes=source.size if fetched else 0,
+    )
 
 
 async def _layer_toc(fetcher: MetadataFetcher, ref: Reference, layer: Descriptor) -> Toc:

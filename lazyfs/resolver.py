@@ -49,6 +49,10 @@ class LayerBlob:
     size: int
     compression: Literal["zstd", "gzip"] = "zstd"
     check: ChunkCheck = "verity"
+    # False for a plain layer that was fetched whole and converted locally at mount time.
+    lazy: bool = True
+    source_digest: Digest | None = None  # the registry's blob, when this one is a local copy
+    fetched_whole_bytes: int = 0  # what fetching it whole cost at this mount (plain layers)
 
 
 @dataclass
@@ -252,6 +256,8 @@ class ChunkResolver:
         self._finish(items, results)
 
     def _count_fetch(self, request: _Request, bodies: list[bytes]) -> None:
+        if not self._layers[request.layer].lazy:
+            return  # read from the local copy, not the network
         fetched = sum(len(b) for b in bodies)
         self.stats.bytes_fetched += fetched
         self.stats.range_requests += 1

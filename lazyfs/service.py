@@ -23,13 +23,13 @@ import pyfuse3
 from lazyfs.cache import ChunkCache
 from lazyfs.config import CacheConfig, RegistryConfig, ResolverConfig
 from lazyfs.fs import LazyOperations
-from lazyfs.mountimage import OpenedImage, open_image
+from lazyfs.mountimage import LOCAL_LAYERS_DIR, OpenedImage, open_image
 from lazyfs.platform import Platform
 from lazyfs.reference import Reference
 from lazyfs.registry.auth import CredentialSource
 from lazyfs.registry.client import RegistryClient
 from lazyfs.resolver import ChunkResolver
-from lazyfs.source import RegistryByteSource
+from lazyfs.source import ByteSource, DirectoryByteSource, RegistryByteSource, RoutingByteSource
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class MountService:
     ) -> None:
         assert self._image is not None
         async with anyio.create_task_group() as tasks:
-            source = RegistryByteSource(client, self._image.reference)
+            source = self._byte_source(client, cache)
             self._resolver = ChunkResolver(
                 source, cache, self._image.layers, self._options.resolver, tasks
             )
@@ -105,6 +105,15 @@ class MountService:
                 pyfuse3.close(unmount=not unmounted)
                 tasks.cancel_scope.cancel()
 
+    def _byte_source(self, client: RegistryClient, cache: ChunkCache) -> ByteSource:
+        assert self._image is not None
+        remote = RegistryByteSource(client, self._image.reference)
+        local = {layer.digest for layer in self._image.layers if not layer.lazy}
+        if not local:
+            return remote
+        directory = DirectoryByteSource(cache.directory / LOCAL_LAYERS_DIR)
+        return RoutingByteSource(directory, local, remote)
+
     async def _stop_on_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for _signum in signals:
@@ -117,6 +126,11 @@ class MountService:
         assert image is not None and resolver is not None
         counters = asdict(resolver.stats)
         per_layer = counters.pop("layer_bytes_fetched")
+        for index, layer in enumerate(image.layers):
+            if not layer.lazy:
+                per_layer[index] = layer.fetched_whole_bytes
+        counters["bytes_fetched"] += sum(layer.fetched_whole_bytes for layer in image.layers)
+        counters["plain_layers"] = sum(1 for layer in image.layers if not layer.lazy)
         return {
             "pid": os.getpid(),
             "reference": str(image.reference),
@@ -126,9 +140,9 @@ class MountService:
             **counters,
             "layers": [
                 {
-                    "digest": str(layer.digest),
+                    "digest": str(layer.source_digest or layer.digest),
                     "size": layer.size,
-                    "lazy": True,
+                    "lazy": layer.lazy,
                     "bytes_fetched": per_layer.get(index, 0),
                     "fetched_percent": round(
                         100.0 * per_layer.get(index, 0) / max(layer.size, 1), 3

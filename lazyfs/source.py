@@ -6,6 +6,7 @@ mirror, a local file, an OCI layout, a fault-injecting test double) can serve a 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -57,6 +58,19 @@ class DirectoryByteSource:
 
 
 def _pread(fd: int, rng: ByteRange) -> bytes:
-    import os
-
     return os.pread(fd, rng.length, rng.start)
+
+
+class RoutingByteSource:
+    """Blobs in ``local`` come from the local directory; everything else from ``remote``."""
+
+    def __init__(
+        self, local: DirectoryByteSource, local_blobs: set[Digest], remote: ByteSource
+    ) -> None:
+        self._local = local
+        self._local_blobs = local_blobs
+        self._remote = remote
+
+    async def read_ranges(self, blob: Digest, ranges: Sequence[ByteRange]) -> list[bytes]:
+        source = self._local if blob in self._local_blobs else self._remote
+        return await source.read_ranges(blob, ranges)

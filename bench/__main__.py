@@ -1,0 +1,65 @@
+"""``python -m bench [NAME ...] [-- ARGS]``: run benchmarks by name; no name runs them all.
+
+Each benchmark is a module of this package with ``main(argv) -> int``; ``python -m bench NAME
+--help`` shows its options. ``python -m bench --list`` lists them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from collections.abc import Sequence
+
+# name -> (module, one-line description); run in this order by ``python -m bench``.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "verity": ("bench.bench_verity", "userspace fs-verity digest speed vs plain sha256"),
+    "convert": ("bench.convert", "lazyfs convert throughput vs zstd -3 and gunzip"),
+    "chunking": ("bench.chunking", "fastcdc chunk sizes: count, compression, dedup, over-fetch"),
+    "mount": ("bench.mount", "lazy mount over a loopback registry vs curl and native files"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m bench [--list] [NAME [ARGS...]]", "", "benchmarks:"]
+    lines += [f"  {name:<10} {description}" for name, (_, description) in BENCHMARKS.items()]
+    lines += ["", "With no NAME, every benchmark runs with its defaults, one after the other."]
+    return "\n".join(lines)
+
+
+def run_one(name: str, argv: Sequence[str]) -> int:
+    module = importlib.import_module(BENCHMARKS[name][0])
+    code: int = module.main(list(argv))
+    return code
+
+
+def main(argv: Sequence[str]) -> int:
+    if argv and argv[0] in ("-h", "--help", "--list", "list"):
+        print(usage())
+        return 0
+    if argv:
+        name = argv[0]
+        if name not in BENCHMARKS:
+            print(f"bench: unknown benchmark {name!r}\n\n{usage()}", file=sys.stderr)
+            return 2
+        return run_one(name, argv[1:])
+    failed = []
+    for name in BENCHMARKS:
+        print(f"\n######## bench {name}\n", flush=True)
+        started = time.monotonic()
+        try:
+            code = run_one(name, [])
+        except Exception as exc:  # one failing benchmark must not hide the others' figures
+            print(f"bench {name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            code = 1
+        print(f"\n(bench {name}: {time.monotonic() - started:.0f} s, exit {code})", flush=True)
+        if code:
+            failed.append(name)
+    if failed:
+        print(f"bench: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
