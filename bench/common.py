@@ -333,37 +333,29 @@ def _is_regular(mode: int) -> bool:
     return stat.S_ISREG(mode)
 
 
-def stride_sample(
+def sample_files(
     files: Sequence[SourceFile],
     *,
     target_bytes: int | None = None,
     target_count: int | None = None,
+    salt: str = "lazyfs-bench",
 ) -> list[SourceFile]:
-    """Every k-th file (k chosen so the sample is about the target), in path order.
+    """A deterministic uniform sample of ``files`` up to a target size or count, in path order.
 
-    Deterministic and spread over the whole tree, so the sample keeps the tree's mix of
-    binaries, libraries, scripts and text. Passes with shifted starts top it up to the target.
+    Files are ranked by the sha256 of their name (with ``salt``) and taken in that order, so the
+    sample keeps the tree's mix of binaries, libraries, scripts and text, and a file added to or
+    removed from the tree changes the sample by at most that file.
     """
     if not files:
         raise RuntimeError("no input files found")
-    total = sum(f.size for f in files)
-    if target_bytes is not None:
-        stride = max(1, total // max(target_bytes, 1))
-    else:
-        assert target_count is not None
-        stride = max(1, len(files) // max(target_count, 1))
+    ranked = sorted(files, key=lambda f: hashlib.sha256(f"{salt}/{f.name}".encode()).digest())
     chosen: list[SourceFile] = []
-    taken: set[int] = set()
     size = 0
-    for offset in range(stride):
-        for index in range(offset, len(files), stride):
-            if index in taken:
-                continue
-            if _reached(size, len(chosen), target_bytes, target_count):
-                return sorted(chosen, key=lambda f: f.name)
-            chosen.append(files[index])
-            taken.add(index)
-            size += files[index].size
+    for f in ranked:
+        if _reached(size, len(chosen), target_bytes, target_count):
+            break
+        chosen.append(f)
+        size += f.size
     return sorted(chosen, key=lambda f: f.name)
 
 

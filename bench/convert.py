@@ -1,8 +1,8 @@
 """Conversion throughput: ``lazyfs convert`` on one realistic gzip layer of about 280 MB.
 
-The layer is a deterministic stride sample of this machine's /usr (ELF binaries and libraries,
-scripts, text, compressed and other binary files), written as a reproducible PAX tar and
-gzip -6, in an OCI layout. Throughput is always MB/s (10^6 bytes) of *uncompressed tar*.
+The layer is a deterministic sample (by path hash) of this machine's /usr (ELF binaries and
+libraries, scripts, text, compressed and other binary files), written as a reproducible PAX tar
+and gzip -6, in an OCI layout. Throughput is always MB/s (10^6 bytes) of *uncompressed tar*.
 
 Measured, each on both cores and pinned to one core (``taskset -c 0`` / sched_setaffinity):
 
@@ -41,9 +41,9 @@ from bench.common import (
     mb_per_s,
     print_machine,
     run,
+    sample_files,
     say,
     step,
-    stride_sample,
     timed,
     usr_files,
     work_dir,
@@ -81,7 +81,7 @@ def main(argv: Sequence[str]) -> int:
 
 def measure(report: Report, work: Path, size_bytes: int, repeats: int) -> None:
     step(f"sampling {size_bytes / MB:.0f} MB of /usr")
-    files = stride_sample(usr_files(), target_bytes=size_bytes)
+    files = sample_files(usr_files(), target_bytes=size_bytes)
     report.fact("input", composition(files).describe())
     tar_path = work / "input.tar"
     step("writing the layer tar and gzip -6 OCI image")

@@ -24,6 +24,8 @@ class RegistryConfig:
     # None: verify TLS except for loopback registries, which use plain HTTP (as docker does).
     tls_verify: bool | None = None
     cert_dir: Path | None = None
+    # Hosts ("host:port") spoken to without TLS verification, and over HTTP if they lack TLS.
+    insecure_registries: frozenset[str] = frozenset()
     max_connections: int = 16
     # Blobs larger than this are uploaded in chunks (PATCH), smaller ones in one PUT.
     monolithic_upload_max_bytes: int = 64 << 20

@@ -20,9 +20,10 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import anyio.to_thread
 import zstandard
@@ -44,6 +45,7 @@ from lazyfs.digest import Digest
 from lazyfs.errors import (
     IntegrityError,
     ManifestError,
+    RegistryError,
     RegistryUnreachableError,
     TocError,
     TransientRegistryError,
@@ -55,10 +57,12 @@ from lazyfs.platform import Platform
 from lazyfs.ranges import ByteRange
 from lazyfs.reference import Reference
 from lazyfs.registry.client import RegistryClient
+from lazyfs.registry.mirrors import EndpointOrder
 from lazyfs.resolver import LayerBlob
 from lazyfs.tree import Tree, build_tree
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _OFFLINE_ERRORS = (RegistryUnreachableError, TransientRegistryError)
 
@@ -76,18 +80,35 @@ class OpenedImage:
 
 
 class MetadataFetcher:
-    """Fetches metadata from the registry, falling back to the cache when it is unreachable."""
+    """Fetches metadata from the registry, falling back to the cache when it is unreachable.
 
-    def __init__(self, client: RegistryClient, cache: ChunkCache) -> None:
+    Each request goes to the endpoints in order (mirrors first, then the origin) until one
+    answers.
+    """
+
+    def __init__(self, client: RegistryClient, cache: ChunkCache, endpoints: EndpointOrder) -> None:
         self._client = client
         self._cache = cache
+        self._endpoints = endpoints
         self.offline = False
+
+    async def _first(self, ref: Reference, call: Callable[[Reference], Awaitable[T]]) -> T:
+        candidates = self._endpoints(ref)
+        for index, endpoint in enumerate(candidates):
+            try:
+                return await call(endpoint)
+            except RegistryError as exc:
+                if index == len(candidates) - 1:
+                    raise
+                self._endpoints.failed(endpoint)
+                log.warning("%s failed (%s); trying the next endpoint", endpoint.registry, exc)
+        raise AssertionError("no endpoints")
 
     async def root(self, ref: Reference) -> tuple[Digest, bytes, str | None]:
         tag_key = f"tag:{ref}"
         if not self.offline:
             try:
-                fetched = await self._client.get_manifest(ref)
+                fetched = await self._first(ref, self._client.get_manifest)
             except _OFFLINE_ERRORS as exc:
                 log.warning("registry unreachable (%s); trying the cache", exc)
                 self.offline = True
@@ -104,7 +125,7 @@ class MetadataFetcher:
             cached = await anyio.to_thread.run_sync(self._cache.get_meta, key)
             if cached is not None:
                 return cached
-            fetched = await self._client.get_manifest(ref.with_digest(digest))
+            fetched = await self._first(ref.with_digest(digest), self._client.get_manifest)
             await self._remember(key, fetched.data)
             return fetched.data
         return await self._cached(key, str(digest))
@@ -117,7 +138,7 @@ class MetadataFetcher:
             return cached
         if self.offline:
             raise RegistryUnreachableError(f"blob {digest} is not cached and the registry is down")
-        data = await self._client.get_blob(ref, digest)
+        data = await self._first(ref, lambda r: self._client.get_blob(r, digest))
         await self._remember(key, data)
         return data
 
@@ -159,7 +180,7 @@ class MetadataFetcher:
         staging.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=staging) as tmp:
             blob, tar, out = Path(tmp, "blob"), Path(tmp, "layer.tar"), Path(tmp, "layer.zst")
-            await self._client.download_blob(ref, layer.digest, blob)
+            await self._first(ref, lambda r: self._client.download_blob(r, layer.digest, blob))
             diff_id = await anyio.to_thread.run_sync(
                 decompress_layer, blob, compression, layer.digest, tar
             )
@@ -182,9 +203,13 @@ class MetadataFetcher:
 
 
 async def open_image(
-    client: RegistryClient, cache: ChunkCache, ref: Reference, platform: Platform
+    client: RegistryClient,
+    cache: ChunkCache,
+    ref: Reference,
+    platform: Platform,
+    endpoints: EndpointOrder | None = None,
 ) -> OpenedImage:
-    fetcher = MetadataFetcher(client, cache)
+    fetcher = MetadataFetcher(client, cache, endpoints or EndpointOrder())
     digest, data, media_type = await fetcher.root(ref)
     parsed = parse_manifest_or_index(data, media_type)
     if not isinstance(parsed, Manifest):

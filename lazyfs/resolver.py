@@ -30,7 +30,7 @@ from anyio.abc import TaskGroup
 from lazyfs.cache import ChunkCache
 from lazyfs.config import ResolverConfig
 from lazyfs.digest import Digest
-from lazyfs.errors import FetchDeadlineError, IntegrityError, LazyfsError, TocError
+from lazyfs.errors import CacheError, FetchDeadlineError, IntegrityError, LazyfsError
 from lazyfs.ranges import ByteRange
 from lazyfs.source import ByteSource
 from lazyfs.tree import LayerChunk, Node
@@ -132,13 +132,16 @@ class ChunkResolver:
         chunks = self._covering(node, offset, end)
         try:
             with anyio.fail_after(self._config.read_deadline_s):
-                pieces = await self._load([_Wanted(node, c, _key(c)) for c in chunks])
+                pieces = await self._load([self._wanted(node, c) for c in chunks])
         except TimeoutError as exc:
             raise FetchDeadlineError(
                 f"{node.path}: read not satisfied within {self._config.read_deadline_s} s"
             ) from exc
         first = chunks[0].ref.file_offset
         return b"".join(pieces)[offset - first : end - first]
+
+    def _wanted(self, node: Node, chunk: LayerChunk) -> _Wanted:
+        return _Wanted(node, chunk, _key(chunk, self._layers[chunk.layer].check))
 
     def _covering(self, node: Node, offset: int, end: int) -> list[LayerChunk]:
         starts = self._starts.get(node.inode)
@@ -149,39 +152,51 @@ class ChunkResolver:
         return list(node.chunks[max(low, 0) : high])
 
     async def _load(self, wanted: list[_Wanted]) -> list[bytes]:
-        found: dict[str, bytes] = {}
+        """Each wanted chunk's bytes: zeros, or from the flight that owns its key.
+
+        No await between looking flights up and creating them (invariant 6 in
+        docs/concurrency.md), and each read keeps references to its flights, which hold their
+        result after they leave ``_flights``.
+        """
+        flights: dict[str, _Flight] = {}
+        owned: list[_Wanted] = []
         for item in wanted:
-            if item.chunk.ref.zeros:  # the TOC, verified, says so: nothing to fetch
-                found[item.key] = bytes(item.chunk.ref.size)
-        lookups = [w for w in wanted if w.key not in found and w.key not in self._flights]
-        found.update(await self._from_cache(lookups))
-        self._start_fetches([w for w in wanted if w.key not in found])
+            if item.chunk.ref.zeros or item.key in flights:
+                continue
+            flight = self._flights.get(item.key)
+            if flight is None:
+                flight = self._flights[item.key] = _Flight()
+                owned.append(item)
+            else:
+                self.stats.singleflight_waits += 1
+            flights[item.key] = flight
+        if owned:
+            self._task_group.start_soon(self._resolve, owned)
         pieces = []
         for item in wanted:
-            if item.key in found:
-                pieces.append(found[item.key])
+            if item.chunk.ref.zeros:  # the verified TOC says so: nothing to fetch
+                pieces.append(bytes(item.chunk.ref.size))
             else:
-                pieces.append(await self._flights_wait(item.key))
+                pieces.append(await flights[item.key].wait())
         return pieces
 
-    async def _flights_wait(self, key: str) -> bytes:
-        flight = self._flights.get(key)
-        if flight is None:  # finished while we waited on another chunk: it is cached now
-            data = await anyio.to_thread.run_sync(self._cached, key)
+    async def _resolve(self, owned: list[_Wanted]) -> None:
+        """Background task: serve new flights from the cache, fetch the rest."""
+        try:
+            cached = await anyio.to_thread.run_sync(lambda: [self._cached(w.key) for w in owned])
+        except LazyfsError as exc:
+            log.warning("cache lookup failed: %s", exc)
+            cached = [None] * len(owned)
+        missing = []
+        for item, data in zip(owned, cached, strict=True):
             if data is None:
-                raise FetchDeadlineError(f"chunk {key} vanished from the cache")
-            return data
-        return await flight.wait()
-
-    async def _from_cache(self, wanted: list[_Wanted]) -> dict[str, bytes]:
-        if not wanted:
-            return {}
-        keys = sorted({w.key for w in wanted})
-        values = await anyio.to_thread.run_sync(lambda: [self._cached(k) for k in keys])
-        found = {k: v for k, v in zip(keys, values, strict=True) if v is not None}
-        self.stats.cache_hits += len(found)
-        self.stats.cache_misses += len(keys) - len(found)
-        return found
+                missing.append(item)
+            else:
+                self.stats.cache_hits += 1
+                self._flights.pop(item.key).finish(data, None)
+        self.stats.cache_misses += len(missing)
+        for request in self._plan(missing):
+            self._task_group.start_soon(self._fetch, request)
 
     def _cached(self, key: str) -> bytes | None:
         """Worker thread: the cached chunk for a flight key (fs-verity, or sha256 via alias)."""
@@ -189,17 +204,6 @@ class ChunkResolver:
             verity = self._cache.get_alias(key.removeprefix(_SHA256_KEY))
             return self._cache.get_chunk(verity) if verity else None
         return self._cache.get_chunk(key)
-
-    def _start_fetches(self, wanted: list[_Wanted]) -> None:
-        new: list[_Wanted] = []
-        for item in wanted:
-            if item.key in self._flights:
-                self.stats.singleflight_waits += 1
-                continue
-            self._flights[item.key] = _Flight()
-            new.append(item)
-        for request in self._plan(new):
-            self._task_group.start_soon(self._fetch, request)
 
     def _plan(self, wanted: list[_Wanted]) -> list[_Request]:
         by_layer: dict[int, list[_Wanted]] = {}
@@ -285,22 +289,26 @@ class ChunkResolver:
         results: list[bytes | LazyfsError] = []
         for item, frame in frames:
             try:
-                data = _decompress(frame, blob.compression, item.chunk.ref.size)
-                verity = _check(item, blob, data)
+                verity, data = _verified(item, blob, frame)
+            except LazyfsError as exc:
+                results.append(exc)
+                continue
+            results.append(data)
+            try:
                 self._cache.put_chunk(verity, data)
                 if item.key.startswith(_SHA256_KEY):
                     self._cache.put_alias(item.chunk.ref.sha256, verity)
-                results.append(data)
-            except LazyfsError as exc:
-                results.append(exc)
+            except CacheError as exc:  # the bytes are verified: serve them anyway
+                log.warning("could not cache chunk %s: %s", verity, exc)
         return results
 
 
 _SHA256_KEY = "plain-"  # flight keys of chunks known only by sha256
 
 
-def _key(chunk: LayerChunk) -> str:
-    return chunk.ref.verity or _SHA256_KEY + chunk.ref.sha256
+def _key(chunk: LayerChunk, check: ChunkCheck) -> str:
+    """The flight and cache key: the fs-verity digest, only where the layer is checked by it."""
+    return chunk.ref.verity if check == "verity" else _SHA256_KEY + chunk.ref.sha256
 
 
 def _cut_frames(request: _Request, bodies: list[bytes]) -> list[tuple[_Wanted, bytes]]:
@@ -312,19 +320,49 @@ def _cut_frames(request: _Request, bodies: list[bytes]) -> list[tuple[_Wanted, b
     return frames
 
 
-def _decompress(frame: bytes, compression: str, size: int) -> bytes:
+def _verified(item: _Wanted, blob: LayerBlob, frame: bytes) -> tuple[str, bytes]:
+    """Decompress and check one chunk; its fs-verity digest and bytes."""
+    ref = item.chunk.ref
     try:
-        if compression == "zstd":
-            return zstandard.ZstdDecompressor().decompressobj().decompress(frame)
-        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(frame, size)
+        data = _decompress(frame, blob.compression, ref.size, ref.inner_offset)
     except (zstandard.ZstdError, zlib.error) as exc:
-        raise TocError(f"chunk does not decompress: {exc}") from exc
+        expected = ref.verity if blob.check == "verity" else ref.sha256
+        raise IntegrityError(_describe(item, blob), expected, f"undecodable data ({exc})") from exc
+    return _check(item, blob, data), data
+
+
+def _decompress(frame: bytes, compression: str, size: int, inner_offset: int = 0) -> bytes:
+    """At most ``size + 1`` bytes of zstd (enough to tell a chunk that is too long)."""
+    if compression == "zstd":
+        return zstandard.ZstdDecompressor().decompress(frame, max_output_size=size + 1)
+    return _gunzip_slice(frame, inner_offset, size)
+
+
+def _describe(item: _Wanted, blob: LayerBlob) -> str:
+    ref = item.chunk.ref
+    return f"chunk at offset {ref.file_offset} of {item.node.path} (layer {blob.digest})"
+
+
+def _gunzip_slice(frame: bytes, skip: int, size: int) -> bytes:
+    """Bytes [skip, skip+size) of the concatenated gzip members in ``frame``; fewer if it ends.
+
+    An eStargz member may hold other files' bytes before the chunk (``innerOffset``)."""
+    want = skip + size
+    out = bytearray()
+    rest = frame
+    while rest and len(out) < want:
+        member = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out += member.decompress(rest, want - len(out))
+        if not member.eof:  # enough bytes, or a truncated member
+            break
+        rest = member.unused_data
+    return bytes(out[skip:want])
 
 
 def _check(item: _Wanted, blob: LayerBlob, data: bytes) -> str:
     """Raise IntegrityError unless ``data`` is the chunk; return its fs-verity digest."""
     ref = item.chunk.ref
-    what = f"chunk at offset {ref.file_offset} of {item.node.path} (layer {blob.digest})"
+    what = _describe(item, blob)
     if len(data) != ref.size:
         raise IntegrityError(what, f"{ref.size} bytes", f"{len(data)} bytes")
     verity = format_verity(fsverity_digest(data))

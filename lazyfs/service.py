@@ -28,8 +28,14 @@ from lazyfs.platform import Platform
 from lazyfs.reference import Reference
 from lazyfs.registry.auth import CredentialSource
 from lazyfs.registry.client import RegistryClient
+from lazyfs.registry.mirrors import EndpointOrder, MirrorConfig
 from lazyfs.resolver import ChunkResolver
-from lazyfs.source import ByteSource, DirectoryByteSource, RegistryByteSource, RoutingByteSource
+from lazyfs.source import (
+    ByteSource,
+    DirectoryByteSource,
+    MirroredByteSource,
+    RoutingByteSource,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,7 @@ class MountOptions:
     platform: Platform = field(default_factory=Platform.host)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     resolver: ResolverConfig = field(default_factory=ResolverConfig)
+    mirrors: MirrorConfig = field(default_factory=MirrorConfig)
     allow_other: bool = False
 
 
@@ -62,6 +69,7 @@ class MountService:
         self._credentials = credentials
         self._started = time.monotonic()
         self._image: OpenedImage | None = None
+        self._endpoints = EndpointOrder(options.mirrors)
         self._resolver: ChunkResolver | None = None
 
     async def run(self, on_ready: Callable[[], None]) -> None:
@@ -74,7 +82,11 @@ class MountService:
         try:
             async with RegistryClient(self._options.registry, self._credentials) as client:
                 self._image = await open_image(
-                    client, cache, self._options.reference, self._options.platform
+                    client,
+                    cache,
+                    self._options.reference,
+                    self._options.platform,
+                    self._endpoints,
                 )
                 await self._serve(client, cache, on_ready)
         finally:
@@ -107,7 +119,7 @@ class MountService:
 
     def _byte_source(self, client: RegistryClient, cache: ChunkCache) -> ByteSource:
         assert self._image is not None
-        remote = RegistryByteSource(client, self._image.reference)
+        remote = MirroredByteSource(client, self._image.reference, self._endpoints)
         local = {layer.digest for layer in self._image.layers if not layer.lazy}
         if not local:
             return remote

@@ -6,6 +6,7 @@ mirror, a local file, an OCI layout, a fault-injecting test double) can serve a 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,10 +15,13 @@ from typing import Protocol
 import anyio.to_thread
 
 from lazyfs.digest import Digest
-from lazyfs.errors import NotFoundError
+from lazyfs.errors import NotFoundError, RegistryError
 from lazyfs.ranges import ByteRange
 from lazyfs.reference import Reference
 from lazyfs.registry.client import RegistryClient
+from lazyfs.registry.mirrors import EndpointOrder
+
+log = logging.getLogger(__name__)
 
 
 class ByteSource(Protocol):
@@ -74,3 +78,22 @@ class RoutingByteSource:
     async def read_ranges(self, blob: Digest, ranges: Sequence[ByteRange]) -> list[bytes]:
         source = self._local if blob in self._local_blobs else self._remote
         return await source.read_ranges(blob, ranges)
+
+
+class MirroredByteSource:
+    """Ranges from the first endpoint that answers: mirrors in order, then the origin."""
+
+    def __init__(self, client: RegistryClient, reference: Reference, order: EndpointOrder) -> None:
+        self._client = client
+        self._ref = reference
+        self._order = order
+
+    async def read_ranges(self, blob: Digest, ranges: Sequence[ByteRange]) -> list[bytes]:
+        candidates = self._order(self._ref)
+        for endpoint in candidates[:-1]:
+            try:
+                return await RegistryByteSource(self._client, endpoint).read_ranges(blob, ranges)
+            except RegistryError as exc:
+                self._order.failed(endpoint)
+                log.info("blob %s: %s failed (%s); trying the next", blob, endpoint.registry, exc)
+        return await RegistryByteSource(self._client, candidates[-1]).read_ranges(blob, ranges)

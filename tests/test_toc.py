@@ -115,8 +115,13 @@ def test_full_entry_exact_bytes() -> None:
         b'"devMajor":8,"devMinor":1,"xattrs":{"user.a":"aGk=","user.b":"AP8="},'
         b'"digest":"' + SHA_A.encode() + b'","offset":10,"endOffset":20,"chunkSize":5,'
         b'"chunkOffset":7,"chunkDigest":"' + SHA_B.encode() + b'","chunkType":"zeros",'
-        b'"lazyfsVerity":"' + SHA_C.encode() + b'","lazyfsChunkVerity":"' + SHA_D.encode()
-        + b'"}],"tarSplitDigest":"' + SHA_A.encode() + b'"}'
+        b'"lazyfsVerity":"'
+        + SHA_C.encode()
+        + b'","lazyfsChunkVerity":"'
+        + SHA_D.encode()
+        + b'"}],"tarSplitDigest":"'
+        + SHA_A.encode()
+        + b'"}'
     )
 
 
@@ -150,7 +155,7 @@ def test_xattrs_sorted_and_base64() -> None:
         ("a<b>&c", b'"a\\u003cb\\u003e\\u0026c"'),
         ("line\u2028sep\u2029", b'"line\\u2028sep\\u2029"'),
         ("caf\u00e9 \U0001f600", b'"caf\xc3\xa9 \xf0\x9f\x98\x80"'),
-        ("q\"b\\s/", b'"q\\"b\\\\s/"'),
+        ('q"b\\s/', b'"q\\"b\\\\s/"'),
         ("\n\r\t", b'"\\n\\r\\t"'),
         ("\x01\x1f\x7f", b'"\\u0001\\u001f\x7f"'),
     ],
@@ -560,4 +565,6 @@ def test_base64_of_xattrs_matches_standard_padding() -> None:
     values = [b"", b"a", b"ab", b"abc", bytes(range(256))]
     entry = TocEntry("dir", "d", xattrs={f"user.{i}": v for i, v in enumerate(values)})
     parsed = json.loads(Toc((entry,)).to_json())["entries"][0]["xattrs"]
-    assert parsed == {f"user.{i}": base64.standard_b64encode(v).decode() for i, v in enumerate(values)}
+    assert parsed == {
+        f"user.{i}": base64.standard_b64encode(v).decode() for i, v in enumerate(values)
+    }

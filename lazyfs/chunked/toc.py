@@ -73,6 +73,7 @@ class TocEntry:
     chunk_offset: int = 0
     chunk_digest: str = ""
     chunk_type: str = ""  # "" for data, "zeros" for a run of zeros
+    inner_offset: int = 0  # eStargz: where the chunk starts in its decompressed gzip member(s)
     verity: str = ""  # lazyfs: fs-verity digest of the whole file
     chunk_verity: str = ""  # lazyfs: fs-verity digest of this chunk's uncompressed bytes
 
@@ -99,6 +100,7 @@ _FIELDS: tuple[tuple[str, str, str], ...] = (
     ("chunk_offset", "chunkOffset", "int"),
     ("chunk_digest", "chunkDigest", "str"),
     ("chunk_type", "chunkType", "str"),
+    ("inner_offset", "innerOffset", "int"),
     ("verity", "lazyfsVerity", "str"),
     ("chunk_verity", "lazyfsChunkVerity", "str"),
 )
@@ -283,6 +285,7 @@ class ChunkRef:
     sha256: str  # "sha256:<hex>" of the uncompressed chunk ("" if unknown)
     verity: str  # fs-verity digest of the uncompressed chunk ("" if not a lazyfs layer)
     zeros: bool = False
+    inner_offset: int = 0  # eStargz: bytes to skip in the decompressed range before the chunk
 
 
 def file_chunks(entries: tuple[TocEntry, ...] | list[TocEntry]) -> list[ChunkRef]:
@@ -293,10 +296,14 @@ def file_chunks(entries: tuple[TocEntry, ...] | list[TocEntry]) -> list[ChunkRef
     if len(entries) == 1:
         sha = head.chunk_digest or head.digest
         verity = head.chunk_verity or head.verity
-        return [ChunkRef(0, head.size, head.offset, head.end_offset, sha, verity)]
+        return [
+            ChunkRef(
+                0, head.size, head.offset, head.end_offset, sha, verity, False, head.inner_offset
+            )
+        ]
     chunks = []
     for index, entry in enumerate(entries):
-        end = entries[index + 1].offset if index + 1 < len(entries) else head.end_offset
+        end = _chunk_end(entries, index, head.end_offset)
         size = entry.chunk_size or _implied_chunk_size(entries, index, head.size)
         chunks.append(
             ChunkRef(
@@ -307,10 +314,21 @@ def file_chunks(entries: tuple[TocEntry, ...] | list[TocEntry]) -> list[ChunkRef
                 entry.chunk_digest,
                 entry.chunk_verity,
                 entry.chunk_type == "zeros",
+                entry.inner_offset,
             )
         )
     _check_chunks_cover(head, chunks)
     return chunks
+
+
+def _chunk_end(entries: tuple[TocEntry, ...] | list[TocEntry], i: int, file_end: int) -> int:
+    """Where chunk ``i``'s compressed bytes end: where the next chunk's start, unless that
+    chunk shares the same (eStargz) gzip member, which an ``innerOffset`` says."""
+    start = entries[i].offset
+    for following in entries[i + 1 :]:
+        if following.offset != start or following.inner_offset == 0:
+            return following.offset
+    return file_end
 
 
 def _implied_chunk_size(entries: tuple[TocEntry, ...] | list[TocEntry], i: int, size: int) -> int:

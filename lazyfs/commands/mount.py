@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from lazyfs.errors import LazyfsError, UsageError
 from lazyfs.fs import STATS_XATTR
 from lazyfs.platform import Platform
 from lazyfs.reference import Reference
+from lazyfs.registry.mirrors import MirrorConfig
 from lazyfs.service import MountOptions, MountService
 
 log = logging.getLogger("lazyfs")
@@ -50,12 +52,14 @@ def run_mount(args: argparse.Namespace) -> int:
     reference = Reference.parse(args.reference)
     if not args.foreground:
         return _start_daemon(args, mountpoint)
+    mirrors = MirrorConfig.load(args.config) if args.config else MirrorConfig()
     options = MountOptions(
         reference=reference,
         mountpoint=mountpoint,
         cache=CacheConfig(args.cache_dir, args.cache_size, args.verify_cache_reads),
         platform=args.platform or Platform.host(),
-        registry=registry_config(args),
+        registry=replace(registry_config(args), insecure_registries=mirrors.insecure_hosts()),
+        mirrors=mirrors,
         resolver=ResolverConfig(read_deadline_s=args.read_timeout),
         allow_other=args.allow_other,
     )
@@ -232,6 +236,11 @@ def add_parsers(commands: Any) -> None:
     )
     mount.add_argument(
         "--verify-cache-reads", action="store_true", help="re-hash chunks read from the cache"
+    )
+    mount.add_argument(
+        "--config",
+        type=Path,
+        help="TOML file of registries and their mirrors (containers-registries.conf style)",
     )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     add_registry_flags(mount, directional=False)

@@ -21,7 +21,7 @@ import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -130,6 +130,7 @@ class RegistryClient:
         self.stats = RegistryStats()
         self._http = _http_client(config)
         self._auth = Authenticator(self._send_and_read, credentials)
+        self._plain_http: set[str] = set()  # insecure registries found to speak HTTP only
 
     def __repr__(self) -> str:
         return f"RegistryClient(config={self.config!r}, stats={self.stats!r})"
@@ -533,8 +534,28 @@ class RegistryClient:
         self.stats.requests[request.method] += 1
         try:
             return await self._http.send(request, stream=True)
+        except httpx.ConnectError as exc:
+            if not self._may_fall_back_to_http(request.url):
+                raise transport_error(exc, _origin(request.url), what) from exc
         except httpx.HTTPError as exc:
             raise transport_error(exc, _origin(request.url), what) from exc
+        # An insecure registry that does not speak TLS at all: plain HTTP, as docker and
+        # skopeo do for insecure registries. Remembered for the rest of this client's life.
+        log.info(
+            "%s does not answer HTTPS; using plain HTTP (insecure registry)", _origin(request.url)
+        )
+        self._plain_http.add(_origin(request.url))
+        request.url = request.url.copy_with(scheme="http")
+        try:
+            return await self._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, _origin(request.url), what) from exc
+
+    def _may_fall_back_to_http(self, url: httpx.URL) -> bool:
+        return url.scheme == "https" and self._insecure(_origin(url))
+
+    def _insecure(self, host: str) -> bool:
+        return self.config.tls_verify is False or host in self.config.insecure_registries
 
     async def _send_and_read(self, request: httpx.Request) -> httpx.Response:
         """Send and read fully: the Authenticator's way to fetch tokens through this client."""
@@ -559,7 +580,8 @@ class RegistryClient:
     # -------------------------------------------------------------------------------- URLs
 
     def _url(self, ref: Reference, tail: str) -> httpx.URL:
-        scheme = "http" if ref.is_loopback and self.config.tls_verify is None else "https"
+        plain = ref.is_loopback and self.config.tls_verify is None
+        scheme = "http" if plain or ref.api_host in self._plain_http else "https"
         return httpx.URL(f"{scheme}://{ref.api_host}/v2/{ref.repository}/{tail}")
 
     def _manifest_call(self, ref: Reference, method: str, accept: Sequence[str]) -> _Call:
@@ -589,8 +611,8 @@ class RegistryClient:
 # ----------------------------------------------------------------------- transport and TLS
 
 
-def _http_client(config: RegistryConfig) -> httpx.AsyncClient:
-    transport = httpx.AsyncHTTPTransport(
+def _transport(config: RegistryConfig) -> httpx.AsyncHTTPTransport:
+    return httpx.AsyncHTTPTransport(
         verify=_ssl_context(config),
         http1=True,
         http2=False,
@@ -598,8 +620,16 @@ def _http_client(config: RegistryConfig) -> httpx.AsyncClient:
         # Without it, Nagle's algorithm meets delayed ACK and small requests stall ~40 ms.
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
     )
+
+
+def _http_client(config: RegistryConfig) -> httpx.AsyncClient:
+    transport = _transport(config)
+    # Insecure registries (a mirror marked insecure) get a transport that skips verification.
+    insecure = _transport(replace(config, tls_verify=False))
+    mounts = {f"https://{host}": insecure for host in sorted(config.insecure_registries)}
     timeout = httpx.Timeout(config.fetch_timeout_s, connect=config.connect_timeout_s)
     return httpx.AsyncClient(
+        mounts=mounts,
         transport=transport,
         timeout=timeout,
         follow_redirects=False,  # done by hand so Authorization never leaves its origin

@@ -1,0 +1,375 @@
+"""The data behind the chunk-size defaults (``ChunkingConfig``; docs/chunking.md).
+
+For each fastcdc average size (16K, 32K, 64K, 128K, 256K; min = avg/4, max = avg*4) the same
+realistic layer (a deterministic sample of this machine's /usr, as in ``bench convert``) and a
+second "version" of it (the same files, 5% of them edited: a third appended to, a third patched in
+place, a third with bytes inserted) are converted with ``write_chunked_layer``. Reported:
+
+- chunk count, blob size against zstd -3 of the whole tar (the loss from compressing each chunk
+  as its own frame), and the TOC a mount must fetch first;
+- dedup between the versions: v2 bytes whose chunk fs-verity digest is in v1, and the compressed
+  bytes a client holding v1's chunks fetches for v2, against file-level dedup (whole files
+  shared by digest) and against pulling the whole v2 layer;
+- over-fetch: compressed bytes fetched (whole chunks, ranges merged as the resolver merges them
+  with ``ResolverConfig`` defaults) to read 200 small files whole, 32 random 4 KiB reads of the
+  biggest file, and 1 MiB of it sequentially, against the bytes read.
+
+The model counts what lazyfs asks for; the kernel's read-ahead (1 MiB on a lazyfs mount) can
+make real reads larger (``bench mount`` measures real reads).
+
+Run: ``python -m bench chunking [--size-mb 256] [--json FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+from bench.common import (
+    KIB,
+    MB,
+    MIB,
+    Report,
+    SourceFile,
+    TarItem,
+    composition,
+    interrupts_as_exceptions,
+    items_of,
+    mb_per_s,
+    print_machine,
+    sample_files,
+    say,
+    step,
+    usr_files,
+    work_dir,
+    write_tar_file,
+)
+from lazyfs.chunked.toc import (
+    TOC_POSITION_ANNOTATION,
+    ChunkRef,
+    file_chunks,
+    group_file_entries,
+    parse_toc_position,
+)
+from lazyfs.chunked.writer import ChunkedLayer, write_chunked_layer
+from lazyfs.config import ChunkingConfig, ResolverConfig
+
+AVERAGES_KIB = (16, 32, 64, 128, 256)
+EDITED_FRACTION = 0.05
+SMALL_FILE_MAX = 64 * KIB
+SMALL_FILE_SAMPLE = 200
+RANDOM_READS = 32
+RANDOM_READ_BYTES = 4 * KIB
+SEQUENTIAL_READ_BYTES = 1 * MIB
+_SEED = 20240601
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench chunking", description=__doc__)
+    parser.add_argument("--size-mb", type=int, default=256, help="MiB of file data (default 256)")
+    parser.add_argument(
+        "--averages",
+        default=",".join(map(str, AVERAGES_KIB)),
+        help="comma-separated average chunk sizes in KiB",
+    )
+    parser.add_argument("--work-dir", type=Path, help="keep the tars and blobs here")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    averages = [int(a) * KIB for a in args.averages.split(",")]
+    print_machine()
+    report = Report("chunking: fastcdc average size (min = avg/4, max = avg*4)")
+    with interrupts_as_exceptions(), work_dir(args.work_dir, "lazyfs-bench-chunking-") as work:
+        rows = measure(report, work, args.size_mb * MIB, averages)
+    report.print_table()
+    print_summary(rows)
+    report.facts["summary"] = [row.__dict__ for row in rows]
+    report.write_json(args.json)
+    return 0
+
+
+# --- the two versions --------------------------------------------------------------------------
+
+
+def edited_items(files: Sequence[SourceFile], seed: int = _SEED) -> tuple[list[TarItem], int]:
+    """v2: the same files, EDITED_FRACTION of them (by count) edited; (items, edited count)."""
+    rng = random.Random(seed)
+    candidates = [i for i, f in enumerate(files) if f.size > 0]
+    chosen = set(rng.sample(candidates, max(1, round(EDITED_FRACTION * len(files)))))
+    items: list[TarItem] = []
+    for index, f in enumerate(files):
+        if index not in chosen:
+            items.append(TarItem(f.name, f.mode, f.path.read_bytes))
+            continue
+        kind = index % 3
+        edit_seed = rng.randrange(1 << 30)
+        items.append(TarItem(f.name, f.mode, _edited_reader(f.path, kind, edit_seed)))
+    return items, len(chosen)
+
+
+def _edited_reader(path: Path, kind: int, seed: int) -> Callable[[], bytes]:
+    def read() -> bytes:
+        data = path.read_bytes()
+        rng = random.Random(seed)
+        if kind == 0:  # appended: a log, a changelog, a list grows
+            return data + rng.randbytes(rng.randint(100, 4 * KIB))
+        position = rng.randrange(len(data))
+        if kind == 1:  # patched in place: a version string, a constant
+            patch = rng.randbytes(min(64, len(data) - position))
+            return data[:position] + patch + data[position + len(patch) :]
+        return data[:position] + rng.randbytes(rng.randint(1, 512)) + data[position:]  # inserted
+
+    return read
+
+
+# --- chunk layout of a converted layer ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    name: str
+    size: int
+    verity: str
+    chunks: tuple[ChunkRef, ...]
+
+    @property
+    def compressed(self) -> int:
+        return sum(frame_bytes(c) for c in self.chunks)
+
+
+def frame_bytes(chunk: ChunkRef) -> int:
+    return 0 if chunk.zeros else chunk.blob_end - chunk.blob_offset
+
+
+def layout_of(layer: ChunkedLayer) -> dict[str, FileLayout]:
+    files: dict[str, FileLayout] = {}
+    for group in group_file_entries(layer.toc.entries):
+        head = group[0]
+        if head.type == "reg":
+            chunks = tuple(file_chunks(group))
+            files[head.name] = FileLayout(head.name, head.size, head.verity, chunks)
+    return files
+
+
+def fetched_bytes(
+    reads: Sequence[tuple[FileLayout, int, int]], config: ResolverConfig
+) -> tuple[int, int]:
+    """(compressed bytes, range requests) to serve ``reads`` (file, offset, length) in order
+    from an empty cache, merging chunks of one read as the resolver does."""
+    cached: set[str] = set()
+    total = requests = 0
+    for file, offset, length in reads:
+        end = min(offset + length, file.size)
+        wanted = [
+            c
+            for c in file.chunks
+            if c.file_offset < end
+            and c.file_offset + c.size > offset
+            and not c.zeros
+            and c.verity not in cached
+        ]
+        cached.update(c.verity for c in wanted)
+        ranges: list[tuple[int, int]] = []
+        for chunk in sorted(wanted, key=lambda c: c.blob_offset):
+            if ranges:
+                start, last_end = ranges[-1]
+                if (
+                    chunk.blob_offset - last_end <= config.merge_gap_bytes
+                    and chunk.blob_end - start <= config.max_request_bytes
+                ):
+                    ranges[-1] = (start, max(last_end, chunk.blob_end))
+                    continue
+            ranges.append((chunk.blob_offset, chunk.blob_end))
+        total += sum(e - s for s, e in ranges)
+        step_size = max(1, config.max_ranges_per_request)
+        requests += -(-len(ranges) // step_size)
+    return total, requests
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    avg_kib: int
+    chunks: int
+    files: int
+    blob_mb: float
+    zstd_whole_mb: float
+    toc_kb: float
+    shared_pct: float
+    file_shared_pct: float
+    update_fetch_mb: float
+    file_level_fetch_mb: float
+    whole_layer_mb: float
+    small_fetch_ratio: float
+    random_fetch_ratio: float
+    sequential_fetch_ratio: float
+    convert_mb_s: float
+
+
+def measure(report: Report, work: Path, size_bytes: int, averages: Sequence[int]) -> list[Row]:
+    step(f"sampling {size_bytes / MB:.0f} MB of /usr")
+    files = sample_files(usr_files(), target_bytes=size_bytes)
+    report.fact("input", composition(files).describe())
+    step("writing v1 and v2 tars")
+    v1_tar, v2_tar = work / "v1.tar", work / "v2.tar"
+    tar_bytes = write_tar_file(items_of(files), v1_tar)
+    v2_items, edited = edited_items(files)
+    write_tar_file(v2_items, v2_tar)
+    report.fact("tar bytes", tar_bytes)
+    report.fact("v2 edits", f"{edited} of {len(files)} files edited (append/patch/insert)")
+    zstd_whole = _zstd_size(v1_tar)
+    report.fact("zstd -3 of the whole v1 tar (bytes)", zstd_whole)
+
+    rows: list[Row] = []
+    for avg in averages:
+        config = ChunkingConfig(avg // 4, avg, avg * 4)
+        step(f"avg {avg // KIB} KiB: converting v1 and v2")
+        started = time.perf_counter()
+        v1 = write_chunked_layer(v1_tar, work / "v1.zst", config)
+        seconds = time.perf_counter() - started
+        v2 = write_chunked_layer(v2_tar, work / "v2.zst", config)
+        rows.append(_row(report, avg, v1, v2, zstd_whole, mb_per_s(tar_bytes, seconds)))
+    return rows
+
+
+def _row(
+    report: Report, avg: int, v1: ChunkedLayer, v2: ChunkedLayer, zstd_whole: int, speed: float
+) -> Row:
+    label = f"avg {avg // KIB}K"
+    resolver = ResolverConfig()
+    old, new = layout_of(v1), layout_of(v2)
+    toc = parse_toc_position(v1.annotations[TOC_POSITION_ANNOTATION])
+
+    v1_keys = {c.verity for f in old.values() for c in f.chunks}
+    v1_files = {f.verity for f in old.values()}
+    new_chunks: dict[str, ChunkRef] = {}
+    shared = payload = 0
+    for f in new.values():
+        for c in f.chunks:
+            payload += c.size
+            if c.verity in v1_keys:
+                shared += c.size
+            elif not c.zeros:
+                new_chunks.setdefault(c.verity, c)
+    update_fetch = sum(frame_bytes(c) for c in new_chunks.values())
+    file_level = sum(f.compressed for f in new.values() if f.verity not in v1_files)
+    file_shared = sum(f.size for f in new.values() if f.verity in v1_files)
+
+    rng = random.Random(_SEED)
+    small = [f for f in sorted(old.values(), key=lambda f: f.name) if 0 < f.size <= SMALL_FILE_MAX]
+    sample = rng.sample(small, min(SMALL_FILE_SAMPLE, len(small)))
+    small_reads = [(f, 0, f.size) for f in sample]
+    biggest = max(old.values(), key=lambda f: (f.size, f.name))
+    blocks = biggest.size // RANDOM_READ_BYTES
+    offsets = [rng.randrange(blocks) * RANDOM_READ_BYTES for _ in range(RANDOM_READS)]
+    random_reads = [(biggest, o, RANDOM_READ_BYTES) for o in offsets]
+    middle = (biggest.size // 2) // RANDOM_READ_BYTES * RANDOM_READ_BYTES
+    sequential = [(biggest, middle, SEQUENTIAL_READ_BYTES)]
+
+    small_fetched, small_requests = fetched_bytes(small_reads, resolver)
+    random_fetched, random_requests = fetched_bytes(random_reads, resolver)
+    seq_fetched, _ = fetched_bytes(sequential, resolver)
+    small_read = sum(n for _, _, n in small_reads)
+    random_read = RANDOM_READS * RANDOM_READ_BYTES
+    seq_read = min(SEQUENTIAL_READ_BYTES, biggest.size - middle)
+
+    say(f"{label}: {v1.stats.chunk_count} chunks for {v1.stats.file_count} files")
+    whole = zstd_whole / MB
+    report.add(f"{label} blob size", v1.size / MB, "MB", "zstd -3 of the whole tar", whole)
+    report.add(f"{label} TOC (compressed)", toc.length / 1000, "kB", "blob size", v1.size / 1000)
+    report.add(
+        f"{label} v2 bytes shared with v1 (chunk digests)",
+        100 * shared / payload,
+        "%",
+        "whole files shared (file digests)",
+        100 * file_shared / payload,
+    )
+    report.add(
+        f"{label} v2 update fetch, chunk dedup",
+        update_fetch / MB,
+        "MB",
+        "file-level dedup fetch",
+        file_level / MB,
+        note=f"whole v2 layer {v2.size / MB:.1f} MB",
+    )
+    report.add(
+        f"{label} {len(sample)} small files (<= 64 KiB) read whole: fetched",
+        small_fetched / 1000,
+        "kB",
+        "bytes read",
+        small_read / 1000,
+        note=f"{small_requests} requests",
+    )
+    report.add(
+        f"{label} {RANDOM_READS} random 4 KiB reads of {biggest.size / MB:.1f} MB file: fetched",
+        random_fetched / 1000,
+        "kB",
+        "bytes read",
+        random_read / 1000,
+        note=f"{random_requests} requests",
+    )
+    report.add(
+        f"{label} 1 MiB sequential read of that file: fetched",
+        seq_fetched / 1000,
+        "kB",
+        "bytes read",
+        seq_read / 1000,
+    )
+    return Row(
+        avg_kib=avg // KIB,
+        chunks=v1.stats.chunk_count,
+        files=v1.stats.file_count,
+        blob_mb=round(v1.size / MB, 2),
+        zstd_whole_mb=round(zstd_whole / MB, 2),
+        toc_kb=round(toc.length / 1000, 1),
+        shared_pct=round(100 * shared / payload, 2),
+        file_shared_pct=round(100 * file_shared / payload, 2),
+        update_fetch_mb=round(update_fetch / MB, 2),
+        file_level_fetch_mb=round(file_level / MB, 2),
+        whole_layer_mb=round(v2.size / MB, 2),
+        small_fetch_ratio=round(small_fetched / small_read, 3),
+        random_fetch_ratio=round(random_fetched / random_read, 2),
+        sequential_fetch_ratio=round(seq_fetched / seq_read, 3),
+        convert_mb_s=round(speed, 1),
+    )
+
+
+def _zstd_size(path: Path) -> int:
+    size = 0
+    with path.open("rb") as source:
+        reader = zstandard.ZstdCompressor(level=3).read_to_iter(source, read_size=MIB)
+        for piece in reader:
+            size += len(piece)
+    return size
+
+
+def print_summary(rows: Sequence[Row]) -> None:
+    print("\n## chunking summary (ratios: fetched / read; blob vs zstd -3 of the whole tar)\n")
+    print(
+        "| avg (min/max) | chunks | blob MB (vs zstd -3 whole) | TOC kB | v2 shared (file-level) | "
+        "v2 update fetch MB (file-level; whole layer) | small files fetched/read | "
+        "4K random fetched/read | 1 MiB seq fetched/read | convert MB/s |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        loss = 100 * (r.blob_mb / r.zstd_whole_mb - 1)
+        print(
+            f"| {r.avg_kib}K ({r.avg_kib // 4}K/{r.avg_kib * 4}K) | {r.chunks} | "
+            f"{r.blob_mb:.1f} (+{loss:.1f}%) | {r.toc_kb:.0f} | "
+            f"{r.shared_pct:.1f}% ({r.file_shared_pct:.1f}%) | "
+            f"{r.update_fetch_mb:.2f} ({r.file_level_fetch_mb:.2f}; {r.whole_layer_mb:.1f}) | "
+            f"{r.small_fetch_ratio:.2f} | {r.random_fetch_ratio:.1f} | "
+            f"{r.sequential_fetch_ratio:.2f} | {r.convert_mb_s:.0f} |"
+        )
+    print(flush=True)

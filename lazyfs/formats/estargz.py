@@ -1,0 +1,305 @@
+"""eStargz layers: the footer, the TOC member, and the TOC as lazyfs TOC entries. A pure leaf.
+
+Format facts (containerd/stargz-snapshotter ``docs/estargz.md``, ``estargz/types.go``,
+``estargz/gzip.go``, ``estargz/estargz.go``, ``estargz/build.go``):
+
+- The blob is an ordinary ``tar+gzip`` layer made of concatenated gzip members. A member starts
+  at the blob's start, at each regular file's payload (or each chunk of it; 4 MiB by default),
+  at the TOC, and at the footer. Tar headers and padding ride in whatever member is open.
+- The last tar entry, ``stargz.index.json``, is the TOC: ``{"version":1,"entries":[...]}``. Its
+  member starts at the TOC offset and holds the TOC's tar header, the JSON, and the tar trailer.
+- The 51-byte footer is an empty gzip member whose Extra field is the subfield ``SG`` of length
+  22: ``%016x`` of the TOC offset, then ``STARGZ``. The older stargz footer is 47 bytes: the
+  22 bytes are the whole Extra field, without subfield ID or length.
+- A ``reg`` entry's ``offset`` is where the member holding its payload starts; ``chunk`` entries
+  follow it for the file's further chunks. ``chunkSize`` is 0 (omitted) for a file's last chunk
+  and means "to the end of the file". With the writer's minimum chunk size, several payloads
+  share one member: they share ``offset`` and ``innerOffset`` says where each starts in the
+  decompressed member. A chunk's compressed bytes end where the next member starts, that is at
+  the next larger offset of any file in the TOC, or at the TOC.
+- ``chunkDigest`` is the sha256 of the chunk's bytes; a file of one chunk may carry only
+  ``digest`` (the whole file's sha256).
+- ``.prefetch.landmark`` and ``.no.prefetch.landmark`` are 1-byte regular files that only mark
+  where prefetching ends; they are not part of the image's filesystem.
+- The layer annotation ``containerd.io/snapshot/stargz/toc.digest`` is the sha256 of the
+  uncompressed TOC JSON; ``io.containers.estargz.uncompressed-size`` is the size of the
+  decompressed blob (the tar the diff_id names), in decimal.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import posixpath
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+from lazyfs.chunked.toc import Toc, TocEntry, file_chunks
+from lazyfs.errors import TocError
+from lazyfs.ranges import ByteRange
+
+FOOTER_BYTES = 51
+LEGACY_FOOTER_BYTES = 47  # the footer of stargz (google/crfs), which eStargz extends
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+TOC_TAR_NAME = "stargz.index.json"
+PREFETCH_LANDMARK = ".prefetch.landmark"
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+MAX_TOC_TAR_BYTES = 1 << 30  # a decompressed TOC member larger than this is refused
+
+_GZIP_ID_CM = b"\x1f\x8b\x08"
+_FEXTRA = 0x04
+_FHCRC_FNAME_FCOMMENT = 0x02 | 0x08 | 0x10
+_SUBFIELD_HEADER = b"SG" + (22).to_bytes(2, "little")
+_OFFSET_RE = re.compile(rb"[0-9a-fA-F]{16}STARGZ")
+_SHA256_RE = re.compile(r"sha256:[0-9a-f]{64}")
+_SKIPPED_NAMES = frozenset({TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
+
+
+# --- footer ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Footer:
+    """A parsed footer: where the TOC member starts, and how many bytes the footer takes."""
+
+    toc_offset: int
+    size: int  # FOOTER_BYTES, or LEGACY_FOOTER_BYTES for a stargz blob
+
+
+def tail_read_size(blob_size: int) -> int:
+    """How many bytes to read from the end of a blob to find either kind of footer."""
+    if blob_size < LEGACY_FOOTER_BYTES:
+        raise TocError(f"a {blob_size}-byte blob is too small to hold an eStargz footer")
+    return min(FOOTER_BYTES, blob_size)
+
+
+def parse_tail(tail: bytes) -> Footer:
+    """The footer at the end of ``tail``, the last bytes of the blob (``tail_read_size``)."""
+    problems: list[str] = []
+    if len(tail) >= FOOTER_BYTES:
+        try:
+            return Footer(_parse_estargz_footer(tail[-FOOTER_BYTES:]), FOOTER_BYTES)
+        except TocError as exc:
+            problems.append(str(exc))
+    if len(tail) >= LEGACY_FOOTER_BYTES:
+        try:
+            return Footer(_parse_legacy_footer(tail[-LEGACY_FOOTER_BYTES:]), LEGACY_FOOTER_BYTES)
+        except TocError as exc:
+            problems.append(str(exc))
+    raise TocError("no eStargz footer at the end of the layer: " + "; ".join(problems or ["short"]))
+
+
+def parse_footer(footer: bytes) -> int:
+    """The TOC's offset, from the blob's last 51 bytes (or the 47 of a legacy stargz footer)."""
+    if len(footer) not in (FOOTER_BYTES, LEGACY_FOOTER_BYTES):
+        raise TocError(f"an eStargz footer is {FOOTER_BYTES} bytes, not {len(footer)}")
+    return parse_tail(footer).toc_offset
+
+
+def toc_section(blob_size: int, footer: Footer) -> ByteRange:
+    """The blob range of the TOC member: from the TOC offset to the footer."""
+    end = blob_size - footer.size
+    if not 0 <= footer.toc_offset < end:
+        where = f"outside the {blob_size}-byte blob"
+        raise TocError(f"eStargz TOC offset {footer.toc_offset} is {where}")
+    return ByteRange(footer.toc_offset, end)
+
+
+def _parse_estargz_footer(footer: bytes) -> int:
+    extra = _gzip_extra(footer, 4 + 22)
+    if not extra.startswith(_SUBFIELD_HEADER):
+        raise TocError("eStargz footer lacks the SG subfield of 22 bytes")
+    return _parse_offset(extra[4:])
+
+
+def _parse_legacy_footer(footer: bytes) -> int:
+    return _parse_offset(_gzip_extra(footer, 22))
+
+
+def _gzip_extra(member: bytes, extra_length: int) -> bytes:
+    """The Extra field of ``member``, an empty gzip member whose only header extra is FEXTRA."""
+    flags = member[3] if len(member) > 3 else 0
+    if not member.startswith(_GZIP_ID_CM) or not flags & _FEXTRA or flags & _FHCRC_FNAME_FCOMMENT:
+        raise TocError("footer is not a gzip member with an Extra field")
+    if int.from_bytes(member[10:12], "little") != extra_length:
+        raise TocError(f"footer Extra field is not {extra_length} bytes")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(member)
+    except zlib.error as exc:
+        raise TocError(f"footer is not a valid gzip member: {exc}") from exc
+    if data or not inflater.eof or inflater.unused_data:
+        raise TocError("footer is not one empty gzip member")
+    return member[12 : 12 + extra_length]
+
+
+def _parse_offset(subfield: bytes) -> int:
+    if not _OFFSET_RE.fullmatch(subfield):
+        raise TocError("footer does not hold a %016x offset followed by STARGZ")
+    return int(subfield[:16], 16)
+
+
+# --- the TOC member ----------------------------------------------------------------------------
+
+
+def read_toc_member(section: bytes) -> bytes:
+    """The TOC JSON, from ``blob[toc_offset : blob_size - footer size]``: one gzip member
+    holding a tar whose first entry is ``stargz.index.json``."""
+    tar_bytes = _gunzip_one_member(section)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as archive:
+            member = archive.next()
+            if member is None or member.name != TOC_TAR_NAME or not member.isreg():
+                name = None if member is None else member.name
+                raise TocError(f"eStargz TOC tar entry is {name!r}, not {TOC_TAR_NAME!r}")
+            stream = archive.extractfile(member)
+            assert stream is not None  # a regular file always has one
+            return stream.read()
+    except (tarfile.TarError, EOFError, ValueError, UnicodeError) as exc:
+        raise TocError(f"eStargz TOC member is not a valid tar: {exc}") from exc
+
+
+def _gunzip_one_member(section: bytes) -> bytes:
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(section, MAX_TOC_TAR_BYTES)
+    except zlib.error as exc:
+        raise TocError(f"eStargz TOC member does not decompress: {exc}") from exc
+    if inflater.unconsumed_tail:
+        raise TocError(f"eStargz TOC member decompresses to more than {MAX_TOC_TAR_BYTES} bytes")
+    if not inflater.eof:
+        raise TocError("eStargz TOC member is truncated")
+    if inflater.unused_data:
+        raise TocError("bytes follow the eStargz TOC member before the footer")
+    return data
+
+
+def toc_digest(toc_json: bytes) -> str:
+    """What the ``toc.digest`` annotation must say for this TOC JSON."""
+    return "sha256:" + hashlib.sha256(toc_json).hexdigest()
+
+
+# --- TOC entries -------------------------------------------------------------------------------
+
+
+def toc_entries(toc_json: bytes, toc_offset: int) -> list[TocEntry]:
+    """The eStargz TOC as lazyfs TOC entries, ready for ``file_chunks`` and ``build_tree``.
+
+    Landmarks and the TOC's own entry are dropped. Regular files get their compressed ranges:
+    ``offset``/``innerOffset`` per chunk and ``end_offset`` on the ``reg`` entry, where the
+    member of its last chunk ends.
+    """
+    raw = Toc.parse(toc_json).entries
+    for entry in raw:
+        _check_numbers(entry, toc_offset)
+    ends = _MemberEnds(raw, toc_offset)
+    converted: list[TocEntry] = []
+    for group in _file_groups(raw):
+        if _clean_name(group[0].name) in _SKIPPED_NAMES:
+            continue
+        if group[0].type == "reg":
+            converted.extend(_regular_file(group, ends))
+        else:
+            converted.append(_metadata(group[0]))
+    return converted
+
+
+class _MemberEnds:
+    """Where gzip members end: at the next larger payload offset, or at the TOC."""
+
+    def __init__(self, entries: Sequence[TocEntry], toc_offset: int) -> None:
+        starts = {e.offset for e in entries if _has_payload(e)}
+        self._starts = sorted(starts | {toc_offset})
+
+    def after(self, offset: int) -> int:
+        return self._starts[bisect.bisect_right(self._starts, offset)]
+
+
+def _has_payload(entry: TocEntry) -> bool:
+    return entry.type == "chunk" or (entry.type == "reg" and entry.size > 0)
+
+
+def _check_numbers(entry: TocEntry, toc_offset: int) -> None:
+    fields = (entry.size, entry.uid, entry.gid, entry.offset, entry.inner_offset)
+    if min(*fields, entry.chunk_offset, entry.chunk_size) < 0:
+        raise TocError(f"eStargz TOC entry {entry.name!r} has a negative number")
+    if _has_payload(entry) and entry.offset >= toc_offset:
+        raise TocError(f"eStargz TOC entry {entry.name!r} has offset {entry.offset} past the TOC")
+
+
+def _file_groups(entries: Sequence[TocEntry]) -> Iterator[list[TocEntry]]:
+    """Each entry with the ``chunk`` entries after it (renamed to its file, as upstream does)."""
+    group: list[TocEntry] = []
+    for entry in entries:
+        if entry.type != "chunk":
+            if group:
+                yield group
+            group = [entry]
+        elif group and group[0].type == "reg":
+            group.append(replace(entry, name=group[0].name))
+        else:
+            raise TocError(f"eStargz TOC chunk entry {entry.name!r} does not follow a file")
+    if group:
+        yield group
+
+
+def _clean_name(name: str) -> str:
+    return posixpath.normpath("/" + name).lstrip("/")
+
+
+def _metadata(entry: TocEntry) -> TocEntry:
+    """Only the fields eStargz gives every entry; anything else in the JSON is dropped."""
+    return TocEntry(
+        type=entry.type,
+        name=entry.name,
+        link_name=entry.link_name,
+        mode=entry.mode,
+        uid=entry.uid,
+        gid=entry.gid,
+        modtime=entry.modtime,
+        dev_major=entry.dev_major,
+        dev_minor=entry.dev_minor,
+        xattrs=entry.xattrs,
+    )
+
+
+def _regular_file(group: list[TocEntry], ends: _MemberEnds) -> list[TocEntry]:
+    head = group[0]
+    base = replace(_metadata(head), size=head.size, digest=head.digest)
+    if head.size == 0:
+        if len(group) > 1:
+            raise TocError(f"eStargz TOC gives the empty file {head.name!r} chunks")
+        return [base]
+    first, *rest = [_chunk_fields(entry, head, len(group) == 1) for entry in group]
+    reg = replace(
+        base,
+        offset=first.offset,
+        inner_offset=first.inner_offset,
+        end_offset=ends.after(group[-1].offset),
+        chunk_offset=first.chunk_offset,
+        chunk_size=first.chunk_size,
+        chunk_digest=first.chunk_digest,
+    )
+    file_chunks([reg, *rest])  # TocError unless the chunks tile the file
+    return [reg, *rest]
+
+
+def _chunk_fields(entry: TocEntry, head: TocEntry, only_chunk: bool) -> TocEntry:
+    digest = entry.chunk_digest or (head.digest if only_chunk else "")
+    if not _SHA256_RE.fullmatch(digest):
+        what = f"chunk at {entry.chunk_offset} of {head.name!r}"
+        raise TocError(f"eStargz TOC {what} has no sha256 chunk digest (has {digest!r})")
+    return TocEntry(
+        type="chunk",
+        name=head.name,
+        offset=entry.offset,
+        inner_offset=entry.inner_offset,
+        chunk_offset=entry.chunk_offset,
+        chunk_size=entry.chunk_size or head.size - entry.chunk_offset,
+        chunk_digest=digest,
+    )
