@@ -13,6 +13,7 @@ FUSE handlers can use it without locks. Semantics follow the OCI image-spec laye
 from __future__ import annotations
 
 import posixpath
+import re
 import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from lazyfs.chunked.toc import ChunkRef, TocEntry, file_chunks, group_file_entri
 from lazyfs.errors import TocError
 
 ROOT_INODE = 1
+_DIGITS = re.compile(r"[0-9]+")
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 
@@ -109,19 +111,30 @@ def _apply_layer(root: Node, layer: int, entries: list[TocEntry]) -> None:
     groups = list(group_file_entries(tuple(entries)))
     for group in groups:
         _apply_whiteout(root, _split(group[0].name))
-    # Hardlinks last: a tar may name a link before the file it points to.
-    ordered = [g for g in groups if g[0].type != "hardlink"] + [
-        g for g in groups if g[0].type == "hardlink"
-    ]
-    for group in ordered:
+    deferred: list[list[TocEntry]] = []  # hardlinks named before their target in this layer
+    for group in groups:
         parts = _split(group[0].name)
-        if not parts or not parts[-1].startswith(WHITEOUT_PREFIX.encode()):
-            _add_entry(root, layer, parts, group)
+        if parts and parts[-1].startswith(WHITEOUT_PREFIX.encode()):
+            continue
+        if group[0].type == "hardlink" and _hardlink_target(root, group[0]) is None:
+            deferred.append(group)
+            continue
+        _add_entry(root, layer, parts, group)
+    for group in deferred:
+        _add_entry(root, layer, _split(group[0].name), group)
 
 
 def _split(name: str) -> list[bytes]:
     clean = posixpath.normpath("/" + name).lstrip("/")
-    return [p.encode("utf-8", "surrogateescape") for p in clean.split("/") if p and p != "."]
+    return [encode_name(p) for p in clean.split("/") if p and p != "."]
+
+
+def encode_name(text: str) -> bytes:
+    """TOC text as the bytes the kernel sees; tar's non-UTF-8 bytes come back as they were."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape: keep it, never crash
+        return text.encode("utf-8", "surrogatepass")
 
 
 def _apply_whiteout(root: Node, parts: list[bytes]) -> None:
@@ -177,11 +190,16 @@ def _add_entry(root: Node, layer: int, parts: list[bytes], group: list[TocEntry]
     parent.children[parts[-1]] = _new_node(head, group, layer)
 
 
-def _resolve_hardlink(root: Node, entry: TocEntry) -> Node:
+def _hardlink_target(root: Node, entry: TocEntry) -> Node | None:
     parts = _split(entry.link_name)
     parent = _find_dir(root, parts[:-1])
     target = parent.children.get(parts[-1]) if parent and parent.children and parts else None
-    if target is None or target.is_dir:
+    return None if target is None or target.is_dir else target
+
+
+def _resolve_hardlink(root: Node, entry: TocEntry) -> Node:
+    target = _hardlink_target(root, entry)
+    if target is None:
         raise TocError(f"hardlink {entry.name!r} points to missing {entry.link_name!r}")
     return target
 
@@ -196,7 +214,7 @@ def _new_node(head: TocEntry, group: list[TocEntry], layer: int) -> Node:
         node.verity = head.verity
         node.chunks = tuple(LayerChunk(layer, ref) for ref in file_chunks(group))
     elif head.type == "symlink":
-        node.target = head.link_name.encode("utf-8", "surrogateescape")
+        node.target = encode_name(head.link_name)
     elif head.type in ("char", "block"):
         node.rdev = _makedev(head.dev_major, head.dev_minor)
     return node
@@ -207,7 +225,7 @@ def _set_metadata(node: Node, entry: TocEntry, layer: int) -> None:
     node.uid = entry.uid
     node.gid = entry.gid
     node.mtime_ns = parse_rfc3339_ns(entry.modtime)
-    node.xattrs = {k.encode(): v for k, v in entry.xattrs.items()}
+    node.xattrs = {encode_name(k): v for k, v in entry.xattrs.items()}
     node.layer = layer
 
 
@@ -229,7 +247,9 @@ def parse_rfc3339_ns(text: str) -> int:
         seconds = int(datetime.fromisoformat(main + zone).timestamp())
     except ValueError as exc:
         raise TocError(f"invalid timestamp {text!r}") from exc
-    return seconds * 1_000_000_000 + int((fraction + "000000000")[:9] or 0)
+    if fraction and not _DIGITS.fullmatch(fraction):
+        raise TocError(f"invalid timestamp {text!r}")
+    return seconds * 1_000_000_000 + int((fraction + "000000000")[:9])
 
 
 def _split_timestamp(text: str) -> tuple[str, str, str]:

@@ -166,11 +166,6 @@ def test_strings_escaped_like_go(name: str, encoded: bytes) -> None:
     assert Toc.parse(data).entries[0].name == name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: toc.py _go_json encodes lone surrogates (non-UTF-8 xattr names from tarfile's "
-    "surrogateescape) with surrogatepass, emitting invalid UTF-8; Go writes U+FFFD",
-)
 def test_json_output_is_always_valid_utf8() -> None:
     entry = TocEntry("reg", "f", xattrs={"user.\udcff": b"v"})
     Toc((entry,)).to_json().decode("utf-8")
@@ -297,22 +292,12 @@ def test_malformed_toc_raises_toc_error(data: bytes) -> None:
         Toc.parse(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: toc.py Toc.parse checks `obj.get('version') != 1`, so JSON true and 1.0 pass "
-    "as version 1 (Go's int field rejects both)",
-)
 @pytest.mark.parametrize("version", [b"true", b"1.0"])
 def test_version_must_be_the_integer_one(version: bytes) -> None:
     with pytest.raises(TocError):
         Toc.parse(b'{"version":' + version + b',"entries":[]}')
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: toc.py _decode_xattrs base64-decodes str(v), so null becomes 'None' and 1234 "
-    "becomes '1234', both valid base64: garbage xattr values instead of TocError",
-)
 @pytest.mark.parametrize("value", [b"null", b"1234", b"true"])
 def test_non_string_xattr_value_rejected(value: bytes) -> None:
     data = b'{"version":1,"entries":[{"type":"reg","name":"a","xattrs":{"user.k":' + value + b"}}]}"
@@ -320,11 +305,6 @@ def test_non_string_xattr_value_rejected(value: bytes) -> None:
         Toc.parse(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: toc.py Toc.parse catches ValueError but not RecursionError from json.loads "
-    "(tarsplit.py catches it)",
-)
 def test_deeply_nested_json_is_toc_error() -> None:
     with pytest.raises(TocError):
         Toc.parse(b'{"version":1,"entries":[' + b"[" * 100_000 + b"]" * 100_000 + b"]}")
@@ -375,11 +355,6 @@ def test_bad_footer_raises_toc_error(data: bytes) -> None:
         Footer.parse(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): toc.py Footer.parse ignores the manifest type of the 40-byte legacy "
-    "footer; the 64-byte branch and upstream's legacy reader reject type != 1",
-)
 def test_legacy_footer_with_wrong_manifest_type_rejected() -> None:
     with pytest.raises(TocError):
         Footer.parse(struct.pack("<4Q", 1, 2, 3, 7) + LEGACY_FOOTER_MAGIC)
@@ -498,11 +473,6 @@ def test_zeros_chunk_may_have_empty_byte_range() -> None:
     assert (chunks[1].blob_offset, chunks[1].blob_end) == (200, 200)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: toc.py file_chunks checks nothing for a single-chunk file: an empty or "
-    "negative byte range, or a negative size, is accepted (the multi-chunk path rejects them)",
-)
 @pytest.mark.parametrize(
     "head",
     [reg(10, 100, 100), reg(10, 100, 50), reg(-5, 100, 200)],

@@ -279,23 +279,11 @@ def test_one_entry_per_member(converted: Converted) -> None:
         assert head.modtime == expected_modtime(info), info.name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: writer.py LayerWriter._submit_file appends non-reg entries at once but reg "
-    "entries only when their hash job is drained (_add_file_entries), so the TOC is not in tar "
-    "order (upstream writes tar order)",
-)
 def test_toc_entries_follow_tar_order(converted: Converted) -> None:
     heads = [group[0].name for group in groups(converted.layer)]
     assert heads == [toc_name(info) for info in converted.members]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: because the TOC is not in tar order (writer.py _submit_file), a path that a "
-    "layer repeats (reg file, then symlink) ends up as the reg file in the tree; tar keeps the "
-    "later member",
-)
 def test_repeated_path_later_member_wins_in_tree() -> None:
     tar = tar_of(
         [(member("x"), b"old data"), (member("x", tarfile.SYMTYPE, linkname="y"), None)],
@@ -617,11 +605,6 @@ def test_sparse_member_raises(make: Callable[[Items], bytes]) -> None:
         convert_bytes(tar)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: writer.py LayerWriter.write: a TocError raised after payload memoryviews were "
-    "handed to jobs is masked by BufferError from mmap.close() in _map_file.__exit__",
-)
 @pytest.mark.parametrize("make", [gnu_sparse_tar, pax_sparse_tar], ids=["gnu", "pax"])
 def test_sparse_member_after_a_file_raises_toc_error(make: Callable[[Items], bytes]) -> None:
     with pytest.raises(TocError):
@@ -642,11 +625,6 @@ def test_garbage_input_raises_toc_error(data: bytes) -> None:
         convert_bytes(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: writer.py LayerWriter.write: the TocError for a truncated tar is masked by "
-    "BufferError ('cannot close exported pointers exist') from _map_file.__exit__",
-)
 @pytest.mark.parametrize("cut", [600, 5000, 512 + 60_000])
 def test_truncated_tar_raises_toc_error(cut: int) -> None:
     tar = tar_of([(member("f"), RANDOM_DATA)], tarfile.GNU_FORMAT)
@@ -654,11 +632,6 @@ def test_truncated_tar_raises_toc_error(cut: int) -> None:
         convert_bytes(tar[:cut])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: writer.py _rfc3339 lets ValueError/OverflowError escape for mtimes beyond "
-    "year 9999 or NaN (Go cannot marshal such times either); should be TocError",
-)
 @pytest.mark.parametrize(
     ("tar_format", "attrs"),
     [
@@ -673,12 +646,6 @@ def test_unrepresentable_mtime_raises_toc_error(tar_format: int, attrs: dict[str
         convert_bytes(tar_of([(member("f", tarfile.REGTYPE, **attrs), b"x")], tar_format))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a non-UTF-8 PAX xattr name (surrogate-escaped by tarfile) goes into the TOC as "
-    "invalid UTF-8 (toc.py _go_json, writer.py _xattrs) and build_tree then raises "
-    "UnicodeEncodeError (tree.py _set_metadata `k.encode()`)",
-)
 def test_non_utf8_xattr_name() -> None:
     tar = tar_of(
         [(member("f", pax_headers={"SCHILY.xattr.user.QQ": "v"}), b"x")], tarfile.PAX_FORMAT

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -46,6 +47,7 @@ FOOTER_BYTES = 64
 LEGACY_FOOTER_BYTES = 40
 MANIFEST_TYPE_CRFS = 1
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"})
 
 
@@ -132,11 +134,12 @@ class Toc:
     def parse(cls, data: bytes) -> Toc:
         try:
             obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise TocError(f"TOC is not valid JSON: {exc}") from exc
         if not isinstance(obj, dict) or not isinstance(obj.get("entries"), list):
             raise TocError("TOC has no entries list")
-        if obj.get("version") != 1:
+        version = obj.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version != 1:
             raise TocError(f"unsupported TOC version {obj.get('version')!r}")
         entries = tuple(_entry_from_obj(raw) for raw in obj["entries"])
         return cls(entries, _expect(obj, "tarSplitDigest", str, ""), 1)
@@ -185,8 +188,10 @@ def _decode_xattrs(raw: object) -> dict[str, bytes]:
         return {}
     if not isinstance(raw, dict):
         raise TocError("TOC xattrs is not an object")
+    if not all(isinstance(v, str) for v in raw.values()):
+        raise TocError("TOC xattr values must be base64 strings")
     try:
-        return {str(k): base64.b64decode(str(v), validate=True) for k, v in raw.items()}
+        return {str(k): base64.b64decode(v, validate=True) for k, v in raw.items()}
     except ValueError as exc:
         raise TocError(f"TOC xattr value is not base64: {exc}") from exc
 
@@ -197,7 +202,8 @@ def _go_json(value: object) -> bytes:
     for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
         text = text.replace(char, escaped)
     text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
-    return text.encode("utf-8", "surrogatepass")
+    # Go writes invalid UTF-8 (here: surrogates) as U+FFFD.
+    return _SURROGATE.sub("\ufffd", text).encode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -270,6 +276,8 @@ class Footer:
             return cls(BlobSection(*values[0:3]), BlobSection(*values[4:7]))
         if len(data) == LEGACY_FOOTER_BYTES and data.endswith(LEGACY_FOOTER_MAGIC):
             values = struct.unpack("<4Q", data[:32])
+            if values[3] != MANIFEST_TYPE_CRFS:
+                raise TocError(f"unsupported zstd:chunked manifest type {values[3]}")
             return cls(BlobSection(*values[0:3]), BlobSection(0, 0, 0))
         raise TocError("no zstd:chunked footer at the end of the layer")
 
@@ -291,16 +299,18 @@ class ChunkRef:
 def file_chunks(entries: tuple[TocEntry, ...] | list[TocEntry]) -> list[ChunkRef]:
     """Chunks of one regular file, from its ``reg`` entry followed by its ``chunk`` entries."""
     head = entries[0]
+    if head.size < 0:
+        raise TocError(f"TOC entry {head.name!r} has a negative size")
     if head.size == 0:
         return []
     if len(entries) == 1:
         sha = head.chunk_digest or head.digest
         verity = head.chunk_verity or head.verity
-        return [
-            ChunkRef(
-                0, head.size, head.offset, head.end_offset, sha, verity, False, head.inner_offset
-            )
-        ]
+        single = ChunkRef(
+            0, head.size, head.offset, head.end_offset, sha, verity, False, head.inner_offset
+        )
+        _check_chunks_cover(head, [single])
+        return [single]
     chunks = []
     for index, entry in enumerate(entries):
         end = _chunk_end(entries, index, head.end_offset)
@@ -341,7 +351,9 @@ def _check_chunks_cover(head: TocEntry, chunks: list[ChunkRef]) -> None:
     for chunk in chunks:
         if chunk.file_offset != position or chunk.size <= 0:
             raise TocError(f"TOC chunks of {head.name!r} do not tile the file")
-        if not chunk.zeros and chunk.blob_end <= chunk.blob_offset:
+        if chunk.blob_end < chunk.blob_offset or (
+            not chunk.zeros and chunk.blob_end == chunk.blob_offset
+        ):
             raise TocError(f"TOC chunk of {head.name!r} has an empty byte range")
         position += chunk.size
     if position != head.size:

@@ -15,6 +15,7 @@ See docs/format.md for the canonical choices.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import tarfile
@@ -184,6 +185,12 @@ class _Jobs:
         while self._queue:
             self._finish_one()
 
+    def abandon(self) -> None:
+        """Wait for every job and drop it, results and all (after a failure)."""
+        while self._queue:
+            future, _then = self._queue.popleft()
+            future.exception()
+
     def _finish_one(self) -> None:
         future, then = self._queue.popleft()
         then(future.result())
@@ -197,7 +204,8 @@ class LayerWriter:
         self._on_progress = on_progress or (lambda _done: None)
         self._compressors: dict[int, zstandard.ZstdCompressor] = {}
         self.stats = LayerStats()
-        self._entries: list[TocEntry] = []
+        # One slot per tar member, in tar order; a file's slot is filled when its hash job ends.
+        self._entries: list[list[TocEntry]] = []
         # tar-split items in tar order; a file's CRC is filled in when its hash job finishes.
         self._split_items: list[_SplitItem] = []
 
@@ -209,9 +217,11 @@ class LayerWriter:
             ThreadPoolExecutor(_WORKERS, thread_name_prefix="lazyfs-convert") as pool,
         ):
             view = memoryview(tar_bytes)
+            jobs = _Jobs(pool)
             try:
-                self._write_payloads(tar_path, view, blob, _Jobs(pool))
+                self._write_payloads(tar_path, view, blob, jobs)
             finally:
+                jobs.abandon()  # on failure: no job may still hold a slice of the mapping
                 view.release()
             self.stats.tar_bytes = len(tar_bytes)
         return self._finish(blob, diff_id)
@@ -253,8 +263,9 @@ class LayerWriter:
         blob: _BlobOutput,
         jobs: _Jobs,
     ) -> None:
+        slot = [entry]
+        self._entries.append(slot)
         if entry.type != "reg":
-            self._entries.append(entry)
             return
         self.stats.file_count += 1
         pieces = list(self._split(payload))
@@ -263,9 +274,7 @@ class LayerWriter:
             self._submit_chunk(start, piece, chunks, blob, jobs)
         jobs.submit(
             lambda: _file_job(payload),
-            lambda result: self._add_file_entries(
-                entry, split, _as_file(result), chunks, blob.offset
-            ),
+            lambda result: self._fill_slot(slot, split, _as_file(result), chunks, blob.offset),
         )
 
     def _submit_chunk(
@@ -305,27 +314,16 @@ class LayerWriter:
             start, size, blob_start, blob_end, result.sha256, result.verity, result.zeros
         )
 
-    def _add_file_entries(
+    def _fill_slot(
         self,
-        entry: TocEntry,
+        slot: list[TocEntry],
         split: _SplitItem,
         file: _FileResult,
         chunks: list[ChunkRef],
         end_offset: int,
     ) -> None:
         split.crc64 = file.crc64
-        if not chunks:
-            self._entries.append(entry)
-            return
-        head = replace(entry, digest=file.sha256, verity=file.verity, offset=chunks[0].blob_offset)
-        head = replace(head, end_offset=end_offset)
-        if len(chunks) == 1:
-            self._entries.append(replace(head, chunk_verity=chunks[0].verity))
-            return
-        self._entries.append(with_chunk_fields(head, chunks[0], _chunk_type(chunks[0])))
-        for chunk in chunks[1:]:
-            bare = TocEntry(type="chunk", name=entry.name)
-            self._entries.append(with_chunk_fields(bare, chunk, _chunk_type(chunk)))
+        slot[:] = _file_entries(slot[0], file, chunks, end_offset)
 
     def _compress(self, data: memoryview | bytes) -> bytes:
         # ZstdCompressor objects are not thread-safe: one per worker thread.
@@ -340,7 +338,8 @@ class LayerWriter:
         level = self._config.zstd_level
         tar_split_json = _tar_split_json(self._split_items)
         tar_split = zstandard.ZstdCompressor(level=level).compress(tar_split_json)
-        toc = Toc(tuple(self._entries), "sha256:" + hashlib.sha256(tar_split).hexdigest())
+        entries = tuple(entry for slot in self._entries for entry in slot)
+        toc = Toc(entries, "sha256:" + hashlib.sha256(tar_split).hexdigest())
         toc_json = toc.to_json()
         toc_compressed = zstandard.ZstdCompressor(level=level).compress(toc_json)
         toc_start, _ = blob.write(skippable_frame(toc_compressed))
@@ -422,6 +421,28 @@ def _text(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def _file_entries(
+    entry: TocEntry, file: _FileResult, chunks: list[ChunkRef], end_offset: int
+) -> list[TocEntry]:
+    """The reg entry (and chunk entries) of a file, in the upstream layout."""
+    if not chunks:
+        return [entry]
+    head = replace(
+        entry,
+        digest=file.sha256,
+        verity=file.verity,
+        offset=chunks[0].blob_offset,
+        end_offset=end_offset,
+    )
+    if len(chunks) == 1:
+        return [replace(head, chunk_verity=chunks[0].verity)]
+    entries = [with_chunk_fields(head, chunks[0], _chunk_type(chunks[0]))]
+    for chunk in chunks[1:]:
+        bare = TocEntry(type="chunk", name=entry.name)
+        entries.append(with_chunk_fields(bare, chunk, _chunk_type(chunk)))
+    return entries
+
+
 def _discard(_value: object) -> None:
     return None
 
@@ -429,7 +450,7 @@ def _discard(_value: object) -> None:
 def _xattrs(pax: Mapping[str, str]) -> dict[str, bytes]:
     prefix = "SCHILY.xattr."
     return {
-        key[len(prefix) :]: value.encode("utf-8", "surrogateescape")
+        _text(key[len(prefix) :]): value.encode("utf-8", "surrogateescape")
         for key, value in pax.items()
         if key.startswith(prefix)
     }
@@ -445,9 +466,12 @@ def _rfc3339(exact: str | None, fallback: float | None) -> str:
         if fallback is None:
             return ""
         seconds = Decimal(int(fallback))
-    whole = int(seconds.to_integral_value(rounding="ROUND_FLOOR"))
-    nanos = int((seconds - whole) * 1_000_000_000)
-    stamp = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    try:
+        whole = int(seconds.to_integral_value(rounding="ROUND_FLOOR"))
+        nanos = int((seconds - whole) * 1_000_000_000)
+        stamp = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    except (ValueError, OverflowError, ArithmeticError) as exc:
+        raise TocError(f"tar timestamp {exact or fallback!r} is out of range") from exc
     fraction = f".{nanos:09d}".rstrip("0") if nanos else ""
     return f"{stamp}{fraction}Z"
 
@@ -499,5 +523,8 @@ class _map_file:
         return self._map
 
     def __exit__(self, *_exc: object) -> None:
-        if self._map is not None:
+        if self._map is None:
+            return
+        # A traceback may still hold a slice; then the map closes when it is collected.
+        with contextlib.suppress(BufferError):
             self._map.close()
