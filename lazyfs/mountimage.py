@@ -37,6 +37,7 @@ from lazyfs.chunked.toc import (
     VERITY_ANNOTATION,
     BlobSection,
     Toc,
+    TocEntry,
     parse_toc_position,
 )
 from lazyfs.chunked.writer import ChunkedLayer, write_chunked_layer
@@ -51,6 +52,7 @@ from lazyfs.errors import (
     TransientRegistryError,
     UnsupportedMediaTypeError,
 )
+from lazyfs.formats import estargz
 from lazyfs.image import Descriptor, Manifest, layer_compression, parse_manifest_or_index
 from lazyfs.layerio import Compression, decompress_layer
 from lazyfs.platform import Platform
@@ -192,6 +194,11 @@ class MetadataFetcher:
             os.replace(out, final)  # atomic: a half-written blob never has the final name
         return chunked
 
+    async def blob_range(self, ref: Reference, layer: Descriptor, rng: ByteRange) -> bytes:
+        if self.offline:
+            raise RegistryUnreachableError(f"layer {layer.digest} metadata is not cached")
+        return await self._first(ref, lambda r: self._client.get_blob_range(r, layer.digest, rng))
+
     async def _remember(self, key: str, data: bytes) -> None:
         await self.remember(key, data)
 
@@ -231,7 +238,32 @@ async def _index_layer(
 ) -> tuple[Toc, LayerBlob]:
     if _is_zstd_chunked(layer):
         return await _layer_toc(fetcher, ref, layer), _layer_blob(layer)
+    if estargz.TOC_DIGEST_ANNOTATION in layer.annotations:
+        entries = await _estargz_entries(fetcher, ref, layer)
+        return Toc(tuple(entries)), LayerBlob(layer.digest, layer.size, "gzip", "sha256")
     return await _localize_plain_layer(fetcher, ref, layer, cache.directory / LOCAL_LAYERS_DIR)
+
+
+async def _estargz_entries(
+    fetcher: MetadataFetcher, ref: Reference, layer: Descriptor
+) -> list[TocEntry]:
+    """The eStargz TOC: footer, then the TOC member, checked against the annotation."""
+    expected = layer.annotations[estargz.TOC_DIGEST_ANNOTATION]
+    key = f"estargz-toc:{expected}"
+    cached = await anyio.to_thread.run_sync(fetcher.cache.get_meta, key)
+    if cached is None:
+        tail_size = estargz.tail_read_size(layer.size)
+        tail = await fetcher.blob_range(ref, layer, ByteRange(layer.size - tail_size, layer.size))
+        footer = estargz.parse_tail(tail)
+        section = estargz.toc_section(layer.size, footer)
+        toc_json = estargz.read_toc_member(await fetcher.blob_range(ref, layer, section))
+        cached = b"%d\n" % footer.toc_offset + toc_json
+    offset_line, _, toc_json = cached.partition(b"\n")
+    actual = estargz.toc_digest(toc_json)
+    if actual != expected:
+        raise IntegrityError(f"eStargz TOC of layer {layer.digest}", expected, actual)
+    await fetcher.remember(key, cached)
+    return estargz.toc_entries(toc_json, int(offset_line))
 
 
 def _is_zstd_chunked(layer: Descriptor) -> bool:

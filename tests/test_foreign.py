@@ -175,3 +175,28 @@ def test_mixed_plain_and_lazy_layers_and_offline_remount(
     with mounted(ref, tmp_path / "mnt", tmp_path / "cache", "--read-timeout", "20") as mnt:
         assert_trees_equal(expected, tree_snapshot(mnt))
         assert stats(mnt)["offline"] is True
+
+
+def test_estargz_mounts_lazily_and_matches_umoci(tmp_path: Path) -> None:
+    from estargz_build import write_estargz_image
+    from imagebuild import feature_layers
+
+    built = write_estargz_image(
+        tmp_path / "src", "v1", feature_layers(), chunk_size=64 << 10, min_chunk_size=4096
+    )
+    unpacked = tree_snapshot(umoci_unpack(built.image.layout.path, "v1", tmp_path / "unpacked"))
+    # eStargz's own metadata entries are hidden, as stargz-snapshotter hides them.
+    hidden = {"stargz.index.json", ".prefetch.landmark", ".no.prefetch.landmark"}
+    expected = {path: info for path, info in unpacked.items() if path not in hidden}
+    assert len(expected) >= len(unpacked) - 2
+    with LocalRegistry(tmp_path / "registry") as registry:
+        ref = f"{registry.host}/estargz:v1"
+        skopeo_copy(f"oci:{built.image.layout.path}:v1", f"docker://{ref}")
+        with mounted(ref, tmp_path / "mnt", tmp_path / "cache") as mnt:
+            assert_trees_equal(expected, tree_snapshot(mnt))
+            counters = stats(mnt)
+        assert counters["plain_layers"] == 0
+        assert counters["verification_failures"] == 0
+        # offline remount from the cache
+        with mounted(ref, tmp_path / "mnt", tmp_path / "cache") as mnt:
+            assert_trees_equal(expected, tree_snapshot(mnt))

@@ -57,7 +57,7 @@ _FHCRC_FNAME_FCOMMENT = 0x02 | 0x08 | 0x10
 _SUBFIELD_HEADER = b"SG" + (22).to_bytes(2, "little")
 _OFFSET_RE = re.compile(rb"[0-9a-fA-F]{16}STARGZ")
 _SHA256_RE = re.compile(r"sha256:[0-9a-f]{64}")
-_SKIPPED_NAMES = frozenset({TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
+_LANDMARKS = frozenset({PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
 
 
 # --- footer ------------------------------------------------------------------------------------
@@ -194,13 +194,18 @@ def toc_entries(toc_json: bytes, toc_offset: int) -> list[TocEntry]:
     ``offset``/``innerOffset`` per chunk and ``end_offset`` on the ``reg`` entry, where the
     member of its last chunk ends.
     """
-    raw = Toc.parse(toc_json).entries
-    for entry in raw:
+    groups = [
+        group
+        for group in _file_groups(Toc.parse(toc_json).entries)
+        if _clean_name(group[0].name) != TOC_TAR_NAME  # upstream never lists it; some might
+    ]
+    kept = [entry for group in groups for entry in group]
+    for entry in kept:
         _check_numbers(entry, toc_offset)
-    ends = _MemberEnds(raw, toc_offset)
+    ends = _MemberEnds(kept, toc_offset)  # landmarks still start members
     converted: list[TocEntry] = []
-    for group in _file_groups(raw):
-        if _clean_name(group[0].name) in _SKIPPED_NAMES:
+    for group in groups:
+        if _clean_name(group[0].name) in _LANDMARKS:
             continue
         if group[0].type == "reg":
             converted.extend(_regular_file(group, ends))
