@@ -38,6 +38,7 @@ from lazyfs.service import MountOptions, MountService
 log = logging.getLogger("lazyfs")
 
 _READY = b"ready\n"
+CREDS_ENV = "LAZYFS_MOUNT_CREDS"
 _MOUNT_TIMEOUT_S = 300.0
 _UMOUNT_WAIT_S = 30.0
 
@@ -48,6 +49,8 @@ def default_cache_dir() -> Path:
 
 
 def run_mount(args: argparse.Namespace) -> int:
+    if args.creds is None:  # a daemon started by `lazyfs mount` gets them this way
+        args.creds = os.environ.pop(CREDS_ENV, None)
     mountpoint = _check_mountpoint(args.mountpoint)
     reference = Reference.parse(args.reference)
     if not args.foreground:
@@ -117,14 +120,20 @@ def _start_daemon(args: argparse.Namespace, mountpoint: Path) -> int:
         sys.executable,
         "-m",
         "lazyfs",
-        *args.raw_argv,
+        *_without_creds(args.raw_argv),
         "--foreground",
         "--ready-fd",
         str(write_fd),
     ]
+    # Credentials go through the environment (readable by this user only), never the command
+    # line, which every user can read in /proc for as long as the daemon runs.
+    environment = dict(os.environ)
+    if args.creds:
+        environment[CREDS_ENV] = args.creds
     with log_path.open("ab") as log_file:
         daemon = subprocess.Popen(
             argv,
+            env=environment,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,
@@ -144,6 +153,19 @@ def _start_daemon(args: argparse.Namespace, mountpoint: Path) -> int:
     raise LazyfsError(
         message or f"the mount daemon exited with status {daemon.returncode}; see {log_path}"
     )
+
+
+def _without_creds(argv: list[str]) -> list[str]:
+    kept: list[str] = []
+    skip_next = False
+    for word in argv:
+        if skip_next:
+            skip_next = False
+        elif word == "--creds":
+            skip_next = True
+        elif not word.startswith("--creds="):
+            kept.append(word)
+    return kept
 
 
 def _read_answer(fd: int) -> bytes:

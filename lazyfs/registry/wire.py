@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import ssl
 import time
 from typing import Any
 
@@ -48,6 +49,12 @@ def one_line(text: str) -> str:
 def transport_error(exc: httpx.HTTPError, host: str, what: str) -> RegistryError:
     """Translate an httpx failure (no HTTP answer, or a broken one) for ``what`` on ``host``."""
     detail = _innermost_detail(exc)
+    if _caused_by(exc, ssl.SSLCertVerificationError):
+        # Not transient and not "offline": retrying or falling back to the cache would hide it.
+        return RegistryError(
+            f"{what}: TLS verification failed for {host}: {detail} "
+            "(give its CA with --cert-dir, or use --tls-verify=false)"
+        )
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         return RegistryUnreachableError(f"{what}: cannot reach registry {host}: {detail}")
     if isinstance(exc, httpx.TimeoutException):
@@ -55,6 +62,15 @@ def transport_error(exc: httpx.HTTPError, host: str, what: str) -> RegistryError
     if isinstance(exc, httpx.NetworkError | httpx.RemoteProtocolError):
         return TransientRegistryError(f"{what}: connection to {host} broke: {detail}")
     return RegistryProtocolError(f"{what}: bad exchange with {host}: {detail}")
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _innermost_detail(exc: BaseException) -> str:
