@@ -12,7 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ class MountService:
         self._credentials = credentials
         self._started = time.monotonic()
         self._image: OpenedImage | None = None
+        self._client: RegistryClient | None = None
         self._endpoints = EndpointOrder(options.mirrors)
         self._resolver: ChunkResolver | None = None
 
@@ -80,7 +81,11 @@ class MountService:
             verify_reads=cache_config.verify_reads,
         )
         try:
-            async with RegistryClient(self._options.registry, self._credentials) as client:
+            registry = replace(
+                self._options.registry, whole_blob_dir=cache_config.directory / LOCAL_LAYERS_DIR
+            )
+            async with RegistryClient(registry, self._credentials) as client:
+                self._client = client
                 self._image = await open_image(
                     client,
                     cache,
@@ -120,11 +125,7 @@ class MountService:
     def _byte_source(self, client: RegistryClient, cache: ChunkCache) -> ByteSource:
         assert self._image is not None
         remote = MirroredByteSource(client, self._image.reference, self._endpoints)
-        local = {layer.digest for layer in self._image.layers if not layer.lazy}
-        if not local:
-            return remote
-        directory = DirectoryByteSource(cache.directory / LOCAL_LAYERS_DIR)
-        return RoutingByteSource(directory, local, remote)
+        return RoutingByteSource(DirectoryByteSource(cache.directory / LOCAL_LAYERS_DIR), remote)
 
     async def _stop_on_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -143,6 +144,7 @@ class MountService:
                 per_layer[index] = layer.fetched_whole_bytes
         counters["bytes_fetched"] += sum(layer.fetched_whole_bytes for layer in image.layers)
         counters["plain_layers"] = sum(1 for layer in image.layers if not layer.lazy)
+        counters["network_bytes_received"] = self._client_bytes()
         return {
             "pid": os.getpid(),
             "reference": str(image.reference),
@@ -163,6 +165,10 @@ class MountService:
                 for index, layer in enumerate(image.layers)
             ],
         }
+
+    def _client_bytes(self) -> int:
+        """Body bytes the registry client really received (metadata, chunks, whole blobs)."""
+        return self._client.stats.bytes_received if self._client else 0
 
     def summary(self) -> str:
         if self._resolver is None:

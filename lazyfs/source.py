@@ -49,11 +49,17 @@ class DirectoryByteSource:
     def __init__(self, blobs_dir: Path) -> None:
         self._dir = blobs_dir
 
+    def has(self, blob: Digest) -> bool:
+        return self._path(blob).is_file()
+
+    def _path(self, blob: Digest) -> Path:
+        return self._dir / blob.algorithm / blob.hex
+
     async def read_ranges(self, blob: Digest, ranges: Sequence[ByteRange]) -> list[bytes]:
         return await anyio.to_thread.run_sync(self._read, blob, list(ranges))
 
     def _read(self, blob: Digest, ranges: list[ByteRange]) -> list[bytes]:
-        path = self._dir / blob.algorithm / blob.hex
+        path = self._path(blob)
         try:
             with path.open("rb") as file:
                 return [_pread(file.fileno(), rng) for rng in ranges]
@@ -66,17 +72,18 @@ def _pread(fd: int, rng: ByteRange) -> bytes:
 
 
 class RoutingByteSource:
-    """Blobs in ``local`` come from the local directory; everything else from ``remote``."""
+    """Blobs present in the local directory are read there; everything else from ``remote``.
 
-    def __init__(
-        self, local: DirectoryByteSource, local_blobs: set[Digest], remote: ByteSource
-    ) -> None:
+    Local blobs are plain layers converted at mount time, and whole blobs that a Range request
+    received anyway (a pull-through proxy's first answer); chunks are verified all the same.
+    """
+
+    def __init__(self, local: DirectoryByteSource, remote: ByteSource) -> None:
         self._local = local
-        self._local_blobs = local_blobs
         self._remote = remote
 
     async def read_ranges(self, blob: Digest, ranges: Sequence[ByteRange]) -> list[bytes]:
-        source = self._local if blob in self._local_blobs else self._remote
+        source = self._local if self._local.has(blob) else self._remote
         return await source.read_ranges(blob, ranges)
 
 

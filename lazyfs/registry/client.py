@@ -11,6 +11,7 @@ Everything fetched is verified against its digest before it is returned or renam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import random
 import secrets
 import socket
 import ssl
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -103,6 +105,36 @@ class _Call:
     what: str
     headers: Mapping[str, str] = field(default_factory=dict)
     content: bytes | None = None
+
+
+class _BlobKeeper:
+    """Writes a streamed blob to ``directory/ALG/HEX`` if a directory is given; atomic."""
+
+    def __init__(self, directory: Path | None, digest: Digest) -> None:
+        self._final = directory / digest.algorithm / digest.hex if directory else None
+        self._file: IO[bytes] | None = None
+
+    def __enter__(self) -> _BlobKeeper:
+        if self._final is not None and not self._final.exists():
+            self._final.parent.mkdir(parents=True, exist_ok=True)
+            self._file = tempfile.NamedTemporaryFile(dir=self._final.parent, delete=False)
+        return self
+
+    def write(self, data: bytes) -> None:
+        if self._file is not None:
+            self._file.write(data)
+
+    def commit(self) -> None:
+        if self._file is not None and self._final is not None:
+            self._file.close()
+            os.replace(self._file.name, self._final)
+            self._file = None
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._file is not None:  # not committed: never leave a partial blob
+            self._file.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self._file.name)
 
 
 class _Progress:
@@ -428,15 +460,23 @@ class RegistryClient:
     async def _slice_whole_blob(
         self, response: httpx.Response, digest: Digest, ranges: Sequence[ByteRange], what: str
     ) -> list[bytes]:
-        """Keep only the wanted bytes of a whole-blob answer, verifying all of it."""
+        """Keep the wanted bytes of a whole-blob answer, verifying all of it.
+
+        With ``config.whole_blob_dir`` set, the whole blob is kept there too (as
+        ``sha256/<hex>``, renamed into place only once verified): a pull-through proxy answers
+        a first Range request with the whole blob, and that transfer should not be wasted.
+        """
         writer = DigestingWriter(digest.algorithm)
         pieces = [bytearray() for _ in ranges]
-        async for chunk in response.aiter_bytes(_STREAM_CHUNK_BYTES):
-            _collect_overlaps(chunk, writer.size_bytes, ranges, pieces)
-            writer.update(chunk)
-            self.stats.bytes_received += len(chunk)
-        _check_length(response, writer.size_bytes, what)
-        writer.check(digest, what)
+        with _BlobKeeper(self.config.whole_blob_dir, digest) as keeper:
+            async for chunk in response.aiter_bytes(_STREAM_CHUNK_BYTES):
+                _collect_overlaps(chunk, writer.size_bytes, ranges, pieces)
+                writer.update(chunk)
+                keeper.write(chunk)
+                self.stats.bytes_received += len(chunk)
+            _check_length(response, writer.size_bytes, what)
+            writer.check(digest, what)
+            keeper.commit()
         if writer.size_bytes < max(r.end for r in ranges):
             raise RegistryProtocolError(f"{what}: blob has only {writer.size_bytes} bytes")
         return [bytes(piece) for piece in pieces]
