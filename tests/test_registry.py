@@ -417,7 +417,8 @@ async def test_tls(tls_registry: tuple[LocalRegistry, Path], tmp_path: Path, mod
     ref = fresh_ref(local)
     async with RegistryClient(config) as client:
         if mode == "untrusted":
-            with pytest.raises(RegistryError, match="TLS verification failed.*CERTIFICATE_VERIFY_FAILED"):
+            failed = r"TLS verification failed.*CERTIFICATE_VERIFY_FAILED"
+            with pytest.raises(RegistryError, match=failed):
                 await client.blob_size(ref, Digest.of(b"x"))
             return
         digest = await push_data(client, ref, tmp_path, b"over tls")
