@@ -69,6 +69,10 @@ class ResolverConfig:
     # Ranges per multi-range request (multipart/byteranges); 1 disables multi-range.
     max_ranges_per_request: int = 16
     read_deadline_s: float = 120.0
+    # Readahead after a miss: about one bandwidth-delay product, within these bounds
+    # (lazyfs/readahead.py). A maximum of 0 turns it off.
+    readahead_min_bytes: int = 64 << 10
+    readahead_max_bytes: int = 4 << 20
 
 
 @dataclass(frozen=True)

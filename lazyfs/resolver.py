@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from lazyfs.config import ResolverConfig
 from lazyfs.digest import Digest
 from lazyfs.errors import CacheError, FetchDeadlineError, IntegrityError, LazyfsError
 from lazyfs.ranges import ByteRange
+from lazyfs.readahead import BlobIndex, LinkEstimate
 from lazyfs.source import ByteSource
 from lazyfs.tree import LayerChunk, Node
 from lazyfs.verity import format_verity, fsverity_digest
@@ -66,6 +68,7 @@ class ResolverStats:
     cache_misses: int = 0
     singleflight_waits: int = 0
     verification_failures: int = 0
+    readahead_chunks: int = 0  # fetched because they follow a miss, before anyone asked
     layer_bytes_fetched: dict[int, int] = field(default_factory=dict)
 
 
@@ -113,8 +116,11 @@ class ChunkResolver:
         layers: Sequence[LayerBlob],
         config: ResolverConfig,
         task_group: TaskGroup,
+        blob_index: BlobIndex | None = None,
     ) -> None:
         self._source = source
+        self._blob_index = blob_index
+        self._link = LinkEstimate()
         self._cache = cache
         self._layers = list(layers)
         self._config = config
@@ -195,8 +201,42 @@ class ChunkResolver:
                 self.stats.cache_hits += 1
                 self._flights.pop(item.key).finish(data, None)
         self.stats.cache_misses += len(missing)
+        missing += await self._readahead(missing)
         for request in self._plan(missing):
             self._task_group.start_soon(self._fetch, request)
+
+    async def _readahead(self, missing: list[_Wanted]) -> list[_Wanted]:
+        """Flights for the chunks that follow each layer's last miss (docs in readahead.py)."""
+        if self._blob_index is None or not missing or self._config.readahead_max_bytes <= 0:
+            return []
+        window = self._link.window_bytes(
+            self._config.readahead_min_bytes, self._config.readahead_max_bytes
+        )
+        last: dict[int, _Wanted] = {}
+        for item in missing:
+            if (
+                item.chunk.layer not in last
+                or item.chunk.ref.blob_offset > last[item.chunk.layer].chunk.ref.blob_offset
+            ):
+                last[item.chunk.layer] = item
+        extras: list[_Wanted] = []
+        for item in last.values():
+            for node, chunk in self._blob_index.following(item.chunk, window):
+                wanted = self._wanted(node, chunk)
+                if wanted.key not in self._flights:  # no await since the check: still true
+                    self._flights[wanted.key] = _Flight()
+                    extras.append(wanted)
+        if not extras:
+            return []
+        cached = await anyio.to_thread.run_sync(lambda: [self._cached(w.key) for w in extras])
+        fetch = []
+        for item, data in zip(extras, cached, strict=True):
+            if data is None:
+                fetch.append(item)
+            else:
+                self._flights.pop(item.key).finish(data, None)
+        self.stats.readahead_chunks += len(fetch)
+        return fetch
 
     def _cached(self, key: str) -> bytes | None:
         """Worker thread: the cached chunk for a flight key (fs-verity, or sha256 via alias)."""
@@ -245,7 +285,10 @@ class ChunkResolver:
         try:
             async with self._limiter:
                 blob = self._layers[request.layer]
+                started = time.monotonic()
                 bodies = await self._source.read_ranges(blob.digest, request.ranges)
+                if blob.lazy:
+                    self._link.record(sum(len(b) for b in bodies), time.monotonic() - started)
             self._count_fetch(request, bodies)
             frames = _cut_frames(request, bodies)
             results = await anyio.to_thread.run_sync(self._verify_and_store, blob, frames)
@@ -254,6 +297,9 @@ class ChunkResolver:
                 "fetch of %d chunks from layer %d failed: %s", len(items), request.layer, exc
             )
             results = [exc] * len(items)
+        except Exception as exc:  # a bug must fail these reads, not the whole mount
+            log.exception("fetch of %d chunks from layer %d crashed", len(items), request.layer)
+            results = [LazyfsError(f"fetch failed: {exc!r}")] * len(items)
         except BaseException:
             self._finish(items, [FetchDeadlineError("fetch cancelled")] * len(items))
             raise

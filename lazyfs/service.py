@@ -25,6 +25,7 @@ from lazyfs.config import CacheConfig, RegistryConfig, ResolverConfig
 from lazyfs.fs import LazyOperations
 from lazyfs.mountimage import LOCAL_LAYERS_DIR, OpenedImage, open_image
 from lazyfs.platform import Platform
+from lazyfs.readahead import BlobIndex
 from lazyfs.reference import Reference
 from lazyfs.registry.auth import CredentialSource
 from lazyfs.registry.client import RegistryClient
@@ -103,8 +104,10 @@ class MountService:
         assert self._image is not None
         async with anyio.create_task_group() as tasks:
             source = self._byte_source(client, cache)
+            index = await anyio.to_thread.run_sync(BlobIndex.of_tree, self._image.tree)
+            index = await anyio.to_thread.run_sync(BlobIndex.of_tree, self._image.tree)
             self._resolver = ChunkResolver(
-                source, cache, self._image.layers, self._options.resolver, tasks
+                source, cache, self._image.layers, self._options.resolver, tasks, index
             )
             operations = LazyOperations(self._image.tree, self._resolver, self.stats)
             pyfuse3.init(operations, str(self._options.mountpoint), fuse_options(self._options))

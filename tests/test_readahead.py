@@ -1,0 +1,47 @@
+"""Readahead: the bandwidth-delay window and the chunks that follow a miss."""
+
+from __future__ import annotations
+
+from lazyfs.chunked.toc import ChunkRef
+from lazyfs.readahead import BlobIndex, LinkEstimate
+from lazyfs.tree import LayerChunk, Node, Tree
+
+
+def test_window_is_the_bandwidth_delay_product_within_bounds() -> None:
+    link = LinkEstimate()
+    assert link.window_bytes(64 << 10, 4 << 20) == 64 << 10  # nothing measured yet
+    link.record(4096, 0.05)  # a small request: RTT 50 ms
+    link.record(1_050_000, 0.05 + 0.084)  # 1.05 MB in 84 ms after the RTT: 12.5 MB/s
+    window = link.window_bytes(64 << 10, 4 << 20)
+    assert 500_000 < window < 750_000  # about 12.5 MB/s x 50 ms
+    assert link.window_bytes(64 << 10, 100_000) == 100_000
+
+
+def test_loopback_like_link_keeps_the_minimum() -> None:
+    link = LinkEstimate()
+    for _ in range(5):
+        link.record(4096, 0.0003)
+        link.record(1 << 20, 0.0003 + 0.001)
+    assert link.window_bytes(64 << 10, 4 << 20) <= 1 << 20
+
+
+def _node(inode: int, offsets: list[tuple[int, int]], layer: int = 0) -> Node:
+    chunks = tuple(
+        LayerChunk(
+            layer, ChunkRef(0, 10, start, end, f"sha256:{inode}-{start}", f"v{inode}-{start}")
+        )
+        for start, end in offsets
+    )
+    return Node(kind="reg", mode=0o644, size=10, chunks=chunks, inode=inode, path=f"/f{inode}")
+
+
+def test_following_walks_blob_order_across_files_until_the_budget() -> None:
+    a, b, c = _node(2, [(100, 200)]), _node(3, [(200, 300)]), _node(4, [(300, 400), (400, 500)])
+    root = Node(kind="dir", mode=0o755, inode=1, children={})
+    tree = Tree({1: root, 2: a, 3: b, 4: c}, {1: ()})
+    index = BlobIndex.of_tree(tree)
+    following = index.following(a.chunks[0], 250)
+    assert [chunk.ref.blob_offset for _, chunk in following] == [200, 300, 400]
+    assert [node.inode for node, _ in following] == [3, 4, 4]
+    assert index.following(c.chunks[1], 1000) == []
+    assert index.following(a.chunks[0], 0) == []
