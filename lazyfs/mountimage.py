@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import anyio
 import anyio.to_thread
 import zstandard
 
@@ -45,6 +46,7 @@ from lazyfs.config import ChunkingConfig
 from lazyfs.digest import Digest
 from lazyfs.errors import (
     IntegrityError,
+    LazyfsError,
     ManifestError,
     RegistryError,
     RegistryUnreachableError,
@@ -226,11 +228,40 @@ async def open_image(
         if not isinstance(parsed, Manifest):
             raise ManifestError(f"{ref}: nested index {digest} is not supported")
     pinned = ref.with_digest(digest)
-    await fetcher.blob(pinned, parsed.config.digest)  # cached for offline remounts
-    indexed = [await _index_layer(fetcher, pinned, layer, cache) for layer in parsed.layers]
+    indexed = await _index_layers(fetcher, pinned, parsed, cache)
     tree = await anyio.to_thread.run_sync(build_tree, [toc.entries for toc, _ in indexed])
     layers = tuple(blob for _, blob in indexed)
     return OpenedImage(pinned, parsed, layers, tree, fetcher.offline)
+
+
+async def _index_layers(
+    fetcher: MetadataFetcher, ref: Reference, manifest: Manifest, cache: ChunkCache
+) -> list[tuple[Toc, LayerBlob]]:
+    """Every layer's TOC, and the config (kept for offline remounts), fetched concurrently:
+    on a long link each is a round trip, and they do not depend on each other."""
+    results: list[tuple[Toc, LayerBlob] | None] = [None] * len(manifest.layers)
+
+    async def index(position: int, layer: Descriptor) -> None:
+        results[position] = await _index_layer(fetcher, ref, layer, cache)
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(fetcher.blob, ref, manifest.config.digest)
+            for position, layer in enumerate(manifest.layers):
+                tasks.start_soon(index, position, layer)
+    except ExceptionGroup as group:  # report one clear error, as a sequential fetch would
+        first = next((e for e in _leaves(group) if isinstance(e, LazyfsError)), None)
+        if first is None:
+            raise
+        raise first from None
+    return [result for result in results if result is not None]
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
 
 
 async def _index_layer(
