@@ -1,7 +1,8 @@
-"""``python -m bench [NAME ...] [-- ARGS]``: run benchmarks by name; no name runs them all.
+"""``python -m bench [NAME [ARGS...]]``: run one benchmark by name; no name runs them all.
 
 Each benchmark is a module of this package with ``main(argv) -> int``; ``python -m bench NAME
---help`` shows its options. ``python -m bench --list`` lists them.
+--help`` shows its options. ``python -m bench --list`` lists them. ``python -m bench
+--json-dir DIR`` runs them all and also writes DIR/NAME.json for those that take ``--json``.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import importlib
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 # name -> (module, one-line description); run in this order by ``python -m bench``.
+# Every benchmark but verity takes ``--json FILE``.
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "verity": ("bench.bench_verity", "userspace fs-verity digest speed vs plain sha256"),
     "convert": ("bench.convert", "lazyfs convert throughput vs zstd -3 and gunzip"),
@@ -21,7 +24,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 
 
 def usage() -> str:
-    lines = ["usage: python -m bench [--list] [NAME [ARGS...]]", "", "benchmarks:"]
+    lines = [
+        "usage: python -m bench [--list] [--json-dir DIR] [NAME [ARGS...]]",
+        "",
+        "benchmarks:",
+    ]
     lines += [f"  {name:<10} {description}" for name, (_, description) in BENCHMARKS.items()]
     lines += ["", "With no NAME, every benchmark runs with its defaults, one after the other."]
     return "\n".join(lines)
@@ -37,6 +44,14 @@ def main(argv: Sequence[str]) -> int:
     if argv and argv[0] in ("-h", "--help", "--list", "list"):
         print(usage())
         return 0
+    json_dir: Path | None = None
+    if argv and argv[0] == "--json-dir":
+        if len(argv) != 2:
+            print(usage(), file=sys.stderr)
+            return 2
+        json_dir = Path(argv[1])
+        json_dir.mkdir(parents=True, exist_ok=True)
+        argv = []
     if argv:
         name = argv[0]
         if name not in BENCHMARKS:
@@ -48,7 +63,12 @@ def main(argv: Sequence[str]) -> int:
         print(f"\n######## bench {name}\n", flush=True)
         started = time.monotonic()
         try:
-            code = run_one(name, [])
+            extra = (
+                []
+                if json_dir is None or name == "verity"
+                else ["--json", str(json_dir / f"{name}.json")]
+            )
+            code = run_one(name, extra)
         except Exception as exc:  # one failing benchmark must not hide the others' figures
             print(f"bench {name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             code = 1

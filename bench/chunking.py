@@ -1,6 +1,7 @@
 """The data behind the chunk-size defaults (``ChunkingConfig``; docs/chunking.md).
 
-For each fastcdc average size (16K, 32K, 64K, 128K, 256K; min = avg/4, max = avg*4) the same
+For each fastcdc average size (16K, 32K, 64K, 128K, 256K; min = avg/4, max = avg*4), and for
+one frame per whole file (no chunking: the reference row), the same
 realistic layer (a deterministic sample of this machine's /usr, as in ``bench convert``) and a
 second "version" of it (the same files, 5% of them edited: a third appended to, a third patched in
 place, a third with bytes inserted) are converted with ``write_chunked_layer``. Reported:
@@ -12,7 +13,8 @@ place, a third with bytes inserted) are converted with ``write_chunked_layer``. 
   shared by digest) and against pulling the whole v2 layer;
 - over-fetch: compressed bytes fetched (whole chunks, ranges merged as the resolver merges them
   with ``ResolverConfig`` defaults) to read 200 small files whole, 32 random 4 KiB reads of the
-  biggest file, and 1 MiB of it sequentially, against the bytes read.
+  biggest ELF file, and 1 MiB of it sequentially, against the bytes read; and the whole-chunk
+  bytes those reads cover (over-fetch before compression).
 
 The model counts what lazyfs asks for; the kernel's read-ahead (1 MiB on a lazyfs mount) can
 make real reads larger (``bench mount`` measures real reads).
@@ -61,6 +63,8 @@ from lazyfs.chunked.writer import ChunkedLayer, write_chunked_layer
 from lazyfs.config import ChunkingConfig, ResolverConfig
 
 AVERAGES_KIB = (16, 32, 64, 128, 256)
+WHOLE_FILE = 0  # stands for "no chunking": every file one frame
+_HUGE = 1 << 40
 EDITED_FRACTION = 0.05
 SMALL_FILE_MAX = 64 * KIB
 SMALL_FILE_SAMPLE = 200
@@ -71,12 +75,16 @@ _SEED = 20240601
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench chunking", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench chunking",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--size-mb", type=int, default=256, help="MiB of file data (default 256)")
     parser.add_argument(
         "--averages",
-        default=",".join(map(str, AVERAGES_KIB)),
-        help="comma-separated average chunk sizes in KiB",
+        default=",".join(map(str, AVERAGES_KIB)) + ",file",
+        help="comma-separated average chunk sizes in KiB; 'file' for one frame per file",
     )
     parser.add_argument("--work-dir", type=Path, help="keep the tars and blobs here")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
@@ -85,9 +93,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    averages = [int(a) * KIB for a in args.averages.split(",")]
-    print_machine()
+    averages = [WHOLE_FILE if a == "file" else int(a) * KIB for a in args.averages.split(",")]
+    busy = print_machine()
     report = Report("chunking: fastcdc average size (min = avg/4, max = avg*4)")
+    report.facts["CPU % used by other work at the start"] = round(busy, 1)
     with interrupts_as_exceptions(), work_dir(args.work_dir, "lazyfs-bench-chunking-") as work:
         rows = measure(report, work, args.size_mb * MIB, averages)
     report.print_table()
@@ -160,13 +169,21 @@ def layout_of(layer: ChunkedLayer) -> dict[str, FileLayout]:
     return files
 
 
-def fetched_bytes(
-    reads: Sequence[tuple[FileLayout, int, int]], config: ResolverConfig
-) -> tuple[int, int]:
-    """(compressed bytes, range requests) to serve ``reads`` (file, offset, length) in order
-    from an empty cache, merging chunks of one read as the resolver does."""
+@dataclass(frozen=True)
+class Fetch:
+    """What serving some reads costs: compressed bytes over the wire, uncompressed chunk bytes
+    those carry (whole chunks), and range requests."""
+
+    compressed: int
+    chunk_bytes: int
+    requests: int
+
+
+def fetched_bytes(reads: Sequence[tuple[FileLayout, int, int]], config: ResolverConfig) -> Fetch:
+    """The cost of serving ``reads`` (file, offset, length) in order from an empty cache,
+    merging the chunks of one read into ranges as the resolver does."""
     cached: set[str] = set()
-    total = requests = 0
+    compressed = chunk_bytes = requests = 0
     for file, offset, length in reads:
         end = min(offset + length, file.size)
         wanted = [
@@ -178,6 +195,7 @@ def fetched_bytes(
             and c.verity not in cached
         ]
         cached.update(c.verity for c in wanted)
+        chunk_bytes += sum(c.size for c in wanted)
         ranges: list[tuple[int, int]] = []
         for chunk in sorted(wanted, key=lambda c: c.blob_offset):
             if ranges:
@@ -189,10 +207,9 @@ def fetched_bytes(
                     ranges[-1] = (start, max(last_end, chunk.blob_end))
                     continue
             ranges.append((chunk.blob_offset, chunk.blob_end))
-        total += sum(e - s for s, e in ranges)
-        step_size = max(1, config.max_ranges_per_request)
-        requests += -(-len(ranges) // step_size)
-    return total, requests
+        compressed += sum(e - s for s, e in ranges)
+        requests += -(-len(ranges) // max(1, config.max_ranges_per_request))
+    return Fetch(compressed, chunk_bytes, requests)
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -213,7 +230,9 @@ class Row:
     whole_layer_mb: float
     small_fetch_ratio: float
     random_fetch_ratio: float
+    random_overfetch: float
     sequential_fetch_ratio: float
+    sequential_overfetch: float
     convert_mb_s: float
 
 
@@ -230,23 +249,47 @@ def measure(report: Report, work: Path, size_bytes: int, averages: Sequence[int]
     report.fact("v2 edits", f"{edited} of {len(files)} files edited (append/patch/insert)")
     zstd_whole = _zstd_size(v1_tar)
     report.fact("zstd -3 of the whole v1 tar (bytes)", zstd_whole)
+    big = _big_file(files)
+    report.fact("big file for partial reads", f"{big.name} ({big.size} bytes)")
 
     rows: list[Row] = []
     for avg in averages:
-        config = ChunkingConfig(avg // 4, avg, avg * 4)
-        step(f"avg {avg // KIB} KiB: converting v1 and v2")
+        config = ChunkingConfig(avg // 4, avg, avg * 4) if avg else ChunkingConfig(*[_HUGE] * 3)
+        step(f"{_label(avg)}: converting v1 and v2")
         started = time.perf_counter()
         v1 = write_chunked_layer(v1_tar, work / "v1.zst", config)
         seconds = time.perf_counter() - started
         v2 = write_chunked_layer(v2_tar, work / "v2.zst", config)
-        rows.append(_row(report, avg, v1, v2, zstd_whole, mb_per_s(tar_bytes, seconds)))
+        speed = mb_per_s(tar_bytes, seconds)
+        rows.append(_row(report, avg, (v1, v2), big.name, zstd_whole, speed))
     return rows
 
 
+def _big_file(files: Sequence[SourceFile]) -> SourceFile:
+    """The biggest ELF file of the sample (a library or program a workload would page in
+    partly), or the biggest file if there is no ELF file."""
+    elf = [f for f in files if _is_elf(f.path)]
+    return max(elf or files, key=lambda f: (f.size, f.name))
+
+
+def _is_elf(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
 def _row(
-    report: Report, avg: int, v1: ChunkedLayer, v2: ChunkedLayer, zstd_whole: int, speed: float
+    report: Report,
+    avg: int,
+    versions: tuple[ChunkedLayer, ChunkedLayer],
+    big_name: str,
+    zstd_whole: int,
+    speed: float,
 ) -> Row:
-    label = f"avg {avg // KIB}K"
+    label = _label(avg)
+    v1, v2 = versions
     resolver = ResolverConfig()
     old, new = layout_of(v1), layout_of(v2)
     toc = parse_toc_position(v1.annotations[TOC_POSITION_ANNOTATION])
@@ -270,19 +313,19 @@ def _row(
     small = [f for f in sorted(old.values(), key=lambda f: f.name) if 0 < f.size <= SMALL_FILE_MAX]
     sample = rng.sample(small, min(SMALL_FILE_SAMPLE, len(small)))
     small_reads = [(f, 0, f.size) for f in sample]
-    biggest = max(old.values(), key=lambda f: (f.size, f.name))
-    blocks = biggest.size // RANDOM_READ_BYTES
+    big = old[big_name]
+    blocks = big.size // RANDOM_READ_BYTES
     offsets = [rng.randrange(blocks) * RANDOM_READ_BYTES for _ in range(RANDOM_READS)]
-    random_reads = [(biggest, o, RANDOM_READ_BYTES) for o in offsets]
-    middle = (biggest.size // 2) // RANDOM_READ_BYTES * RANDOM_READ_BYTES
-    sequential = [(biggest, middle, SEQUENTIAL_READ_BYTES)]
+    random_reads = [(big, o, RANDOM_READ_BYTES) for o in offsets]
+    middle = (big.size // 2) // RANDOM_READ_BYTES * RANDOM_READ_BYTES
+    sequential = [(big, middle, SEQUENTIAL_READ_BYTES)]
 
-    small_fetched, small_requests = fetched_bytes(small_reads, resolver)
-    random_fetched, random_requests = fetched_bytes(random_reads, resolver)
-    seq_fetched, _ = fetched_bytes(sequential, resolver)
+    small_fetch = fetched_bytes(small_reads, resolver)
+    random_fetch = fetched_bytes(random_reads, resolver)
+    seq_fetch = fetched_bytes(sequential, resolver)
     small_read = sum(n for _, _, n in small_reads)
     random_read = RANDOM_READS * RANDOM_READ_BYTES
-    seq_read = min(SEQUENTIAL_READ_BYTES, biggest.size - middle)
+    seq_read = min(SEQUENTIAL_READ_BYTES, big.size - middle)
 
     say(f"{label}: {v1.stats.chunk_count} chunks for {v1.stats.file_count} files")
     whole = zstd_whole / MB
@@ -305,26 +348,28 @@ def _row(
     )
     report.add(
         f"{label} {len(sample)} small files (<= 64 KiB) read whole: fetched",
-        small_fetched / 1000,
+        small_fetch.compressed / 1000,
         "kB",
         "bytes read",
         small_read / 1000,
-        note=f"{small_requests} requests",
+        note=f"{small_fetch.requests} requests",
     )
     report.add(
-        f"{label} {RANDOM_READS} random 4 KiB reads of {biggest.size / MB:.1f} MB file: fetched",
-        random_fetched / 1000,
+        f"{label} {RANDOM_READS} random 4 KiB reads of a {big.size / MB:.1f} MB ELF file: fetched",
+        random_fetch.compressed / 1000,
         "kB",
         "bytes read",
         random_read / 1000,
-        note=f"{random_requests} requests",
+        note=f"{random_fetch.requests} requests, {random_fetch.chunk_bytes / 1000:.0f} kB "
+        "of whole chunks",
     )
     report.add(
         f"{label} 1 MiB sequential read of that file: fetched",
-        seq_fetched / 1000,
+        seq_fetch.compressed / 1000,
         "kB",
         "bytes read",
         seq_read / 1000,
+        note=f"{seq_fetch.chunk_bytes / 1000:.0f} kB of whole chunks",
     )
     return Row(
         avg_kib=avg // KIB,
@@ -338,11 +383,17 @@ def _row(
         update_fetch_mb=round(update_fetch / MB, 2),
         file_level_fetch_mb=round(file_level / MB, 2),
         whole_layer_mb=round(v2.size / MB, 2),
-        small_fetch_ratio=round(small_fetched / small_read, 3),
-        random_fetch_ratio=round(random_fetched / random_read, 2),
-        sequential_fetch_ratio=round(seq_fetched / seq_read, 3),
+        small_fetch_ratio=round(small_fetch.compressed / small_read, 3),
+        random_fetch_ratio=round(random_fetch.compressed / random_read, 2),
+        random_overfetch=round(random_fetch.chunk_bytes / random_read, 2),
+        sequential_fetch_ratio=round(seq_fetch.compressed / seq_read, 3),
+        sequential_overfetch=round(seq_fetch.chunk_bytes / seq_read, 3),
         convert_mb_s=round(speed, 1),
     )
+
+
+def _label(avg: int) -> str:
+    return f"avg {avg // KIB}K" if avg else "whole files"
 
 
 def _zstd_size(path: Path) -> int:
@@ -355,21 +406,31 @@ def _zstd_size(path: Path) -> int:
 
 
 def print_summary(rows: Sequence[Row]) -> None:
-    print("\n## chunking summary (ratios: fetched / read; blob vs zstd -3 of the whole tar)\n")
+    print("\n## chunking summary\n")
     print(
-        "| avg (min/max) | chunks | blob MB (vs zstd -3 whole) | TOC kB | v2 shared (file-level) | "
-        "v2 update fetch MB (file-level; whole layer) | small files fetched/read | "
-        "4K random fetched/read | 1 MiB seq fetched/read | convert MB/s |"
+        "Blob: zstd:chunked layer vs zstd -3 of the whole tar. Update: compressed MB a client "
+        "holding v1 fetches for v2 (file-level dedup; whole v2 layer). Reads: compressed bytes "
+        "fetched / bytes read, and [whole-chunk bytes / bytes read].\n"
+    )
+    print(
+        "| chunking | chunks | blob MB | TOC kB | v2 bytes shared (file-level) | update MB | "
+        "200 small files | 32 random 4 KiB | 1 MiB sequential | convert MB/s |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         loss = 100 * (r.blob_mb / r.zstd_whole_mb - 1)
         print(
-            f"| {r.avg_kib}K ({r.avg_kib // 4}K/{r.avg_kib * 4}K) | {r.chunks} | "
-            f"{r.blob_mb:.1f} (+{loss:.1f}%) | {r.toc_kb:.0f} | "
-            f"{r.shared_pct:.1f}% ({r.file_shared_pct:.1f}%) | "
+            f"| {_row_label(r.avg_kib)} | {r.chunks} | {r.blob_mb:.1f} (+{loss:.1f}%) | "
+            f"{r.toc_kb:.0f} | {r.shared_pct:.1f}% ({r.file_shared_pct:.1f}%) | "
             f"{r.update_fetch_mb:.2f} ({r.file_level_fetch_mb:.2f}; {r.whole_layer_mb:.1f}) | "
-            f"{r.small_fetch_ratio:.2f} | {r.random_fetch_ratio:.1f} | "
-            f"{r.sequential_fetch_ratio:.2f} | {r.convert_mb_s:.0f} |"
+            f"{r.small_fetch_ratio:.2f} | {r.random_fetch_ratio:.1f} [{r.random_overfetch:.1f}] | "
+            f"{r.sequential_fetch_ratio:.2f} [{r.sequential_overfetch:.2f}] | "
+            f"{r.convert_mb_s:.0f} |"
         )
     print(flush=True)
+
+
+def _row_label(avg_kib: int) -> str:
+    if not avg_kib:
+        return "one frame per file"
+    return f"{avg_kib}K ({avg_kib // 4}K/{avg_kib * 4}K)"

@@ -95,7 +95,10 @@ class Report:
         say(f"  {key}: {value}")
 
     def print_table(self) -> None:
+        busy = other_cpu_percent()
+        self.facts["CPU % used by other work at the end"] = round(busy, 1)
         print(f"\n## {self.title}\n", flush=True)
+        print(f"(CPU used by other work at the end: {busy:.0f}% of all cores)\n")
         print("| figure | value | baseline | baseline value | ratio |")
         print("| --- | ---: | --- | ---: | ---: |")
         for f in self.figures:
@@ -166,9 +169,37 @@ def machine_facts() -> dict[str, object]:
     }
 
 
-def print_machine() -> None:
+def print_machine() -> float:
+    """Print the machine's facts and how busy other work keeps it; return that percentage."""
     facts = machine_facts()
     say("machine: " + ", ".join(f"{k}={v}" for k, v in facts.items()))
+    busy_pct = other_cpu_percent()
+    warning = "  (warning: the machine is busy; figures may be low)" if busy_pct > 10 else ""
+    say(
+        f"CPU used by other work at start: {busy_pct:.0f}% of all cores; "
+        f"load average (1 min) {load_average():.2f}{warning}"
+    )
+    return busy_pct
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def other_cpu_percent(interval_s: float = 1.0) -> float:
+    """How busy the machine is while this process sleeps: other work skews every figure.
+    (The load average alone cannot tell: it still counts the benchmark that just ran.)"""
+
+    def busy_total() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as stat:
+            values = [int(v) for v in stat.readline().split()[1:]]
+        idle = values[3] + values[4]  # idle + iowait
+        return sum(values) - idle, sum(values)
+
+    busy0, total0 = busy_total()
+    time.sleep(interval_s)
+    busy1, total1 = busy_total()
+    return 100 * (busy1 - busy0) / max(total1 - total0, 1)
 
 
 # --- timing ------------------------------------------------------------------------------------

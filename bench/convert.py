@@ -25,6 +25,7 @@ import shutil
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO, cast
 
 import zstandard
 
@@ -60,7 +61,11 @@ _READ_BYTES = 1 << 20
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench convert", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--size-mb", type=int, default=256, help="MiB of file data (default 256)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per lazyfs figure (best)")
     parser.add_argument("--work-dir", type=Path, help="keep inputs and outputs here")
@@ -70,8 +75,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    print_machine()
+    busy = print_machine()
     report = Report("convert: throughput in MB/s of uncompressed tar")
+    report.facts["CPU % used by other work at the start"] = round(busy, 1)
     with interrupts_as_exceptions(), work_dir(args.work_dir, "lazyfs-bench-convert-") as work:
         measure(report, work, args.size_mb * MIB, max(1, args.repeats))
     report.print_table()
@@ -177,7 +183,9 @@ def _zstd_python(tar_path: Path) -> tuple[float, int]:
     def compress() -> None:
         sink.size = 0
         with tar_path.open("rb") as source:
-            zstandard.ZstdCompressor(level=3).copy_stream(source, sink, read_size=_READ_BYTES)
+            zstandard.ZstdCompressor(level=3).copy_stream(
+                source, cast(IO[bytes], sink), read_size=_READ_BYTES
+            )
 
     return best_seconds(compress, 3), sink.size
 

@@ -1,7 +1,7 @@
 """A real lazy mount against a loopback registry, against curl and against native files.
 
 The image has two gzip layers built from this machine's /usr (deterministic samples): a tree of
-about 21,000 small files (under 64 KiB each) with their directories, and one 100 MiB file made
+about 24,000 small files (under 64 KiB each) with their directories, and one 100 MiB file made
 of concatenated /usr files. It is converted and pushed by ``lazyfs convert`` to a
 ``LocalRegistry`` (Debian's docker-registry on 127.0.0.1), and mounted with the real CLI
 (``lazyfs mount``, a daemon). The native baseline is the same two tars extracted with ``tar -x``
@@ -74,19 +74,23 @@ from lazyfs.image import OCI_MANIFEST, Manifest
 from lazyfs.localregistry import LocalRegistry
 
 REPOSITORY = "bench/mount"
-TREE_FILES = 21_000
+TREE_FILES = 24_000
 TREE_FILE_MAX = 64 * KIB
 BIG_FILE_BYTES = 100 * MIB
 BIG_FILE_NAME = "big/big.bin"
 RANDOM_READS = 1000
 RANDOM_READ_BYTES = 4 * KIB
-WARM_RUNS = 3
+WARM_RUNS = 5
 READ_TIMEOUT_S = 60
 _SEED = 7
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench mount", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench mount",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--work-dir", type=Path, help="keep the image, registry and cache here")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     return parser.parse_args(argv)
@@ -94,11 +98,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    print_machine()
+    busy = print_machine()
     if not Path("/dev/fuse").exists() or shutil.which("fusermount3") is None:
         say("bench mount: needs /dev/fuse and fusermount3; skipped")
         return 0
     report = Report("mount: lazy mount over a loopback registry")
+    report.facts["CPU % used by other work at the start"] = round(busy, 1)
     with interrupts_as_exceptions(), work_dir(args.work_dir, "lazyfs-bench-mount-") as work:
         measure(report, work)
     report.print_table()
@@ -239,6 +244,8 @@ def measure(report: Report, work: Path) -> None:
     step("building the image from /usr (tree of small files + one 100 MiB file)")
     bench_image = build_image(work)
     native = work / "native"
+    for stale in (native, work / "cache", work / "pulled"):  # a kept --work-dir must start cold
+        shutil.rmtree(stale, ignore_errors=True)
     native.mkdir()
     for tar in (bench_image.tree_tar, bench_image.big_tar):
         run(["tar", "-xf", tar, "-C", native])
@@ -293,13 +300,11 @@ def _run_all(ctx: _Context, manager: Mounts) -> None:
     step("a. cold mount and read of one small file")
     before = registry_get_bytes(ctx.registry)
     drop_caches()
-    started = time.perf_counter()
     mount_s = manager.mount(ctx.ref, mnt, cache)
     after_mount = registry_get_bytes(ctx.registry)
     read_started = time.perf_counter()
     data = (mnt / small_name).read_bytes()
     first_read_s = time.perf_counter() - read_started
-    to_first_byte_s = time.perf_counter() - started
     after_read = registry_get_bytes(ctx.registry)
     own = stats(mnt)
     if data != ctx.image.small_file.path.read_bytes():
@@ -307,8 +312,8 @@ def _run_all(ctx: _Context, manager: Mounts) -> None:
     _report_small(ctx, before, after_mount, after_read, own, len(data), mount_s, first_read_s)
     pull_s = _full_pull_seconds(ctx)
     ctx.report.add(
-        "a. mount + first read of one small file",
-        to_first_byte_s,
+        "a. lazyfs mount + first read of one small file",
+        mount_s + first_read_s,
         "s",
         "pull whole image with curl, zstd -d | tar -x",
         pull_s,
@@ -352,18 +357,23 @@ def _run_all(ctx: _Context, manager: Mounts) -> None:
     )
 
     step("c. warm sequential reads (caches dropped before each)")
-    warm = _median_throughput(mnt / BIG_FILE_NAME)
-    native_warm = _median_throughput(big_native)
+    warm, warm_range = _median_throughput(mnt / BIG_FILE_NAME)
+    native_warm, native_range = _median_throughput(big_native)
     ctx.report.add(
-        "c. warm sequential read via lazyfs (median of 3)",
+        f"c. warm sequential read via lazyfs (median of {WARM_RUNS})",
         warm,
         "MB/s",
         "native file, caches dropped",
         native_warm,
+        note=f"lazyfs {warm_range}, native {native_range}",
     )
-    hot = mb_per_s(*read_file_seconds(mnt / BIG_FILE_NAME))
-    native_hot = mb_per_s(*read_file_seconds(big_native))
-    ctx.report.add("c. page-cache-hot read via lazyfs", hot, "MB/s", "native file, hot", native_hot)
+    ctx.report.add(
+        "c. page-cache-hot read via lazyfs",
+        _hot_throughput(mnt / BIG_FILE_NAME),
+        "MB/s",
+        "native file, page-cache-hot",
+        _hot_throughput(big_native),
+    )
 
     step("d. warm 4 KiB random reads")
     offsets = _random_offsets(size)
@@ -377,13 +387,14 @@ def _run_all(ctx: _Context, manager: Mounts) -> None:
     step("f. --verify-cache-reads")
     manager.unmount(mnt)
     manager.mount(ctx.ref, mnt, cache, "--verify-cache-reads")
-    verified = _median_throughput(mnt / BIG_FILE_NAME)
+    verified, verified_range = _median_throughput(mnt / BIG_FILE_NAME)
     ctx.report.add(
-        "f. warm sequential read, --verify-cache-reads",
+        f"f. warm sequential read, --verify-cache-reads (median of {WARM_RUNS})",
         verified,
         "MB/s",
         "same without verification (c)",
         warm,
+        note=f"verified {verified_range}",
     )
     verified_lat = _random_read_latencies_us(mnt / BIG_FILE_NAME, offsets)
     _report_latencies(
@@ -465,12 +476,18 @@ def _curl_seconds(ctx: _Context, index: int, *, decompress: bool) -> float:
     return time.perf_counter() - started
 
 
-def _median_throughput(path: Path, runs: int = WARM_RUNS) -> float:
+def _median_throughput(path: Path, runs: int = WARM_RUNS) -> tuple[float, str]:
+    """Median MB/s of ``runs`` full reads, each after dropping caches; and the range seen."""
     speeds = []
     for _ in range(runs):
         drop_caches()
         speeds.append(mb_per_s(*read_file_seconds(path)))
-    return median(speeds)
+    return median(speeds), f"{min(speeds):.0f}-{max(speeds):.0f}"
+
+
+def _hot_throughput(path: Path) -> float:
+    read_file_seconds(path)  # fill the page cache
+    return mb_per_s(*read_file_seconds(path))
 
 
 def _random_offsets(size: int) -> list[int]:
