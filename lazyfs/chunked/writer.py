@@ -272,8 +272,10 @@ class LayerWriter:
         chunks: list[ChunkRef] = []
         for start, piece in pieces:
             self._submit_chunk(start, piece, chunks, blob, jobs)
+        # A one-chunk file's digests are its chunk's: hash it once, not twice.
+        whole_file = len(pieces) > 1
         jobs.submit(
-            lambda: _file_job(payload),
+            lambda: _file_job(payload, whole_file),
             lambda result: self._fill_slot(slot, split, _as_file(result), chunks, blob.offset),
         )
 
@@ -323,6 +325,8 @@ class LayerWriter:
         end_offset: int,
     ) -> None:
         split.crc64 = file.crc64
+        if chunks and not file.sha256:  # one chunk: the file's digests are the chunk's
+            file = _FileResult(chunks[0].sha256, chunks[0].verity, file.crc64)
         slot[:] = _file_entries(slot[0], file, chunks, end_offset)
 
     def _compress(self, data: memoryview | bytes) -> bytes:
@@ -372,9 +376,12 @@ def write_chunked_layer(
         return LayerWriter(config, on_progress).write(tar_path, out, diff_id)
 
 
-def _file_job(payload: memoryview) -> _FileResult:
+def _file_job(payload: memoryview, whole_file: bool) -> _FileResult:
+    """The tar-split CRC; and the whole-file digests when the file has several chunks."""
     crc = Crc64()
     crc.update(payload)
+    if not whole_file:
+        return _FileResult(sha256="", verity="", crc64=crc.digest())
     hasher = VerityHasher()
     hasher.update(payload)
     return _FileResult(
