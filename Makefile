@@ -20,7 +20,7 @@ VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lazyfs-installed
 
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config docker-registry skopeo umoci fsverity zstd \
-                mmdebstrap iproute2 procps psmisc
+                mmdebstrap iproute2 procps psmisc busybox-static
 
 # Root runs apt-get directly; anyone else goes through sudo. Override with e.g.
 # `make setup SUDO="sudo -n"` (or SUDO in the environment) for a non-interactive sudo.
@@ -66,7 +66,7 @@ $(VENV_PY):
 # system-deps is order-only: pyfuse3 compiles against libfuse3-dev, so the packages must be
 # there first, but a phony target must not force a reinstall on every run.
 $(STAMP): pyproject.toml | system-deps $(VENV_PY)
-	$(VENV_PY) -m pip install -q -e '.[dev]'
+	$(VENV_PY) -m pip install -q -e '.[dev,bench]'
 	touch $@
 
 demo: setup

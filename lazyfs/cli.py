@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from lazyfs import __version__
-from lazyfs.commands import convert, demo, mount
+from lazyfs.commands import bench, convert, demo, mount
 from lazyfs.errors import LazyfsError, UsageError
 
 
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_parser(commands)
     mount.add_parsers(commands)
     demo.add_parser(commands)
+    bench.add_parser(commands)
     return parser
 
 

@@ -45,7 +45,7 @@ _BULK_MIN_BYTES = 1 << 20
 _BULK_MAX_BYTES = 256 << 20
 _RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-_NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-z]*)\s*$")
+_NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-z/]*)\s*$")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class LinkProfile:
         return {"name": self.name, "rate_bps": self.rate_bps, "rtt_s": self.rtt_s}
 
 
-DEFAULT_PROFILES: dict[str, LinkProfile] = {
+DEFAULT_PROFILES: dict[str, LinkProfile] = {  # names as in lazyfs.bench.PROFILE_NAMES
     "loopback": LinkProfile("loopback", None, 0.0),
     "lan": LinkProfile("lan", 10**9, 0.001),
     "wan": LinkProfile("wan", 100 * 10**6, 0.050),
@@ -109,7 +109,7 @@ def parse_rate(text: str) -> int | None:
     if text.strip().lower() in ("unlimited", "none", "inf"):
         return None
     number, unit = _number_unit(text, "rate")
-    scale = _RATE_UNITS.get(unit.removesuffix("/s").removesuffix("ps"))
+    scale = _RATE_UNITS.get(unit.removesuffix("/s"))
     if scale is None or number <= 0:
         raise UsageError(f"invalid rate {text!r}: use e.g. 20mbit, 1gbit or unlimited")
     rate = int(number * scale)
@@ -187,7 +187,8 @@ class LinkCheck:
 
 
 def within(measured: float, configured: float, tolerance: float = TOLERANCE) -> bool:
-    return abs(measured - configured) <= tolerance * configured
+    """``measured`` is within ``tolerance`` (a fraction) of ``configured``, bounds included."""
+    return abs(measured - configured) <= tolerance * configured * (1 + 1e-9)
 
 
 def check_link(profile: LinkProfile, measured: LinkMeasurement) -> LinkCheck:
@@ -357,7 +358,9 @@ class EmulatedLink:
         The proxy path itself costs ``base_rtt_s`` (measured at start with no hold), so the
         proxy holds the rest of the RTT."""
         if profile.rate_bps is None:
-            _try("ip", "netns", "exec", self.netns, "tc", "qdisc", "del", "dev", self._ns_if, "root")
+            _try(
+                "ip", "netns", "exec", self.netns, "tc", "qdisc", "del", "dev", self._ns_if, "root"
+            )
         else:
             _run(
                 "ip", "netns", "exec", self.netns, "tc", "qdisc", "replace",

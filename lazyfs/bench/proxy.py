@@ -22,6 +22,7 @@ and throughput the emulated link really achieves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -39,6 +40,7 @@ PR_SET_TIMERSLACK = 29
 RECV_BYTES = 256 << 10
 MIN_HELD_BYTES = 4 << 20
 MAX_CONNECTIONS = 512
+MAX_ACCEPTS = 1_000_000
 MAX_HEAD_BYTES = 64 << 10
 WAIT_SLICE_S = 0.5
 PROBE_BLOCK = b"\0" * (256 << 10)
@@ -265,10 +267,8 @@ class Connection:
 
 
 def _shutdown(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 def _nodelay(sock: socket.socket) -> socket.socket:
@@ -277,8 +277,8 @@ def _nodelay(sock: socket.socket) -> socket.socket:
 
 
 def serve_route(listener: socket.socket, upstream: tuple[str, int], route: str, link: Link) -> None:
-    """Accept connections for ever (a daemon thread; the process ends with stdin)."""
-    while True:
+    """Accept connections (a daemon thread; the process ends when stdin closes)."""
+    for _ in range(MAX_ACCEPTS):
         client, _ = listener.accept()
         with link.lock:
             full = link.live >= MAX_CONNECTIONS
@@ -300,7 +300,7 @@ def serve_route(listener: socket.socket, upstream: tuple[str, int], route: str, 
 
 def serve_probe(listener: socket.socket) -> None:
     """``echo``: send back whatever arrives; ``bulk N``: send N bytes and close."""
-    while True:
+    for _ in range(MAX_ACCEPTS):
         conn, _ = listener.accept()
         threading.Thread(target=_probe_session, args=(_nodelay(conn),), daemon=True).start()
 
@@ -437,7 +437,10 @@ def main(argv: list[str] | None = None) -> int:
             target=serve_route, args=(listener, target, name, link), daemon=True
         ).start()
     _answer({"ready": True})
-    _control_loop(link)
+    try:
+        _control_loop(link)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the bench cleans up
+        return 130
     return 0
 
 

@@ -1,0 +1,366 @@
+"""The three ways a container can start, each measured from a cold page cache.
+
+- ``full-pull``: ``skopeo copy`` the gzip image from the registry to a local OCI layout,
+  ``umoci unpack`` it, run the workload on the unpacked tree;
+- ``lazy-cold``: ``lazyfs mount`` the converted image with an empty cache, run the workload;
+- ``lazy-warm``: the same with a cache that already holds the whole image.
+
+Everything that fetches goes through the emulated link (``link.registry_host``). Each mode
+returns a :class:`RunMetrics`; times are seconds from the start of the mode (after the page
+cache was dropped), bytes and requests are what the link's proxy saw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lazyfs.bench import FULL_PULL, LAZY_COLD, LAZY_WARM
+from lazyfs.bench.images import TAG, BenchImage
+from lazyfs.bench.links import EmulatedLink
+from lazyfs.bench.workload import WorkloadResult, WorkloadSpec, run_workload
+from lazyfs.cli_support import lazyfs_command
+from lazyfs.commands.mount import is_mounted
+from lazyfs.errors import LazyfsError
+
+CHUNKED_TAG = "chunked"
+_TOOL_TIMEOUT_S = 1800.0
+_TUNE_WAIT_S = 5.0
+_LAZYFS_READ_AHEAD_KB = "1024"
+_READ_BLOCK = 1 << 20
+_FILL_READERS = 8
+_REFERENCE_SAMPLES = 2
+
+
+@dataclass(frozen=True)
+class RunMetrics:
+    """One mode, on one link profile, in one run."""
+
+    image: str
+    profile: str
+    mode: str
+    run: int
+    time_to_mount_s: float
+    time_to_first_byte_s: float
+    time_to_ready_s: float
+    link_bytes: int
+    link_bytes_down: int
+    link_bytes_up: int
+    requests: int
+    blob_requests: int
+    range_requests: int
+    bytes_read: int
+    amplification: float
+    daemon_cpu_s: float
+    daemon_peak_rss_bytes: int
+    workload_cpu_s: float
+    lazyfs_bytes_fetched: int | None
+    lazyfs_range_requests: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModeContext:
+    """What every mode needs: the image, the link, where to work, the warm cache."""
+
+    image: BenchImage
+    link: EmulatedLink
+    repository: str
+    work: Path
+    warm_cache: Path
+    bytes_read: int
+    profile: str
+    run: int
+    timeout_s: float
+
+    def reference(self, tag: str) -> str:
+        return f"{self.link.registry_host}/{self.repository}:{tag}"
+
+    def spec(self, lower: Path, *, measure_resident: bool = False) -> WorkloadSpec:
+        return WorkloadSpec(
+            lower=str(lower),
+            command=self.image.command,
+            ready_line=self.image.ready_line,
+            timeout_s=self.timeout_s,
+            scratch=str(self.work),
+            measure_resident=measure_resident,
+        )
+
+
+@dataclass
+class ProcessCost:
+    cpu_s: float = 0.0
+    peak_rss_bytes: int = 0
+
+    def add(self, other: ProcessCost) -> None:
+        self.cpu_s += other.cpu_s
+        self.peak_rss_bytes = max(self.peak_rss_bytes, other.peak_rss_bytes)
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as exc:
+        raise LazyfsError(f"cannot drop the page cache (needs root): {exc}") from exc
+
+
+def run_measured(argv: list[str], log: Path, timeout_s: float = _TOOL_TIMEOUT_S) -> ProcessCost:
+    """Run ``argv`` to completion; its CPU time and peak RSS (from wait4)."""
+    with log.open("ab") as log_file:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    pidfd = os.pidfd_open(process.pid)
+    try:
+        if not select.select([pidfd], [], [], timeout_s)[0]:
+            process.kill()
+        _, status, usage = os.wait4(process.pid, 0)
+    finally:
+        os.close(pidfd)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise LazyfsError(f"{argv[0]} failed ({process.returncode}): {tail[0]}")
+    return ProcessCost(usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024)
+
+
+def process_cost(pid: int) -> ProcessCost:
+    """CPU seconds and peak RSS (VmHWM) of a live process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError as exc:
+        raise LazyfsError(f"daemon {pid} is gone: {exc}") from exc
+    fields = stat.rpartition(")")[2].split()
+    ticks = int(fields[11]) + int(fields[12])
+    hwm = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")), "0")
+    return ProcessCost(ticks / os.sysconf("SC_CLK_TCK"), int(hwm) * 1024)
+
+
+# --- lazyfs mounts ---------------------------------------------------------------------------
+
+
+def mount_stats(mountpoint: Path) -> dict[str, Any]:
+    stats: dict[str, Any] = json.loads(os.getxattr(mountpoint, "user.lazyfs.stats"))
+    return stats
+
+
+@contextlib.contextmanager
+def lazy_mount(reference: str, mountpoint: Path, cache_dir: Path) -> Iterator[int]:
+    """``lazyfs mount`` (a separate daemon); yields its pid; always unmounted afterwards."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    pid = -1
+    try:
+        lazyfs_command(
+            "mount", "--cache-dir", str(cache_dir), "--tls-verify=false", reference, str(mountpoint)
+        )
+        pid = int(mount_stats(mountpoint)["pid"])
+        yield pid
+    finally:
+        # Also when interrupted between the daemon mounting and `lazyfs mount` returning.
+        if is_mounted(mountpoint.resolve()):
+            unmount(mountpoint, pid)
+
+
+def unmount(mountpoint: Path, pid: int) -> None:
+    try:
+        lazyfs_command("umount", str(mountpoint))
+    except LazyfsError:
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+        if pid > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+
+
+def _read_ahead_file(mountpoint: Path) -> Path:
+    device = os.stat(mountpoint).st_dev
+    return Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+
+
+def set_read_ahead(mountpoint: Path, kilobytes: int, *, after_lazyfs: bool = False) -> None:
+    """Set the mount's read-ahead; ``after_lazyfs``: first wait until lazyfs has set its own
+    (it tunes it once, just after the mount is ready), so ours is not overwritten."""
+    bdi = _read_ahead_file(mountpoint)
+    deadline = time.monotonic() + (_TUNE_WAIT_S if after_lazyfs else 0)
+    while time.monotonic() < deadline and bdi.read_text().strip() != _LAZYFS_READ_AHEAD_KB:
+        time.sleep(0.02)
+    bdi.write_text(f"{kilobytes}\n")
+
+
+def _regular_files(root: Path) -> Iterator[str]:
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                yield path
+
+
+def _read_file(path: str) -> int:
+    total = 0
+    with open(path, "rb", buffering=0) as data:
+        for block in iter(lambda: data.read(_READ_BLOCK), b""):
+            total += len(block)
+    return total
+
+
+def read_everything(root: Path) -> int:
+    """Read every regular file under ``root`` with a few readers in parallel (fills a lazyfs
+    cache; lazyfs fetches for concurrent readers concurrently); the bytes read."""
+    with ThreadPoolExecutor(_FILL_READERS) as pool:
+        return sum(pool.map(_read_file, _regular_files(root), chunksize=16))
+
+
+# --- the modes -------------------------------------------------------------------------------
+
+
+def _metrics(
+    ctx: ModeContext,
+    mode: str,
+    started: float,
+    mounted: float,
+    result: WorkloadResult,
+    traffic: tuple[dict[str, int], dict[str, int]],
+    cost: ProcessCost,
+    stats: dict[str, Any] | None,
+) -> RunMetrics:
+    before, after = traffic
+
+    def delta(key: str) -> int:
+        return after.get(key, 0) - before.get(key, 0)
+
+    down, up = delta("bytes_down"), delta("bytes_up")
+    return RunMetrics(
+        image=ctx.image.name,
+        profile=ctx.profile,
+        mode=mode,
+        run=ctx.run,
+        time_to_mount_s=round(mounted - started, 4),
+        time_to_first_byte_s=round(result.t_first_byte - started, 4),
+        time_to_ready_s=round(result.t_ready - started, 4),
+        link_bytes=down + up,
+        link_bytes_down=down,
+        link_bytes_up=up,
+        requests=delta("requests"),
+        blob_requests=delta("blob_requests"),
+        range_requests=delta("range_requests"),
+        bytes_read=ctx.bytes_read,
+        amplification=round(down / ctx.bytes_read, 3) if ctx.bytes_read else 0.0,
+        daemon_cpu_s=round(cost.cpu_s, 3),
+        daemon_peak_rss_bytes=cost.peak_rss_bytes,
+        workload_cpu_s=result.workload_cpu_s,
+        lazyfs_bytes_fetched=None if stats is None else int(stats["bytes_fetched"]),
+        lazyfs_range_requests=None if stats is None else int(stats["range_requests"]),
+    )
+
+
+def full_pull(ctx: ModeContext) -> RunMetrics:
+    """skopeo copy + umoci unpack through the link, then the workload on the unpacked tree."""
+    layout, bundle, log = ctx.work / "layout", ctx.work / "bundle", ctx.work / "full-pull.log"
+    before = ctx.link.counters()
+    started = time.monotonic()
+    cost = run_measured(
+        ["skopeo", "copy", "--quiet", "--src-tls-verify=false",
+         f"docker://{ctx.reference(TAG)}", f"oci:{layout}:{TAG}"],
+        log,
+    )  # fmt: skip
+    cost.add(run_measured(["umoci", "unpack", "--image", f"{layout}:{TAG}", str(bundle)], log))
+    mounted = time.monotonic()
+    result = run_workload(ctx.spec(bundle / "rootfs"))
+    after = ctx.link.counters()
+    return _metrics(ctx, FULL_PULL, started, mounted, result, (before, after), cost, None)
+
+
+def _lazy(ctx: ModeContext, mode: str, cache_dir: Path) -> RunMetrics:
+    mountpoint = ctx.work / "mnt"
+    before = ctx.link.counters()
+    started = time.monotonic()
+    with lazy_mount(ctx.reference(CHUNKED_TAG), mountpoint, cache_dir) as pid:
+        mounted = time.monotonic()
+        result = run_workload(ctx.spec(mountpoint))
+        after = ctx.link.counters()
+        stats = mount_stats(mountpoint)
+        cost = process_cost(pid)
+    return _metrics(ctx, mode, started, mounted, result, (before, after), cost, stats)
+
+
+def lazy_cold(ctx: ModeContext) -> RunMetrics:
+    return _lazy(ctx, LAZY_COLD, ctx.work / "cache")
+
+
+def lazy_warm(ctx: ModeContext) -> RunMetrics:
+    return _lazy(ctx, LAZY_WARM, ctx.warm_cache)
+
+
+RUNNERS: dict[str, Callable[[ModeContext], RunMetrics]] = {
+    FULL_PULL: full_pull,
+    LAZY_COLD: lazy_cold,
+    LAZY_WARM: lazy_warm,
+}
+
+
+def run_mode(mode: str, ctx: ModeContext) -> RunMetrics:
+    """Drop the page cache, run ``mode`` in a fresh work directory, clean up after it."""
+    shutil.rmtree(ctx.work, ignore_errors=True)
+    ctx.work.mkdir(parents=True)
+    try:
+        drop_page_cache()
+        return RUNNERS[mode](ctx)
+    finally:
+        shutil.rmtree(ctx.work, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the reference pass found: bytes the workload reads (each sample, and the one
+    used), and the bytes of every file in the image."""
+
+    samples: tuple[int, ...]
+    image_bytes: int
+
+    @property
+    def bytes_read(self) -> int:
+        return max(self.samples)
+
+    @property
+    def consistent(self) -> bool:
+        """Samples within 5 %: nothing else dropped the page cache in the middle."""
+        return min(self.samples) >= 0.95 * max(self.samples)
+
+
+def reference_pass(ctx: ModeContext, samples: int = _REFERENCE_SAMPLES) -> Reference:
+    """Measure what the workload reads, and fill the warm cache with the whole image.
+
+    Mounts with the warm cache and turns read-ahead off; then, ``samples`` times, drops the
+    page cache, runs the workload and counts the image's bytes in the page cache
+    (page-granular, read or mapped). A page-cache drop by anything else on the machine between
+    the workload and the count can only lower a sample, so the largest one is used. Then it
+    reads every file, so that the cache holds all of the image."""
+    shutil.rmtree(ctx.warm_cache, ignore_errors=True)
+    ctx.work.mkdir(parents=True, exist_ok=True)
+    mountpoint = ctx.work / "reference-mnt"
+    found = []
+    try:
+        with lazy_mount(ctx.reference(CHUNKED_TAG), mountpoint, ctx.warm_cache):
+            set_read_ahead(mountpoint, 0, after_lazyfs=True)
+            for _ in range(samples):
+                drop_page_cache()
+                result = run_workload(ctx.spec(mountpoint, measure_resident=True))
+                found.append(result.resident_bytes or 0)
+            set_read_ahead(mountpoint, int(_LAZYFS_READ_AHEAD_KB))
+            total = read_everything(mountpoint)
+    finally:
+        shutil.rmtree(ctx.work, ignore_errors=True)
+    return Reference(tuple(found), total)

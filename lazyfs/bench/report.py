@@ -1,0 +1,349 @@
+"""Summaries of a bench: median and p95 per (image, profile, mode), goals, table, JSON, PNG."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lazyfs.bench import FULL_PULL, LAZY_COLD, MODES
+from lazyfs.bench.links import LinkCheck, format_rate
+from lazyfs.bench.modes import RunMetrics
+from lazyfs.errors import LazyfsError
+
+METRICS = (
+    "time_to_mount_s",
+    "time_to_first_byte_s",
+    "time_to_ready_s",
+    "link_bytes",
+    "link_bytes_down",
+    "range_requests",
+    "requests",
+    "amplification",
+    "daemon_cpu_s",
+    "daemon_peak_rss_bytes",
+)
+WAN_RATIO_GOAL = 0.3
+AMPLIFICATION_GOAL = 2.0
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    name: str
+    command: tuple[str, ...]
+    ready_line: str | None
+    bytes_read: int
+    image_bytes: int
+    built_bytes: int
+    chunked_bytes: int
+    bytes_read_samples: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "command": list(self.command),
+            "ready_line": self.ready_line,
+            "bytes_read": self.bytes_read,
+            "bytes_read_samples": list(self.bytes_read_samples),
+            "image_bytes": self.image_bytes,
+            "built_compressed_bytes": self.built_bytes,
+            "chunked_compressed_bytes": self.chunked_bytes,
+        }
+
+
+@dataclass
+class BenchResult:
+    command: list[str]
+    machine: dict[str, str]
+    images: list[ImageInfo] = field(default_factory=list)
+    links: list[LinkCheck] = field(default_factory=list)
+    runs: list[RunMetrics] = field(default_factory=list)
+    duration_s: float = 0.0
+    chart: str | None = None
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    position = (len(ordered) - 1) * fraction
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarise(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 4),
+        "p95": round(percentile(values, 0.95), 4),
+    }
+
+
+def groups(runs: Sequence[RunMetrics]) -> dict[tuple[str, str, str], list[RunMetrics]]:
+    """Runs by (image, profile, mode): images and profiles in the order they were run, modes
+    in the order of ``MODES`` (runs shuffle them)."""
+    images = list(dict.fromkeys(run.image for run in runs))
+    profiles = list(dict.fromkeys(run.profile for run in runs))
+
+    def order(run: RunMetrics) -> tuple[int, int, int]:
+        mode = MODES.index(run.mode) if run.mode in MODES else len(MODES)
+        return images.index(run.image), profiles.index(run.profile), mode
+
+    out: dict[tuple[str, str, str], list[RunMetrics]] = {}
+    for run in sorted(runs, key=order):
+        out.setdefault((run.image, run.profile, run.mode), []).append(run)
+    return out
+
+
+def summary(runs: Sequence[RunMetrics]) -> list[dict[str, Any]]:
+    out = []
+    for (image, profile, mode), members in groups(runs).items():
+        metrics = {m: summarise([float(getattr(r, m)) for r in members]) for m in METRICS}
+        out.append(
+            {"image": image, "profile": profile, "mode": mode, "runs": len(members), **metrics}
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Goal:
+    image: str
+    name: str
+    target: str
+    value: str
+    met: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "goal": self.name,
+            "target": self.target,
+            "value": self.value,
+            "met": self.met,
+        }
+
+
+def _ready(
+    grouped: dict[tuple[str, str, str], list[RunMetrics]], key: tuple[str, str, str]
+) -> list[float]:
+    return [r.time_to_ready_s for r in grouped.get(key, [])]
+
+
+def goals(runs: Sequence[RunMetrics]) -> list[Goal]:
+    """The issue's goals, for each image whose runs can answer them."""
+    grouped = groups(runs)
+    out = []
+    for image in dict.fromkeys(r.image for r in runs):
+        wan_full, wan_lazy = (
+            _ready(grouped, (image, "wan", FULL_PULL)),
+            _ready(grouped, (image, "wan", LAZY_COLD)),
+        )
+        if wan_full and wan_lazy:
+            ratio = statistics.median(wan_lazy) / statistics.median(wan_full)
+            out.append(
+                Goal(
+                    image,
+                    "wan: lazy-cold / full-pull time-to-ready (medians)",
+                    f"<= {WAN_RATIO_GOAL}",
+                    f"{ratio:.2f}",
+                    ratio <= WAN_RATIO_GOAL,
+                )
+            )
+        edge_full, edge_lazy = (
+            _ready(grouped, (image, "edge", FULL_PULL)),
+            _ready(grouped, (image, "edge", LAZY_COLD)),
+        )
+        if edge_full and edge_lazy:
+            slowest, fastest = max(edge_lazy), min(edge_full)
+            out.append(
+                Goal(
+                    image,
+                    "edge: slowest lazy-cold vs fastest full-pull",
+                    "lazy never slower",
+                    f"{slowest:.2f} s vs {fastest:.2f} s",
+                    slowest <= fastest,
+                )
+            )
+        cold = [r.amplification for r in runs if r.image == image and r.mode == LAZY_COLD]
+        if cold:
+            worst = max(cold)
+            out.append(
+                Goal(
+                    image,
+                    "lazy-cold bytes over the link / bytes read (worst run)",
+                    f"<= {AMPLIFICATION_GOAL}",
+                    f"{worst:.2f}",
+                    worst <= AMPLIFICATION_GOAL,
+                )
+            )
+    return out  # fmt: skip
+
+
+def from_json(document: dict[str, Any]) -> BenchResult:
+    """The runs and images of a ``--json`` report, e.g. to draw its chart again."""
+    result = BenchResult(command=document["command"], machine=document["machine"])
+    result.runs = [RunMetrics(**run) for run in document["runs"]]
+    for image in document["images"]:
+        result.images.append(
+            ImageInfo(
+                image["name"], tuple(image["command"]), image["ready_line"], image["bytes_read"],
+                image["image_bytes"], image["built_compressed_bytes"],
+                image["chunked_compressed_bytes"],
+                tuple(image.get("bytes_read_samples", ())),
+            )
+        )  # fmt: skip
+    result.duration_s = document.get("duration_s", 0.0)
+    return result
+
+
+def to_json(result: BenchResult) -> dict[str, Any]:
+    return {
+        "command": result.command,
+        "machine": result.machine,
+        "duration_s": round(result.duration_s, 1),
+        "images": [image.to_json() for image in result.images],
+        "links": [check.to_json() for check in result.links],
+        "runs": [run.to_json() for run in result.runs],
+        "summary": summary(result.runs),
+        "goals": [goal.to_json() for goal in goals(result.runs)],
+        "chart": result.chart,
+    }
+
+
+# --- the terminal table ----------------------------------------------------------------------
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def _pair(values: dict[str, float], fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(values['median'])}/{fmt.format(values['p95'])}"
+
+
+_COLUMNS = (
+    ("image", "{:<8}"),
+    ("link", "{:<9}"),
+    ("mode", "{:<10}"),
+    ("ready s", "{:>13}"),
+    ("mount s", "{:>11}"),
+    ("1st byte s", "{:>11}"),
+    ("link MB", "{:>8}"),
+    ("ranges", "{:>7}"),
+    ("ampl.", "{:>6}"),
+    ("cpu s", "{:>6}"),
+    ("rss MB", "{:>7}"),
+)
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "  ".join(fmt.format(cell) for (_, fmt), cell in zip(_COLUMNS, cells, strict=True))
+
+
+def table(result: BenchResult) -> str:
+    """Times as median/p95; the rest as medians."""
+    lines = [_links_block(result.links), ""]
+    lines.append(_row([name for name, _ in _COLUMNS]))
+    for row in summary(result.runs):
+        lines.append(
+            _row(
+                [
+                    row["image"],
+                    row["profile"],
+                    row["mode"],
+                    _pair(row["time_to_ready_s"]),
+                    _pair(row["time_to_mount_s"]),
+                    _pair(row["time_to_first_byte_s"]),
+                    _mb(row["link_bytes"]["median"]),
+                    f"{row['range_requests']['median']:.0f}",
+                    f"{row['amplification']['median']:.2f}",
+                    f"{row['daemon_cpu_s']['median']:.2f}",
+                    _mb(row["daemon_peak_rss_bytes"]["median"]),
+                ]
+            )
+        )
+    lines += ["", *_images_block(result.images), "", *_goals_block(goals(result.runs))]
+    return "\n".join(lines)
+
+
+def _links_block(checks: Sequence[LinkCheck]) -> str:
+    lines = ["emulated links (configured -> measured):"]
+    for check in checks:
+        rate = (
+            "unlimited" if check.profile.rate_bps is None else format_rate(check.profile.rate_bps)
+        )
+        status = "ok" if check.ok else "NOT WITHIN 10 %: " + "; ".join(check.problems())
+        lines.append(
+            f"  {check.profile.name:<9} {rate:>14} -> {format_rate(check.measured.rate_bps):>14}"
+            f"   RTT {check.profile.rtt_s * 1000:7.2f} ms -> {check.measured.rtt_s * 1000:7.2f} ms"
+            f"   {status}"
+        )
+    return "\n".join(lines)
+
+
+def _images_block(images: Sequence[ImageInfo]) -> list[str]:
+    return [
+        f"{image.name}: workload reads {_mb(image.bytes_read)} MB of {_mb(image.image_bytes)} MB "
+        f"(gzip image {_mb(image.built_bytes)} MB, zstd:chunked {_mb(image.chunked_bytes)} MB)"
+        for image in images
+    ]
+
+
+def _goals_block(found: Sequence[Goal]) -> list[str]:
+    if not found:
+        return ["goals: need the wan and edge profiles with full-pull and lazy-cold"]
+    return ["goals:"] + [
+        f"  [{'met' if goal.met else 'MISSED'}] {goal.image}: {goal.name}: {goal.value} "
+        f"(target {goal.target})"
+        for goal in found
+    ]
+
+
+# --- the chart -------------------------------------------------------------------------------
+
+
+def chart(result: BenchResult, path: Path) -> None:
+    """Time-to-ready by profile (groups) and mode (bars), one panel per image; log scale."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+    except ImportError as exc:
+        raise LazyfsError(
+            "the chart needs matplotlib: pip install 'lazyfs[bench]' (or pass --no-chart)"
+        ) from exc
+    grouped = groups(result.runs)
+    images = list(dict.fromkeys(r.image for r in result.runs))
+    profiles = list(dict.fromkeys(r.profile for r in result.runs))
+    modes = [m for m in MODES if any(r.mode == m for r in result.runs)]
+    figure, axes = plt.subplots(1, len(images), figsize=(6 * len(images), 4.5), squeeze=False)
+    width = 0.8 / max(len(modes), 1)
+    for axis, image in zip(axes[0], images, strict=True):
+        for index, mode in enumerate(modes):
+            medians, errors = [], []
+            for profile in profiles:
+                values = _ready(grouped, (image, profile, mode)) or [0.0]
+                median = statistics.median(values)
+                medians.append(median)
+                errors.append(percentile(values, 0.95) - median)
+            positions = [p + (index - (len(modes) - 1) / 2) * width for p in range(len(profiles))]
+            bars = axis.bar(
+                positions, medians, width, yerr=[[0] * len(errors), errors], label=mode, capsize=3
+            )
+            axis.bar_label(bars, labels=[f"{m:.1f}" for m in medians], fontsize=7, padding=2)
+        axis.set_xticks(range(len(profiles)), profiles)
+        axis.set_yscale("log")
+        axis.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.yaxis.set_minor_formatter(NullFormatter())
+        axis.set_ylabel("time to ready, s (median, bar to p95)")
+        axis.set_title(f"lazyfs bench: {image}")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,263 @@
+"""Orchestration: images, registry, emulated link, reference pass, then profiles x runs x modes.
+
+For each image: build or find it, push it as built (gzip) and converted (zstd:chunked), then
+over an unshaped link measure what its workload reads and fill its warm cache. For each link
+profile: shape the link, measure what it achieves (and say loudly when that is off by more than
+10 %), then run every mode ``runs`` times, in a fresh shuffled order each run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lazyfs import __version__
+from lazyfs.bench import DEFAULT_IMAGES, MODES
+from lazyfs.bench.images import TAG, BenchImage, ensure_image
+from lazyfs.bench.links import DEFAULT_PROFILES, EmulatedLink, LinkCheck, LinkProfile
+from lazyfs.bench.modes import CHUNKED_TAG, ModeContext, reference_pass, run_mode
+from lazyfs.bench.report import BenchResult, ImageInfo
+from lazyfs.errors import LazyfsError
+from lazyfs.layout import OciLayout
+from lazyfs.localregistry import LocalRegistry
+
+REPOSITORY_PREFIX = "lazyfs-bench"
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    images: tuple[str, ...] = DEFAULT_IMAGES
+    command: tuple[str, ...] | None = None
+    ready_line: str | None = None
+    modes: tuple[str, ...] = MODES
+    profiles: tuple[LinkProfile, ...] = tuple(DEFAULT_PROFILES.values())
+    runs: int = 3
+    registry: str | None = None
+    work_dir: Path = Path("/var/tmp/lazyfs-bench")
+    image_dir: Path = Path("/var/tmp/lazyfs-bench/images")
+    seed: int = 0
+    timeout_s: float = 600.0
+    argv: tuple[str, ...] = field(default_factory=tuple)
+
+
+def machine() -> dict[str, str]:
+    """The facts a reader needs to compare figures."""
+    facts = {
+        "kernel": platform.release(),
+        "cpus": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "lazyfs": __version__,
+    }
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                facts["os"] = line.partition("=")[2].strip('"')
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        facts["cpu"] = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.splitlines()
+                if "model name" in line
+            ),
+            "unknown",
+        )
+        meminfo = Path("/proc/meminfo").read_text().split()
+        facts["memory"] = f"{int(meminfo[meminfo.index('MemTotal:') + 1]) / 1048576:.1f} GiB"
+    except (OSError, ValueError):
+        pass
+    facts["lazyfs_commit"] = _commit()
+    return facts
+
+
+def _commit() -> str:
+    """The source tree's commit, ``+dirty`` when it has uncommitted changes."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return f"{head}{'+dirty' if dirty else ''}" if head else "unknown"
+
+
+def push(image: BenchImage, registry: str) -> None:
+    """The image as built to ``:latest``, its conversion to ``:chunked`` (digests preserved)."""
+    repository = f"{registry}/{REPOSITORY_PREFIX}/{image.name}"
+    for source, tag in ((image.built_ref, TAG), (image.chunked_ref, CHUNKED_TAG)):
+        argv = ["skopeo", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false"]
+        result = subprocess.run(
+            [*argv, source, f"docker://{repository}:{tag}"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=1800,
+        )
+        if result.returncode != 0:
+            lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
+            raise LazyfsError(f"pushing {source} to {repository}:{tag}: {lines[-1]}")
+
+
+def _layout_bytes(layout: Path) -> int:
+    """Compressed size of the image tagged ``latest`` in ``layout`` (layers + config)."""
+    from lazyfs.image import Manifest
+
+    oci = OciLayout(layout)
+    descriptor = oci.resolve(TAG)
+    manifest = Manifest.parse(oci.read_blob(descriptor.digest), descriptor.media_type)
+    return manifest.config.size + sum(layer.size for layer in manifest.layers)
+
+
+class Bench:
+    """One ``lazyfs bench``: owns the registry, the link and the work directories."""
+
+    def __init__(self, config: BenchConfig, progress: Progress) -> None:
+        self.config = config
+        self.progress = progress
+        self.result = BenchResult(command=list(config.argv), machine=machine())
+        self._rng = random.Random(config.seed)
+        self._warm: dict[str, tuple[Path, int]] = {}
+
+    def run(self) -> BenchResult:
+        started = time.monotonic()
+        self.config.work_dir.mkdir(parents=True, exist_ok=True)
+        images = [self._image(name) for name in self.config.images]
+        with ExitStack() as stack:
+            registry = self.config.registry
+            if registry is None:
+                local = stack.enter_context(LocalRegistry(self.config.work_dir / "registry"))
+                registry = local.host
+                self.progress(f"registry (docker-registry) at {registry}")
+            for image in images:
+                self.progress(f"pushing {image.name} (gzip as :latest, zstd:chunked as :chunked)")
+                push(image, registry)
+            link = stack.enter_context(EmulatedLink(registry))
+            self.progress(
+                f"emulated link: netns {link.netns}, registry at {link.registry_host} "
+                f"(proxy base RTT {link.base_rtt_s * 1e3:.3f} ms)"
+            )
+            for image in images:
+                self._reference(image, link)
+            for profile in self.config.profiles:
+                self._profile(profile, images, link)
+        self.result.duration_s = time.monotonic() - started
+        return self.result
+
+    def _image(self, name: str) -> BenchImage:
+        return ensure_image(
+            name, self.config.image_dir, self.progress, self.config.command, self.config.ready_line
+        )
+
+    def _context(
+        self, image: BenchImage, link: EmulatedLink, profile: str, run: int
+    ) -> ModeContext:
+        warm, bytes_read = self._warm.get(image.name, (self.config.work_dir / "warm", 0))
+        return ModeContext(
+            image=image,
+            link=link,
+            repository=f"{REPOSITORY_PREFIX}/{image.name}",
+            work=self.config.work_dir / "run",
+            warm_cache=warm,
+            bytes_read=bytes_read,
+            profile=profile,
+            run=run,
+            timeout_s=self.config.timeout_s,
+        )
+
+    def _reference(self, image: BenchImage, link: EmulatedLink) -> None:
+        link.apply(DEFAULT_PROFILES["loopback"])
+        warm = self.config.work_dir / f"warm-{image.name}"
+        self._warm[image.name] = (warm, 0)
+        self.progress(f"{image.name}: measuring what the workload reads; filling the warm cache")
+        reference = reference_pass(self._context(image, link, "reference", 0))
+        bytes_read, total = reference.bytes_read, reference.image_bytes
+        if bytes_read <= 0:
+            raise LazyfsError(f"{image.name}: the workload read nothing from the image")
+        if not reference.consistent:
+            self.progress(
+                f"WARNING: {image.name}: bytes read differ between samples {reference.samples}: "
+                "is something else dropping the page cache? Using the largest."
+            )
+        self._warm[image.name] = (warm, bytes_read)
+        self.result.images.append(
+            ImageInfo(
+                image.name,
+                image.command,
+                image.ready_line,
+                bytes_read,
+                total,
+                _layout_bytes(image.built),
+                _layout_bytes(image.chunked),
+                reference.samples,
+            )
+        )
+        self.progress(
+            f"{image.name}: the workload reads {bytes_read / 1e6:.1f} MB "
+            f"of {total / 1e6:.1f} MB in the image"
+        )
+
+    def _profile(self, profile: LinkProfile, images: list[BenchImage], link: EmulatedLink) -> None:
+        link.apply(profile)
+        self.progress(f"link {profile.describe()}: validating")
+        check = link.check()
+        self.result.links.append(check)
+        self._report_check(check)
+        for run in range(1, self.config.runs + 1):
+            order = self._rng.sample(self.config.modes, len(self.config.modes))
+            for image in images:
+                for mode in order:
+                    self._one(image, link, profile, run, mode)
+
+    def _report_check(self, check: LinkCheck) -> None:
+        measured = check.measured
+        self.progress(
+            f"link {check.profile.name}: measured {measured.rate_bps / 1e6:.1f} Mbit/s, "
+            f"RTT {measured.rtt_s * 1e3:.2f} ms"
+        )
+        if not check.ok:
+            banner = "!" * 78
+            for line in (banner, *[f"!! EMULATOR OFF: {p}" for p in check.problems()], banner):
+                self.progress(line)
+
+    def _one(
+        self, image: BenchImage, link: EmulatedLink, profile: LinkProfile, run: int, mode: str
+    ) -> None:
+        label = f"[{image.name} {profile.name} run {run}/{self.config.runs}] {mode}"
+        self.progress(f"{label}: starting")
+        metrics = run_mode(mode, self._context(image, link, profile.name, run))
+        self.result.runs.append(metrics)
+        self.progress(
+            f"{label}: ready in {metrics.time_to_ready_s:.2f} s (mount "
+            f"{metrics.time_to_mount_s:.2f} s, first byte {metrics.time_to_first_byte_s:.2f} s), "
+            f"{metrics.link_bytes / 1e6:.1f} MB over the link, {metrics.range_requests} ranges"
+        )
+
+
+def terminal_progress(started: float | None = None) -> Progress:
+    origin = time.monotonic() if started is None else started
+
+    def progress(message: str) -> None:
+        print(f"[{time.monotonic() - origin:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return progress
