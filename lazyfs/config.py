@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The virtual extended attribute of a mount's root that `lazyfs stats` reads (JSON); not
+# listed by listxattr.
+STATS_XATTR = b"user.lazyfs.stats"
+
 
 @dataclass(frozen=True)
 class RetryConfig:
@@ -73,6 +77,11 @@ class ResolverConfig:
     # (lazyfs/readahead.py). A maximum of 0 turns it off.
     readahead_min_bytes: int = 64 << 10
     readahead_max_bytes: int = 4 << 20
+    # Prefetch of an access profile (lazyfs/prefetch.py): batches of about this many compressed
+    # bytes, this many at a time: two keep a link busy while the next request travels, and
+    # leave the other fetch slots to demand misses.
+    prefetch_batch_bytes: int = 1 << 20
+    prefetch_concurrency: int = 2
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from lazyfs.errors import IntegrityError, ManifestError
 from lazyfs.image import Descriptor, ImageConfig, Index, Manifest, parse_manifest_or_index
 from lazyfs.layerio import decompress_layer
 from lazyfs.platform import Platform
+from lazyfs.profile import AccessProfile
 from lazyfs.store import ImageStore
 
 
@@ -32,6 +33,7 @@ class ConvertOptions:
     chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
     platform: Platform | None = None  # None: every platform of an index
     work_dir: Path | None = None  # scratch space for decompressed layers
+    prefetch: AccessProfile | None = None  # ranks to write into the TOCs (lazyfs/prefetch.py)
 
 
 class ConvertProgress:
@@ -252,6 +254,7 @@ class Converter:
             self._options.chunking,
             actual,
             self._reporter("convert", tar_size),
+            self._options.prefetch,
         )
         await self._dest.put_blob(_chunked_descriptor(chunked), out_path)
         return chunked

@@ -9,7 +9,8 @@ prints ``str(exc)`` as a one-line error.
 
     LazyfsError
     ├── UsageError                 bad command-line input (exit 2)
-    │   └── InvalidReferenceError  an image reference docker would reject
+    │   ├── InvalidReferenceError  an image reference docker would reject
+    │   └── ProfileError           an access profile file is unreadable or malformed
     ├── ImageError                 the image itself is unusable
     │   ├── UnsupportedMediaTypeError
     │   ├── ManifestError          malformed manifest/index/config, or no matching platform
@@ -39,6 +40,10 @@ class UsageError(LazyfsError):
 
 class InvalidReferenceError(UsageError):
     """An image reference that docker's parser would reject."""
+
+
+class ProfileError(UsageError):
+    """An access profile (``--prefetch``, ``--record-profile``) is unreadable or malformed."""
 
 
 class ImageError(LazyfsError):

@@ -18,6 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
+from lazyfs.config import STATS_XATTR
 from lazyfs.errors import LazyfsError
 from lazyfs.resolver import ChunkResolver
 from lazyfs.tree import Node, Tree
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 
 # Metadata never changes under a mount: let the kernel cache it for a day.
 ATTR_TIMEOUT_S = 86400.0
-STATS_XATTR = b"user.lazyfs.stats"  # virtual, on the root only, not listed by listxattr
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 P = ParamSpec("P")

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,6 +32,7 @@ from lazyfs.cache import ChunkCache
 from lazyfs.config import ResolverConfig
 from lazyfs.digest import Digest
 from lazyfs.errors import CacheError, FetchDeadlineError, IntegrityError, LazyfsError
+from lazyfs.prefetch import ProfileRecorder
 from lazyfs.ranges import ByteRange
 from lazyfs.readahead import BlobIndex, LinkEstimate
 from lazyfs.source import ByteSource
@@ -69,6 +70,7 @@ class ResolverStats:
     singleflight_waits: int = 0
     verification_failures: int = 0
     readahead_chunks: int = 0  # fetched because they follow a miss, before anyone asked
+    prefetch_chunks: int = 0  # fetched by the prefetch of an access profile (prefetch.py)
     layer_bytes_fetched: dict[int, int] = field(default_factory=dict)
 
 
@@ -117,8 +119,10 @@ class ChunkResolver:
         config: ResolverConfig,
         task_group: TaskGroup,
         blob_index: BlobIndex | None = None,
+        recorder: ProfileRecorder | None = None,
     ) -> None:
         self._source = source
+        self._recorder = recorder
         self._blob_index = blob_index
         self._link = LinkEstimate()
         self._cache = cache
@@ -136,6 +140,8 @@ class ChunkResolver:
         if offset >= end:
             return b""
         chunks = self._covering(node, offset, end)
+        if self._recorder is not None:
+            self._recorder.record(node, chunks)
         try:
             with anyio.fail_after(self._config.read_deadline_s):
                 pieces = await self._load([self._wanted(node, c) for c in chunks])
@@ -160,22 +166,10 @@ class ChunkResolver:
     async def _load(self, wanted: list[_Wanted]) -> list[bytes]:
         """Each wanted chunk's bytes: zeros, or from the flight that owns its key.
 
-        No await between looking flights up and creating them (invariant 6 in
-        docs/concurrency.md), and each read keeps references to its flights, which hold their
-        result after they leave ``_flights``.
-        """
+        Each read keeps references to its flights, which hold their result after they leave
+        ``_flights``."""
         flights: dict[str, _Flight] = {}
-        owned: list[_Wanted] = []
-        for item in wanted:
-            if item.chunk.ref.zeros or item.key in flights:
-                continue
-            flight = self._flights.get(item.key)
-            if flight is None:
-                flight = self._flights[item.key] = _Flight()
-                owned.append(item)
-            else:
-                self.stats.singleflight_waits += 1
-            flights[item.key] = flight
+        owned = self._claim(wanted, flights)
         if owned:
             self._task_group.start_soon(self._resolve, owned)
         pieces = []
@@ -186,8 +180,39 @@ class ChunkResolver:
                 pieces.append(await flights[item.key].wait())
         return pieces
 
+    def _claim(
+        self, wanted: Sequence[_Wanted], flights: dict[str, _Flight] | None = None
+    ) -> list[_Wanted]:
+        """Join the flights of ``wanted`` (into ``flights``); return those that had none, now
+        owned by the caller. Synchronous: no await between looking a flight up and creating it
+        (invariant 6 in docs/concurrency.md)."""
+        joined: dict[str, _Flight] = {} if flights is None else flights
+        owned: list[_Wanted] = []
+        for item in wanted:
+            if item.chunk.ref.zeros or item.key in joined:
+                continue
+            flight = self._flights.get(item.key)
+            if flight is None:
+                flight = self._flights[item.key] = _Flight()
+                owned.append(item)
+            elif flights is not None:
+                self.stats.singleflight_waits += 1
+            joined[item.key] = flight
+        return owned
+
     async def _resolve(self, owned: list[_Wanted]) -> None:
         """Background task: serve new flights from the cache, fetch the rest."""
+        missing = await self._serve_from_cache(owned)
+        self.stats.cache_hits += len(owned) - len(missing)
+        self.stats.cache_misses += len(missing)
+        missing += await self._readahead(missing)
+        for request in self._plan(missing):
+            self._task_group.start_soon(self._fetch, request)
+
+    async def _serve_from_cache(self, owned: list[_Wanted]) -> list[_Wanted]:
+        """Finish the owned flights the cache can serve; return the others."""
+        if not owned:
+            return []
         try:
             cached = await anyio.to_thread.run_sync(lambda: [self._cached(w.key) for w in owned])
         except LazyfsError as exc:
@@ -198,12 +223,8 @@ class ChunkResolver:
             if data is None:
                 missing.append(item)
             else:
-                self.stats.cache_hits += 1
                 self._flights.pop(item.key).finish(data, None)
-        self.stats.cache_misses += len(missing)
-        missing += await self._readahead(missing)
-        for request in self._plan(missing):
-            self._task_group.start_soon(self._fetch, request)
+        return missing
 
     async def _readahead(self, missing: list[_Wanted]) -> list[_Wanted]:
         """Flights for the chunks that follow each layer's last miss (docs in readahead.py)."""
@@ -219,24 +240,40 @@ class ChunkResolver:
                 or item.chunk.ref.blob_offset > last[item.chunk.layer].chunk.ref.blob_offset
             ):
                 last[item.chunk.layer] = item
-        extras: list[_Wanted] = []
-        for item in last.values():
-            for node, chunk in self._blob_index.following(item.chunk, window):
-                wanted = self._wanted(node, chunk)
-                if wanted.key not in self._flights:  # no await since the check: still true
-                    self._flights[wanted.key] = _Flight()
-                    extras.append(wanted)
-        if not extras:
-            return []
-        cached = await anyio.to_thread.run_sync(lambda: [self._cached(w.key) for w in extras])
-        fetch = []
-        for item, data in zip(extras, cached, strict=True):
-            if data is None:
-                fetch.append(item)
-            else:
-                self._flights.pop(item.key).finish(data, None)
+        following = [
+            self._wanted(node, chunk)
+            for item in last.values()
+            for node, chunk in self._blob_index.following(item.chunk, window)
+        ]
+        fetch = await self._serve_from_cache(self._claim(following))
         self.stats.readahead_chunks += len(fetch)
         return fetch
+
+    async def prefetch(self, order: Sequence[tuple[Node, LayerChunk]]) -> None:
+        """Fetch the chunks of ``order`` before anyone reads them, in that order.
+
+        Batches of about ``prefetch_batch_bytes`` (compressed) go out one after another, at
+        most ``prefetch_concurrency`` at a time, so the first chunks needed arrive first and
+        demand misses still find free connections. A batch claims its flights only when it
+        starts, so a read never waits behind a queue of unstarted prefetches: it joins a
+        running fetch or starts its own."""
+        slots = anyio.Semaphore(max(1, self._config.prefetch_concurrency))
+        async with anyio.create_task_group() as batches:
+            for batch in _batches(order, self._config.prefetch_batch_bytes):
+                await slots.acquire()
+                owned = self._claim([self._wanted(node, chunk) for node, chunk in batch])
+                batches.start_soon(self._prefetch_batch, owned, slots)
+        log.info("prefetch done: %d chunks fetched", self.stats.prefetch_chunks)
+
+    async def _prefetch_batch(self, owned: list[_Wanted], slots: anyio.Semaphore) -> None:
+        try:
+            missing = await self._serve_from_cache(owned)
+            self.stats.prefetch_chunks += len(missing)
+            async with anyio.create_task_group() as fetches:
+                for request in self._plan(missing):
+                    fetches.start_soon(self._fetch, request)
+        finally:
+            slots.release()
 
     def _cached(self, key: str) -> bytes | None:
         """Worker thread: the cached chunk for a flight key (fs-verity, or sha256 via alias)."""
@@ -355,6 +392,22 @@ _SHA256_KEY = "plain-"  # flight keys of chunks known only by sha256
 def _key(chunk: LayerChunk, check: ChunkCheck) -> str:
     """The flight and cache key: the fs-verity digest, only where the layer is checked by it."""
     return chunk.ref.verity if check == "verity" else _SHA256_KEY + chunk.ref.sha256
+
+
+def _batches(
+    order: Sequence[tuple[Node, LayerChunk]], batch_bytes: int
+) -> Iterator[list[tuple[Node, LayerChunk]]]:
+    """``order`` in consecutive pieces of about ``batch_bytes`` compressed bytes each."""
+    batch: list[tuple[Node, LayerChunk]] = []
+    size = 0
+    for node, chunk in order:
+        batch.append((node, chunk))
+        size += chunk.ref.blob_end - chunk.ref.blob_offset
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _cut_frames(request: _Request, bodies: list[bytes]) -> list[tuple[_Wanted, bytes]]:

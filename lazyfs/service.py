@@ -22,9 +22,12 @@ import pyfuse3
 
 from lazyfs.cache import ChunkCache
 from lazyfs.config import CacheConfig, RegistryConfig, ResolverConfig
+from lazyfs.errors import LazyfsError
 from lazyfs.fs import LazyOperations
 from lazyfs.mountimage import LOCAL_LAYERS_DIR, OpenedImage, open_image
 from lazyfs.platform import Platform
+from lazyfs.prefetch import ProfileRecorder, embedded_order, profile_order
+from lazyfs.profile import AccessProfile
 from lazyfs.readahead import BlobIndex
 from lazyfs.reference import Reference
 from lazyfs.registry.auth import CredentialSource
@@ -44,6 +47,15 @@ READ_AHEAD_KB = 1024  # 1 MiB FUSE reads instead of 128 KiB: several times the t
 
 
 @dataclass(frozen=True)
+class PrefetchOptions:
+    """Access profiles (lazyfs/prefetch.py): which to prefetch, and where to record one."""
+
+    enabled: bool = True  # prefetch what the image's TOC ranks, or ``profile``
+    profile: AccessProfile | None = None  # a local profile, used instead of the TOC's ranks
+    record_path: Path | None = None  # write the reads of this mount here at unmount
+
+
+@dataclass(frozen=True)
 class MountOptions:
     reference: Reference
     mountpoint: Path
@@ -53,6 +65,7 @@ class MountOptions:
     resolver: ResolverConfig = field(default_factory=ResolverConfig)
     mirrors: MirrorConfig = field(default_factory=MirrorConfig)
     allow_other: bool = False
+    prefetch: PrefetchOptions = field(default_factory=PrefetchOptions)
 
 
 def fuse_options(options: MountOptions) -> set[str]:
@@ -73,6 +86,7 @@ class MountService:
         self._client: RegistryClient | None = None
         self._endpoints = EndpointOrder(options.mirrors)
         self._resolver: ChunkResolver | None = None
+        self._recorder = ProfileRecorder() if options.prefetch.record_path else None
 
     async def run(self, on_ready: Callable[[], None]) -> None:
         cache_config = self._options.cache
@@ -105,9 +119,14 @@ class MountService:
         async with anyio.create_task_group() as tasks:
             source = self._byte_source(client, cache)
             index = await anyio.to_thread.run_sync(BlobIndex.of_tree, self._image.tree)
-            index = await anyio.to_thread.run_sync(BlobIndex.of_tree, self._image.tree)
             self._resolver = ChunkResolver(
-                source, cache, self._image.layers, self._options.resolver, tasks, index
+                source,
+                cache,
+                self._image.layers,
+                self._options.resolver,
+                tasks,
+                index,
+                self._recorder,
             )
             operations = LazyOperations(self._image.tree, self._resolver, self.stats)
             pyfuse3.init(operations, str(self._options.mountpoint), fuse_options(self._options))
@@ -118,12 +137,41 @@ class MountService:
                     anyio.to_thread.run_sync, tune_read_ahead, self._options.mountpoint
                 )
                 on_ready()
+                tasks.start_soon(self._prefetch)
                 await pyfuse3.main()
                 unmounted = True
             finally:
                 log.info("unmounting %s: %s", self._options.mountpoint, self.summary())
                 pyfuse3.close(unmount=not unmounted)
                 tasks.cancel_scope.cancel()
+                self._save_profile()
+
+    async def _prefetch(self) -> None:
+        """Fetch what the access profile says a start reads, right after mounting."""
+        assert self._image is not None and self._resolver is not None
+        settings, tree = self._options.prefetch, self._image.tree
+        if not settings.enabled:
+            return
+        if settings.profile is not None:
+            profile = settings.profile
+            order = await anyio.to_thread.run_sync(lambda: profile_order(tree, profile))
+        else:
+            order = await anyio.to_thread.run_sync(embedded_order, tree)
+        if order:
+            log.info("prefetching %d chunks of the access profile", len(order))
+            await self._resolver.prefetch(order)
+
+    def _save_profile(self) -> None:
+        """After unmounting (so a path under the mountpoint cannot deadlock us)."""
+        path = self._options.prefetch.record_path
+        if path is None or self._recorder is None or self._image is None:
+            return
+        profile = self._recorder.profile(str(self._image.reference.digest or ""))
+        try:
+            profile.save(path)
+            log.info("wrote the access profile (%d reads) to %s", len(profile.reads), path)
+        except LazyfsError as exc:
+            log.error("%s", exc)
 
     def _byte_source(self, client: RegistryClient, cache: ChunkCache) -> ByteSource:
         assert self._image is not None

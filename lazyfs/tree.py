@@ -89,6 +89,14 @@ class Tree:
         children = self.nodes[parent].children
         return None if children is None else children.get(name)
 
+    def find(self, path: str) -> Node | None:
+        """The node at an absolute path, without following symlinks; None if there is none."""
+        node: Node | None = self.root
+        for part in _split(path):
+            children = node.children if node is not None else None
+            node = None if children is None else children.get(part)
+        return node
+
     def walk(self) -> Iterator[tuple[bytes, Node]]:
         """Every (path, node) pair, depth first; hardlinked nodes appear once per name."""
         stack: list[tuple[bytes, Node]] = [(b"/", self.root)]

@@ -10,7 +10,9 @@ Format facts (containers/storage ``pkg/chunked/internal/minimal``; see docs/form
   one at the ``reg`` entry's ``endOffset``.
 - Upstream readers ignore unknown fields. lazyfs adds ``lazyfsVerity`` (the whole file's
   fs-verity digest) on ``reg`` entries and ``lazyfsChunkVerity`` (the chunk's) on every entry
-  that stands for a chunk, so every chunk is tied to an fs-verity digest.
+  that stands for a chunk, so every chunk is tied to an fs-verity digest; and, for images
+  converted with an access profile, ``lazyfsPrefetch`` (the chunk's rank in the order a mount
+  prefetches in) on the entries of the chunks the profiled workload read.
 
 Serialization follows Go's ``encoding/json`` (field order of the Go struct, ``omitempty``, sorted
 map keys, HTML-escaping of ``<>&``), so the bytes are reproducible and look like upstream's.
@@ -78,6 +80,7 @@ class TocEntry:
     inner_offset: int = 0  # eStargz: where the chunk starts in its decompressed gzip member(s)
     verity: str = ""  # lazyfs: fs-verity digest of the whole file
     chunk_verity: str = ""  # lazyfs: fs-verity digest of this chunk's uncompressed bytes
+    prefetch: int = 0  # lazyfs: 1-based rank in the prefetch order (lazyfs/prefetch.py); 0: none
 
 
 # (attribute, JSON key, kind) in Go struct order.
@@ -105,6 +108,7 @@ _FIELDS: tuple[tuple[str, str, str], ...] = (
     ("inner_offset", "innerOffset", "int"),
     ("verity", "lazyfsVerity", "str"),
     ("chunk_verity", "lazyfsChunkVerity", "str"),
+    ("prefetch", "lazyfsPrefetch", "int"),
 )
 
 
@@ -294,6 +298,7 @@ class ChunkRef:
     verity: str  # fs-verity digest of the uncompressed chunk ("" if not a lazyfs layer)
     zeros: bool = False
     inner_offset: int = 0  # eStargz: bytes to skip in the decompressed range before the chunk
+    prefetch: int = 0  # rank in the prefetch order, 1-based; 0: not prefetched
 
 
 def file_chunks(entries: tuple[TocEntry, ...] | list[TocEntry]) -> list[ChunkRef]:
@@ -307,7 +312,15 @@ def file_chunks(entries: tuple[TocEntry, ...] | list[TocEntry]) -> list[ChunkRef
         sha = head.chunk_digest or head.digest
         verity = head.chunk_verity or head.verity
         single = ChunkRef(
-            0, head.size, head.offset, head.end_offset, sha, verity, False, head.inner_offset
+            0,
+            head.size,
+            head.offset,
+            head.end_offset,
+            sha,
+            verity,
+            False,
+            head.inner_offset,
+            head.prefetch,
         )
         _check_chunks_cover(head, [single])
         return [single]
@@ -325,6 +338,7 @@ def file_chunks(entries: tuple[TocEntry, ...] | list[TocEntry]) -> list[ChunkRef
                 entry.chunk_verity,
                 entry.chunk_type == "zeros",
                 entry.inner_offset,
+                entry.prefetch,
             )
         )
     _check_chunks_cover(head, chunks)

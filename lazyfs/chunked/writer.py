@@ -52,6 +52,7 @@ from lazyfs.chunked.toc import (
 from lazyfs.config import ChunkingConfig
 from lazyfs.digest import Digest
 from lazyfs.errors import TocError
+from lazyfs.profile import AccessProfile, mark_entries
 from lazyfs.verity import VerityHasher, format_verity, fsverity_digest
 
 _TAR_TYPES = {
@@ -199,8 +200,14 @@ class _Jobs:
 class LayerWriter:
     """Converts one tar (already decompressed, on disk) into a zstd:chunked blob."""
 
-    def __init__(self, config: ChunkingConfig, on_progress: Callable[[int], None] | None) -> None:
+    def __init__(
+        self,
+        config: ChunkingConfig,
+        on_progress: Callable[[int], None] | None,
+        prefetch: AccessProfile | None = None,
+    ) -> None:
         self._config = config
+        self._prefetch = prefetch
         self._on_progress = on_progress or (lambda _done: None)
         self._compressors: dict[int, zstandard.ZstdCompressor] = {}
         self.stats = LayerStats()
@@ -343,6 +350,8 @@ class LayerWriter:
         tar_split_json = _tar_split_json(self._split_items)
         tar_split = zstandard.ZstdCompressor(level=level).compress(tar_split_json)
         entries = tuple(entry for slot in self._entries for entry in slot)
+        if self._prefetch is not None:
+            entries = mark_entries(entries, self._prefetch)
         toc = Toc(entries, "sha256:" + hashlib.sha256(tar_split).hexdigest())
         toc_json = toc.to_json()
         toc_compressed = zstandard.ZstdCompressor(level=level).compress(toc_json)
@@ -366,14 +375,16 @@ def write_chunked_layer(
     config: ChunkingConfig,
     diff_id: Digest | None = None,
     on_progress: Callable[[int], None] | None = None,
+    prefetch: AccessProfile | None = None,
 ) -> ChunkedLayer:
     """Convert the uncompressed tar at ``tar_path`` into a zstd:chunked blob at ``out_path``.
 
     ``diff_id`` is the sha256 of the tar, when the caller already computed it while writing it.
+    ``prefetch``: an access profile whose ranks go into the TOC.
     """
     diff_id = diff_id or _sha256_file(tar_path)
     with out_path.open("wb") as out:
-        return LayerWriter(config, on_progress).write(tar_path, out, diff_id)
+        return LayerWriter(config, on_progress, prefetch).write(tar_path, out, diff_id)
 
 
 def _file_job(payload: memoryview, whole_file: bool) -> _FileResult:

@@ -1,4 +1,9 @@
-"""Helpers shared by the command modules: argument types, registry flags, output."""
+"""Helpers shared by the command modules: argument types, registry flags, output.
+
+Command modules import only light leaves at the top and the heavy parts (httpx, trio, pyfuse3,
+the converter) when their command runs: ``lazyfs mount`` starts two interpreters (the front end
+and its daemon), and each import the front end does not need costs its mount time.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,14 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-
-import anyio
+from typing import TYPE_CHECKING
 
 from lazyfs.config import RegistryConfig
 from lazyfs.errors import UsageError
 from lazyfs.platform import Platform
-from lazyfs.registry.auth import DockerConfigCredentials, parse_creds
+
+if TYPE_CHECKING:
+    from lazyfs.registry.auth import DockerConfigCredentials
 
 
 def parse_bool(text: str) -> bool:
@@ -77,11 +83,15 @@ def registry_config(args: argparse.Namespace, direction: str | None = None) -> R
 
 
 def credentials(args: argparse.Namespace, direction: str | None = None) -> DockerConfigCredentials:
+    from lazyfs.registry.auth import DockerConfigCredentials, parse_creds  # see module docstring
+
     creds = (getattr(args, f"{direction}_creds", None) if direction else None) or args.creds
     return DockerConfigCredentials(args.authfile, creds=parse_creds(creds) if creds else None)
 
 
 def run_trio(main: Callable[[], Awaitable[int]]) -> int:
+    import anyio  # see module docstring
+
     return anyio.run(main, backend="trio")
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazyfs.commands.common import (
     add_registry_flags,
@@ -18,18 +18,11 @@ from lazyfs.commands.common import (
     run_trio,
 )
 from lazyfs.config import ChunkingConfig
-from lazyfs.convert import Converter, ConvertOptions, ConvertProgress, ConvertSummary
 from lazyfs.errors import UsageError
-from lazyfs.progress import TerminalConvertProgress, human_bytes
-from lazyfs.registry.client import RegistryClient
-from lazyfs.store import (
-    ImageStore,
-    LayoutLocation,
-    LayoutStore,
-    Location,
-    RegistryStore,
-    parse_location,
-)
+
+if TYPE_CHECKING:  # imported when the command runs (see lazyfs/commands/common.py)
+    from lazyfs.convert import ConvertProgress, ConvertSummary
+    from lazyfs.store import ImageStore, Location
 
 
 def add_parser(commands: Any) -> None:
@@ -44,6 +37,12 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--platform", type=parse_platform, help="only this os/arch[/variant]")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    parser.add_argument(
+        "--prefetch",
+        type=Path,
+        metavar="PROFILE",
+        help="access profile (from `lazyfs mount --record-profile`) whose reads mounts prefetch",
+    )
     chunking = parser.add_argument_group("chunking (see docs/chunking.md)")
     defaults = ChunkingConfig()
     chunking.add_argument("--chunk-min", type=parse_size, default=defaults.min_chunk_bytes)
@@ -65,10 +64,19 @@ def chunking_config(args: argparse.Namespace) -> ChunkingConfig:
 
 
 async def run_convert(args: argparse.Namespace) -> int:
+    from lazyfs.convert import Converter, ConvertOptions
+    from lazyfs.profile import AccessProfile
+    from lazyfs.progress import TerminalConvertProgress
+    from lazyfs.store import parse_location
+
+    prefetch = AccessProfile.load(args.prefetch) if args.prefetch is not None else None
     source_location = parse_location(args.source)
     dest_location = parse_location(args.dest)
     options = ConvertOptions(
-        chunking=chunking_config(args), platform=args.platform, work_dir=args.work_dir
+        chunking=chunking_config(args),
+        platform=args.platform,
+        work_dir=args.work_dir,
+        prefetch=prefetch,
     )
     progress: ConvertProgress | None = None
     if not args.quiet and TerminalConvertProgress.wanted():
@@ -91,6 +99,9 @@ async def _open_store(
     *,
     create: bool,
 ) -> ImageStore:
+    from lazyfs.registry.client import RegistryClient
+    from lazyfs.store import LayoutLocation, LayoutStore, RegistryStore
+
     if isinstance(location, LayoutLocation):
         return LayoutStore(location, create=create)
     client = RegistryClient(registry_config(args, direction), credentials(args, direction))
@@ -100,6 +111,8 @@ async def _open_store(
 
 def _mount_source(source: Location, dest: Location) -> str | None:
     """Blobs can be mounted across repositories of the same registry instead of re-uploaded."""
+    from lazyfs.store import LayoutLocation
+
     if isinstance(source, LayoutLocation) or isinstance(dest, LayoutLocation):
         return None
     same_registry = source.reference.registry == dest.reference.registry
@@ -107,6 +120,8 @@ def _mount_source(source: Location, dest: Location) -> str | None:
 
 
 def _report(args: argparse.Namespace, summary: ConvertSummary) -> None:
+    from lazyfs.progress import human_bytes
+
     if args.json:
         print_json(summary.to_json())
         return

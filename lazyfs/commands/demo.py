@@ -13,11 +13,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazyfs.cli_support import lazyfs_command
-from lazyfs.localregistry import LocalRegistry
-from lazyfs.sample import build_sample_image
+
+if TYPE_CHECKING:
+    from lazyfs.localregistry import LocalRegistry
 
 
 def add_parser(commands: Any) -> None:
@@ -29,6 +30,8 @@ def add_parser(commands: Any) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from lazyfs.localregistry import LocalRegistry  # see lazyfs/commands/common.py
+
     with tempfile.TemporaryDirectory(prefix="lazyfs-demo-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -42,6 +45,8 @@ def _step(text: str) -> None:
 
 
 def _demo(work: Path, registry: LocalRegistry) -> None:
+    from lazyfs.sample import build_sample_image
+
     _step(f"registry running at {registry.host}")
     digest = build_sample_image(work / "sample-oci", "latest")
     _step(f"built the sample image {digest} (oci:{work / 'sample-oci'}:latest)")

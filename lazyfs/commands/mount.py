@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazyfs.commands.common import (
     add_registry_flags,
@@ -27,13 +27,15 @@ from lazyfs.commands.common import (
     registry_config,
     run_trio,
 )
-from lazyfs.config import CacheConfig, ResolverConfig
+from lazyfs.config import STATS_XATTR, CacheConfig, ResolverConfig
 from lazyfs.errors import LazyfsError, UsageError
-from lazyfs.fs import STATS_XATTR
 from lazyfs.platform import Platform
 from lazyfs.reference import Reference
 from lazyfs.registry.mirrors import MirrorConfig
-from lazyfs.service import MountOptions, MountService
+
+if TYPE_CHECKING:
+    from lazyfs.profile import AccessProfile
+    from lazyfs.service import MountService
 
 log = logging.getLogger("lazyfs")
 
@@ -53,8 +55,11 @@ def run_mount(args: argparse.Namespace) -> int:
         args.creds = os.environ.pop(CREDS_ENV, None)
     mountpoint = _check_mountpoint(args.mountpoint)
     reference = Reference.parse(args.reference)
+    profile = _prefetch_profile(args)  # in the front end too, to fail before daemonising
     if not args.foreground:
         return _start_daemon(args, mountpoint)
+    from lazyfs.service import MountOptions, MountService, PrefetchOptions  # see common.py
+
     mirrors = MirrorConfig.load(args.config) if args.config else MirrorConfig()
     options = MountOptions(
         reference=reference,
@@ -65,6 +70,7 @@ def run_mount(args: argparse.Namespace) -> int:
         mirrors=mirrors,
         resolver=ResolverConfig(read_deadline_s=args.read_timeout),
         allow_other=args.allow_other,
+        prefetch=PrefetchOptions(not args.no_prefetch, profile, args.record_profile),
     )
     service = MountService(options, credentials(args))
     ready_fd: int | None = args.ready_fd
@@ -82,6 +88,21 @@ async def _serve(service: MountService, ready_fd: int | None) -> int:
 
     await service.run(ready)
     return 0
+
+
+def _prefetch_profile(args: argparse.Namespace) -> AccessProfile | None:
+    if args.prefetch is not None and args.no_prefetch:
+        raise UsageError("--prefetch and --no-prefetch exclude each other")
+    record = args.record_profile
+    if record is not None:
+        args.record_profile = record = record.absolute()
+        if not record.parent.is_dir():
+            raise UsageError(f"--record-profile: directory {record.parent} does not exist")
+    if args.prefetch is None:
+        return None
+    from lazyfs.profile import AccessProfile
+
+    return AccessProfile.load(args.prefetch)
 
 
 def _tell_parent(fd: int | None, message: bytes) -> None:
@@ -263,6 +284,22 @@ def add_parsers(commands: Any) -> None:
         "--config",
         type=Path,
         help="TOML file of registries and their mirrors (containers-registries.conf style)",
+    )
+    profiles = mount.add_argument_group("access profiles (prefetch at start)")
+    profiles.add_argument(
+        "--prefetch",
+        type=Path,
+        metavar="PROFILE",
+        help="prefetch what this access profile reads (default: what the image's TOC ranks)",
+    )
+    profiles.add_argument(
+        "--no-prefetch", action="store_true", help="fetch only what is read, never ahead"
+    )
+    profiles.add_argument(
+        "--record-profile",
+        type=Path,
+        metavar="PATH",
+        help="write the reads of this mount, in order, to PATH at unmount",
     )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     add_registry_flags(mount, directional=False)
