@@ -15,6 +15,7 @@ All methods block: callers run them in worker threads (see docs/concurrency.md).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import diskcache
@@ -65,6 +66,22 @@ class ChunkCache:
             self._chunks.set(verity, data)
         except (OSError, diskcache.Timeout) as exc:
             raise CacheError(f"cannot write chunk {verity} to the cache: {exc}") from exc
+
+    def put_chunks(
+        self, chunks: Sequence[tuple[str, bytes]], aliases: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """Store verified chunks (and sha256 -> fs-verity aliases) in one transaction each."""
+        try:
+            if chunks:
+                with self._chunks.transact():
+                    for verity, data in chunks:
+                        self._chunks.set(verity, data)
+            if aliases:
+                with self._meta.transact():
+                    for sha256, verity in aliases:
+                        self._meta.set(f"alias:{sha256}", verity.encode())
+        except (OSError, diskcache.Timeout) as exc:
+            raise CacheError(f"cannot write {len(chunks)} chunks to the cache: {exc}") from exc
 
     def has_chunk(self, verity: str) -> bool:
         return verity in self._chunks

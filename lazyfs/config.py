@@ -81,7 +81,7 @@ class ResolverConfig:
     # bytes, this many at a time: two keep a link busy while the next request travels, and
     # leave the other fetch slots to demand misses.
     prefetch_batch_bytes: int = 1 << 20
-    prefetch_concurrency: int = 2
+    prefetch_concurrency: int = 4
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ mount of that image by reference prefetches. ``lazyfs mount --prefetch PROFILE``
 profile to any image, foreign formats included. This is what eStargz calls prioritized files
 (recorded by its ``optimize`` command); lazyfs does not reorder the layer, because a
 multi-range request reaches scattered chunks in one round trip.
+
+Concurrency: docs/concurrency.md (invariants 9 and 10).
 """
 
 from __future__ import annotations

@@ -195,6 +195,8 @@ class ChunkResolver:
             if flight is None:
                 flight = self._flights[item.key] = _Flight()
                 owned.append(item)
+            elif flights is not None and flight.done.is_set():
+                self.stats.cache_hits += 1  # fetched and verified, on its way into the cache
             elif flights is not None:
                 self.stats.singleflight_waits += 1
             joined[item.key] = flight
@@ -319,6 +321,7 @@ class ChunkResolver:
 
     async def _fetch(self, request: _Request) -> None:
         items = [item for group in request.chunks for item in group]
+        verified: _Verified = _Verified()
         try:
             async with self._limiter:
                 blob = self._layers[request.layer]
@@ -328,7 +331,8 @@ class ChunkResolver:
                     self._link.record(sum(len(b) for b in bodies), time.monotonic() - started)
             self._count_fetch(request, bodies)
             frames = _cut_frames(request, bodies)
-            results = await anyio.to_thread.run_sync(self._verify_and_store, blob, frames)
+            verified = await anyio.to_thread.run_sync(_verify_frames, blob, frames)
+            results = verified.results
         except LazyfsError as exc:
             log.warning(
                 "fetch of %d chunks from layer %d failed: %s", len(items), request.layer, exc
@@ -340,7 +344,13 @@ class ChunkResolver:
         except BaseException:
             self._finish(items, [FetchDeadlineError("fetch cancelled")] * len(items))
             raise
-        self._finish(items, results)
+        served = self._finish(items, results)
+        try:  # readers have their bytes; the served flights stay joinable until cached
+            await anyio.to_thread.run_sync(self._store, verified)
+        finally:
+            for key, flight in served:
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
 
     def _count_fetch(self, request: _Request, bodies: list[bytes]) -> None:
         if not self._layers[request.layer].lazy:
@@ -351,39 +361,60 @@ class ChunkResolver:
         per_layer = self.stats.layer_bytes_fetched
         per_layer[request.layer] = per_layer.get(request.layer, 0) + fetched
 
-    def _finish(self, items: list[_Wanted], results: Sequence[bytes | LazyfsError]) -> None:
+    def _finish(
+        self, items: list[_Wanted], results: Sequence[bytes | LazyfsError]
+    ) -> list[tuple[str, _Flight]]:
+        """Complete the flights of ``items``. Failed ones leave ``_flights`` at once, so the
+        next read retries; served ones are returned, still in ``_flights`` (the caller drops
+        them once their bytes are in the cache, so no reader in between fetches again)."""
+        served = []
         for item, result in zip(items, results, strict=True):
-            flight = self._flights.pop(item.key, None)
-            if flight is None:
+            flight = self._flights.get(item.key)
+            if flight is None or flight.done.is_set():
                 continue
             if isinstance(result, bytes):
                 self.stats.chunks_fetched += 1
                 flight.finish(result, None)
-            else:
-                if isinstance(result, IntegrityError):
-                    self.stats.verification_failures += 1
-                    log.error("%s: %s", item.node.path, result)
-                flight.finish(None, result)
-
-    def _verify_and_store(
-        self, blob: LayerBlob, frames: list[tuple[_Wanted, bytes]]
-    ) -> list[bytes | LazyfsError]:
-        """Worker thread: decompress, verify, cache. Touches no resolver state."""
-        results: list[bytes | LazyfsError] = []
-        for item, frame in frames:
-            try:
-                verity, data = _verified(item, blob, frame)
-            except LazyfsError as exc:
-                results.append(exc)
+                served.append((item.key, flight))
                 continue
-            results.append(data)
-            try:
-                self._cache.put_chunk(verity, data)
-                if item.key.startswith(_SHA256_KEY):
-                    self._cache.put_alias(item.chunk.ref.sha256, verity)
-            except CacheError as exc:  # the bytes are verified: serve them anyway
-                log.warning("could not cache chunk %s: %s", verity, exc)
-        return results
+            if isinstance(result, IntegrityError):
+                self.stats.verification_failures += 1
+                log.error("%s: %s", item.node.path, result)
+            del self._flights[item.key]
+            flight.finish(None, result)
+        return served
+
+    def _store(self, verified: _Verified) -> None:
+        """Worker thread: cache verified chunks. Touches no resolver state."""
+        try:  # one transaction per request: concurrent writers contend for SQLite's lock
+            self._cache.put_chunks(verified.chunks, verified.aliases)
+        except CacheError as exc:  # the bytes are verified and served: only caching failed
+            log.warning("could not cache %d chunks: %s", len(verified.chunks), exc)
+
+
+@dataclass
+class _Verified:
+    """What a worker thread made of one request's frames."""
+
+    results: list[bytes | LazyfsError] = field(default_factory=list)  # per chunk, in order
+    chunks: list[tuple[str, bytes]] = field(default_factory=list)  # (fs-verity, bytes) to cache
+    aliases: list[tuple[str, str]] = field(default_factory=list)  # (sha256, fs-verity)
+
+
+def _verify_frames(blob: LayerBlob, frames: list[tuple[_Wanted, bytes]]) -> _Verified:
+    """Worker thread: decompress and verify each frame."""
+    out = _Verified()
+    for item, frame in frames:
+        try:
+            verity, data = _verified(item, blob, frame)
+        except LazyfsError as exc:
+            out.results.append(exc)
+            continue
+        out.results.append(data)
+        out.chunks.append((verity, data))
+        if item.key.startswith(_SHA256_KEY):
+            out.aliases.append((item.chunk.ref.sha256, verity))
+    return out
 
 
 _SHA256_KEY = "plain-"  # flight keys of chunks known only by sha256

@@ -539,7 +539,7 @@ async def test_corrupt_chunk_gives_integrity_error_and_is_not_cached(cache: Chun
         # Once the source serves the right bytes, the chunk reads and is cached.
         world.source.tamper = None
         assert await resolver.read(world.node, 0, 15_000) == world.content
-        assert cache.has_chunk(bad.verity)
+        await wait_until(lambda: cache.has_chunk(bad.verity))
     assert sorted(cache.chunk_keys()) == sorted(c.ref.verity for c in world.node.chunks)
 
 
@@ -579,7 +579,9 @@ async def test_sha256_layers_are_checked_by_sha256(cache: ChunkCache) -> None:
     pieces = [world.content[:5000], world.content[5000:]]
     async with running(world.source, cache, [world.layer]) as resolver:
         assert await resolver.read(world.node, 0, 11_000) == world.content
-        # Cached by fs-verity digest like every chunk, found again through the sha256 alias.
+        # Cached by fs-verity digest like every chunk, found again through the sha256 alias
+        # (written just after the bytes were served).
+        await wait_until(lambda: all(cache.get_alias(sha256_of(p)) for p in pieces))
         assert sorted(cache.chunk_keys()) == sorted(verity_of(p) for p in pieces)
         for piece in pieces:
             assert cache.get_alias(sha256_of(piece)) == verity_of(piece)
@@ -693,6 +695,7 @@ async def test_deadline_then_a_later_read_joins_the_same_fetch(cache: ChunkCache
             gate.set()
         assert results == [world.content]
         # The flight the first read left behind finished and filled the cache.
+        await wait_until(lambda: cache.has_chunk(world.node.chunks[0].ref.verity))
         assert cache.has_chunk(world.node.chunks[0].ref.verity)
         assert await resolver.read(world.node, 0, 5000) == world.content
     assert len(world.source.calls) == 1

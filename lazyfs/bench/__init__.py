@@ -3,7 +3,7 @@
 - :mod:`lazyfs.bench.links`: network namespace, veth pair, tbf shaper, delay proxy, validation
 - :mod:`lazyfs.bench.proxy`: the delay proxy process (holds segments RTT/2 each way, counts)
 - :mod:`lazyfs.bench.workload`: overlay + chroot runner with ready detection
-- :mod:`lazyfs.bench.modes`: full-pull, lazy-cold, lazy-warm
+- :mod:`lazyfs.bench.modes`: full-pull, lazy-cold, lazy-prefetch, lazy-warm
 - :mod:`lazyfs.bench.images`: the python, gcc and busybox images (mmdebstrap, cached)
 - :mod:`lazyfs.bench.report`: table, JSON, PNG chart
 - :mod:`lazyfs.bench.runner`: orchestration
@@ -14,8 +14,9 @@ importing the rest.
 
 FULL_PULL = "full-pull"
 LAZY_COLD = "lazy-cold"
+LAZY_PREFETCH = "lazy-prefetch"
 LAZY_WARM = "lazy-warm"
-MODES = (FULL_PULL, LAZY_COLD, LAZY_WARM)
+MODES = (FULL_PULL, LAZY_COLD, LAZY_PREFETCH, LAZY_WARM)
 PROFILE_NAMES = ("loopback", "lan", "wan", "edge")
 IMAGE_NAMES = ("python", "gcc", "busybox")
 DEFAULT_IMAGES = ("python", "gcc")

@@ -1,9 +1,12 @@
-"""The three ways a container can start, each measured from a cold page cache.
+"""The ways a container can start, each measured from a cold page cache.
 
 - ``full-pull``: ``skopeo copy`` the gzip image from the registry to a local OCI layout,
   ``umoci unpack`` it, run the workload on the unpacked tree;
 - ``lazy-cold``: ``lazyfs mount`` the converted image with an empty cache, run the workload;
-- ``lazy-warm``: the same with a cache that already holds the whole image.
+- ``lazy-prefetch``: the same, with the image converted with an access profile of the workload
+  (recorded once, on another mount, by :func:`record_profile`), so the mount prefetches what
+  the workload will read (lazyfs/prefetch.py);
+- ``lazy-warm``: the same as lazy-cold with a cache that already holds the whole image.
 
 Everything that fetches goes through the emulated link (``link.registry_host``). Each mode
 returns a :class:`RunMetrics`; times are seconds from the start of the mode (after the page
@@ -25,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lazyfs.bench import FULL_PULL, LAZY_COLD, LAZY_WARM
+from lazyfs.bench import FULL_PULL, LAZY_COLD, LAZY_PREFETCH, LAZY_WARM
 from lazyfs.bench.images import TAG, BenchImage
 from lazyfs.bench.links import EmulatedLink
 from lazyfs.bench.workload import WorkloadResult, WorkloadSpec, run_workload
@@ -34,6 +37,7 @@ from lazyfs.commands.mount import is_mounted
 from lazyfs.errors import LazyfsError
 
 CHUNKED_TAG = "chunked"
+PREFETCH_TAG = "prefetch"
 _TOOL_TIMEOUT_S = 1800.0
 _TUNE_WAIT_S = 5.0
 _LAZYFS_READ_AHEAD_KB = "1024"
@@ -159,13 +163,19 @@ def mount_stats(mountpoint: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def lazy_mount(reference: str, mountpoint: Path, cache_dir: Path) -> Iterator[int]:
+def lazy_mount(reference: str, mountpoint: Path, cache_dir: Path, *options: str) -> Iterator[int]:
     """``lazyfs mount`` (a separate daemon); yields its pid; always unmounted afterwards."""
     mountpoint.mkdir(parents=True, exist_ok=True)
     pid = -1
     try:
         lazyfs_command(
-            "mount", "--cache-dir", str(cache_dir), "--tls-verify=false", reference, str(mountpoint)
+            "mount",
+            "--cache-dir",
+            str(cache_dir),
+            "--tls-verify=false",
+            *options,
+            reference,
+            str(mountpoint),
         )
         pid = int(mount_stats(mountpoint)["pid"])
         yield pid
@@ -283,11 +293,11 @@ def full_pull(ctx: ModeContext) -> RunMetrics:
     return _metrics(ctx, FULL_PULL, started, mounted, result, (before, after), cost, None)
 
 
-def _lazy(ctx: ModeContext, mode: str, cache_dir: Path) -> RunMetrics:
+def _lazy(ctx: ModeContext, mode: str, cache_dir: Path, tag: str = CHUNKED_TAG) -> RunMetrics:
     mountpoint = ctx.work / "mnt"
     before = ctx.link.counters()
     started = time.monotonic()
-    with lazy_mount(ctx.reference(CHUNKED_TAG), mountpoint, cache_dir) as pid:
+    with lazy_mount(ctx.reference(tag), mountpoint, cache_dir) as pid:
         mounted = time.monotonic()
         result = run_workload(ctx.spec(mountpoint))
         after = ctx.link.counters()
@@ -300,6 +310,10 @@ def lazy_cold(ctx: ModeContext) -> RunMetrics:
     return _lazy(ctx, LAZY_COLD, ctx.work / "cache")
 
 
+def lazy_prefetch(ctx: ModeContext) -> RunMetrics:
+    return _lazy(ctx, LAZY_PREFETCH, ctx.work / "cache", PREFETCH_TAG)
+
+
 def lazy_warm(ctx: ModeContext) -> RunMetrics:
     return _lazy(ctx, LAZY_WARM, ctx.warm_cache)
 
@@ -307,6 +321,7 @@ def lazy_warm(ctx: ModeContext) -> RunMetrics:
 RUNNERS: dict[str, Callable[[ModeContext], RunMetrics]] = {
     FULL_PULL: full_pull,
     LAZY_COLD: lazy_cold,
+    LAZY_PREFETCH: lazy_prefetch,
     LAZY_WARM: lazy_warm,
 }
 
@@ -364,3 +379,24 @@ def reference_pass(ctx: ModeContext, samples: int = _REFERENCE_SAMPLES) -> Refer
     finally:
         shutil.rmtree(ctx.work, ignore_errors=True)
     return Reference(tuple(found), total)
+
+
+def record_profile(ctx: ModeContext, profile: Path) -> None:
+    """Record the workload's access profile: one start on a cold mount of the converted image,
+    as a user would (``lazyfs mount --record-profile``, then unmount)."""
+    ctx.work.mkdir(parents=True, exist_ok=True)
+    try:
+        with lazy_mount(
+            ctx.reference(CHUNKED_TAG),
+            ctx.work / "profile-mnt",
+            ctx.work / "profile-cache",
+            "--no-prefetch",
+            "--record-profile",
+            str(profile),
+        ):
+            drop_page_cache()
+            run_workload(ctx.spec(ctx.work / "profile-mnt"))
+    finally:
+        shutil.rmtree(ctx.work, ignore_errors=True)
+    if not profile.is_file():
+        raise LazyfsError(f"{ctx.image.name}: the mount wrote no access profile")

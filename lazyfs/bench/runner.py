@@ -1,9 +1,10 @@
 """Orchestration: images, registry, emulated link, reference pass, then profiles x runs x modes.
 
 For each image: build or find it, push it as built (gzip) and converted (zstd:chunked), then
-over an unshaped link measure what its workload reads and fill its warm cache. For each link
-profile: shape the link, measure what it achieves (and say loudly when that is off by more than
-10 %), then run every mode ``runs`` times, in a fresh shuffled order each run.
+over an unshaped link measure what its workload reads and fill its warm cache; for
+``lazy-prefetch``, record the workload's access profile and push the image converted with it.
+For each link profile: shape the link, measure what it achieves (and say loudly when that is
+off by more than 10 %), then run every mode ``runs`` times, in a fresh shuffled order each run.
 """
 
 from __future__ import annotations
@@ -16,18 +17,27 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lazyfs import __version__
-from lazyfs.bench import DEFAULT_IMAGES, MODES
+from lazyfs.bench import DEFAULT_IMAGES, LAZY_PREFETCH, MODES
 from lazyfs.bench.images import TAG, BenchImage, ensure_image
 from lazyfs.bench.links import DEFAULT_PROFILES, EmulatedLink, LinkCheck, LinkProfile
-from lazyfs.bench.modes import CHUNKED_TAG, ModeContext, reference_pass, run_mode
+from lazyfs.bench.modes import (
+    CHUNKED_TAG,
+    PREFETCH_TAG,
+    ModeContext,
+    record_profile,
+    reference_pass,
+    run_mode,
+)
 from lazyfs.bench.report import BenchResult, ImageInfo
+from lazyfs.cli_support import lazyfs_command
 from lazyfs.errors import LazyfsError
 from lazyfs.layout import OciLayout
 from lazyfs.localregistry import LocalRegistry
+from lazyfs.profile import AccessProfile
 
 REPOSITORY_PREFIX = "lazyfs-bench"
 
@@ -159,6 +169,8 @@ class Bench:
             )
             for image in images:
                 self._reference(image, link)
+                if LAZY_PREFETCH in self.config.modes:
+                    self._prefetch_image(image, link, registry)
             for profile in self.config.profiles:
                 self._profile(profile, images, link)
         self.result.duration_s = time.monotonic() - started
@@ -215,6 +227,28 @@ class Bench:
         self.progress(
             f"{image.name}: the workload reads {bytes_read / 1e6:.1f} MB "
             f"of {total / 1e6:.1f} MB in the image"
+        )
+
+    def _prefetch_image(self, image: BenchImage, link: EmulatedLink, registry: str) -> None:
+        """Record the workload's access profile on a cold mount, then convert the image again
+        with it and push that as ``:prefetch`` (what ``lazy-prefetch`` mounts)."""
+        profile = self.config.work_dir / f"profile-{image.name}.json"
+        self.progress(f"{image.name}: recording the workload's access profile")
+        record_profile(self._context(image, link, "reference", 0), profile)
+        target = f"{registry}/{REPOSITORY_PREFIX}/{image.name}:{PREFETCH_TAG}"
+        self.progress(f"{image.name}: converting with the profile, pushing :{PREFETCH_TAG}")
+        lazyfs_command(
+            "convert", "-q", "--dest-tls-verify=false", "--prefetch", str(profile),
+            image.built_ref, target,
+        )  # fmt: skip
+        reads = AccessProfile.load(profile).reads
+        info = self.result.images[-1]
+        self.result.images[-1] = replace(
+            info, profile_reads=len(reads), profile_bytes=sum(r.length for r in reads)
+        )
+        self.progress(
+            f"{image.name}: the profile reads {sum(r.length for r in reads) / 1e6:.1f} MB "
+            f"in {len(reads)} chunks"
         )
 
     def _profile(self, profile: LinkProfile, images: list[BenchImage], link: EmulatedLink) -> None:

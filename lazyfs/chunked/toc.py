@@ -161,17 +161,26 @@ def _entry_to_obj(entry: TocEntry) -> dict[str, Any]:
     return obj
 
 
+_FIELD_BY_KEY = {key: (attr, kind) for attr, key, kind in _FIELDS}
+_JSON_TYPE = {"int": int, "str": str, "str!": str}
+
+
 def _entry_from_obj(raw: object) -> TocEntry:
+    """One entry; only the keys present are looked at (mounts parse tens of thousands)."""
     if not isinstance(raw, dict):
         raise TocError("TOC entry is not an object")
-    values: dict[str, Any] = {}
-    for attr, key, kind in _FIELDS:
+    values: dict[str, Any] = {"type": "", "name": ""}
+    for key, value in raw.items():
+        field_kind = _FIELD_BY_KEY.get(key)
+        if field_kind is None or value is None:
+            continue  # unknown fields are ignored, as Go's encoding/json does
+        attr, kind = field_kind
         if kind == "xattrs":
-            values[attr] = _decode_xattrs(raw.get(key))
-        elif kind == "int":
-            values[attr] = _expect(raw, key, int, 0)
+            values[attr] = _decode_xattrs(value)
+        elif type(value) is _JSON_TYPE[kind]:  # exact: a JSON true is no int
+            values[attr] = value
         else:
-            values[attr] = _expect(raw, key, str, "")
+            raise TocError(f"TOC field {key!r} has the wrong type")
     entry = TocEntry(**values)
     if entry.type not in ENTRY_TYPES:
         raise TocError(f"TOC entry {entry.name!r} has unknown type {entry.type!r}")

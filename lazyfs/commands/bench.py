@@ -39,7 +39,8 @@ def add_parser(commands: Any) -> None:
         "bench",
         help="measure container cold start: full pull vs lazy mounts, over emulated links",
         description="Measure container cold start (time to ready, bytes over the link, ...) in "
-        "the modes full-pull, lazy-cold and lazy-warm, over emulated links. Needs root "
+        "the modes full-pull, lazy-cold, lazy-prefetch and lazy-warm, over emulated links. "
+        "Needs root "
         "(network namespaces, tc, mounts, dropping the page cache).",
     )
     parser.add_argument(
