@@ -7,6 +7,12 @@ order), so the chunks that follow a miss in the blob are likely next. Fetching t
 request costs bytes / rate; missing them later costs an RTT. Up to rate x RTT (the
 bandwidth-delay product) extra bytes are therefore worth it: about one more RTT of transfer time
 at most, for many saved round trips. Both are measured from the requests themselves.
+
+A guess costs bytes too, and on a thin link bytes are what the operator pays for. The
+:class:`ReadaheadBudget` keeps the (compressed) bytes fetched ahead at most equal to the
+(uncompressed) bytes that reads needed: the chunks reads missed, plus the read-ahead ones they
+then used. So the bytes over the link stay under twice the bytes the workload reads, the
+bound ``lazyfs bench`` checks, and read-ahead stops guessing where its guesses go unused.
 """
 
 from __future__ import annotations
@@ -43,6 +49,31 @@ class LinkEstimate:
             return minimum
         rate = self.rate_bytes_per_s or minimum / max(self.rtt_s, 1e-6)
         return int(min(maximum, max(minimum, rate * self.rtt_s)))
+
+
+@dataclass
+class ReadaheadBudget:
+    """Bytes read-ahead may still spend: needed - fetched ahead (event loop only)."""
+
+    needed_bytes: int = 0  # uncompressed: missed by reads, or fetched ahead and then read
+    ahead_bytes: int = 0  # compressed: fetched ahead
+    _unused: dict[str, int] = field(default_factory=dict, repr=False)  # key -> bytes
+
+    def missed(self, size_bytes: int) -> None:
+        self.needed_bytes += size_bytes
+
+    def fetched_ahead(self, key: str, compressed_bytes: int, size_bytes: int) -> None:
+        self.ahead_bytes += compressed_bytes
+        self._unused[key] = size_bytes
+
+    def read(self, key: str) -> None:
+        """A read wanted ``key``; if read-ahead brought it, it was needed after all."""
+        size = self._unused.pop(key, 0)
+        self.needed_bytes += size
+
+    @property
+    def allowance_bytes(self) -> int:
+        return max(0, self.needed_bytes - self.ahead_bytes)
 
 
 @dataclass(frozen=True)

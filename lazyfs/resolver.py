@@ -34,7 +34,7 @@ from lazyfs.digest import Digest
 from lazyfs.errors import CacheError, FetchDeadlineError, IntegrityError, LazyfsError
 from lazyfs.prefetch import ProfileRecorder
 from lazyfs.ranges import ByteRange
-from lazyfs.readahead import BlobIndex, LinkEstimate
+from lazyfs.readahead import BlobIndex, LinkEstimate, ReadaheadBudget
 from lazyfs.source import ByteSource
 from lazyfs.tree import LayerChunk, Node
 from lazyfs.verity import format_verity, fsverity_digest
@@ -125,6 +125,7 @@ class ChunkResolver:
         self._recorder = recorder
         self._blob_index = blob_index
         self._link = LinkEstimate()
+        self._budget = ReadaheadBudget()
         self._cache = cache
         self._layers = list(layers)
         self._config = config
@@ -169,6 +170,8 @@ class ChunkResolver:
         Each read keeps references to its flights, which hold their result after they leave
         ``_flights``."""
         flights: dict[str, _Flight] = {}
+        for item in wanted:
+            self._budget.read(item.key)
         owned = self._claim(wanted, flights)
         if owned:
             self._task_group.start_soon(self._resolve, owned)
@@ -207,6 +210,8 @@ class ChunkResolver:
         missing = await self._serve_from_cache(owned)
         self.stats.cache_hits += len(owned) - len(missing)
         self.stats.cache_misses += len(missing)
+        for item in missing:
+            self._budget.missed(item.chunk.ref.size)
         missing += await self._readahead(missing)
         for request in self._plan(missing):
             self._task_group.start_soon(self._fetch, request)
@@ -232,9 +237,14 @@ class ChunkResolver:
         """Flights for the chunks that follow each layer's last miss (docs in readahead.py)."""
         if self._blob_index is None or not missing or self._config.readahead_max_bytes <= 0:
             return []
-        window = self._link.window_bytes(
-            self._config.readahead_min_bytes, self._config.readahead_max_bytes
+        window = min(
+            self._budget.allowance_bytes,
+            self._link.window_bytes(
+                self._config.readahead_min_bytes, self._config.readahead_max_bytes
+            ),
         )
+        if window <= 0:
+            return []
         last: dict[int, _Wanted] = {}
         for item in missing:
             if (
@@ -249,6 +259,8 @@ class ChunkResolver:
         ]
         fetch = await self._serve_from_cache(self._claim(following))
         self.stats.readahead_chunks += len(fetch)
+        for item in fetch:
+            self._budget.fetched_ahead(item.key, _compressed_size(item), item.chunk.ref.size)
         return fetch
 
     async def prefetch(self, order: Sequence[tuple[Node, LayerChunk]]) -> None:
@@ -423,6 +435,10 @@ _SHA256_KEY = "plain-"  # flight keys of chunks known only by sha256
 def _key(chunk: LayerChunk, check: ChunkCheck) -> str:
     """The flight and cache key: the fs-verity digest, only where the layer is checked by it."""
     return chunk.ref.verity if check == "verity" else _SHA256_KEY + chunk.ref.sha256
+
+
+def _compressed_size(item: _Wanted) -> int:
+    return item.chunk.ref.blob_end - item.chunk.ref.blob_offset
 
 
 def _batches(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lazyfs.chunked.toc import ChunkRef
-from lazyfs.readahead import BlobIndex, LinkEstimate
+from lazyfs.readahead import BlobIndex, LinkEstimate, ReadaheadBudget
 from lazyfs.tree import LayerChunk, Node, Tree
 
 
@@ -45,3 +45,20 @@ def test_following_walks_blob_order_across_files_until_the_budget() -> None:
     assert [node.inode for node, _ in following] == [3, 4, 4]
     assert index.following(c.chunks[1], 1000) == []
     assert index.following(a.chunks[0], 0) == []
+
+
+def test_budget_allows_as_much_ahead_as_reads_needed() -> None:
+    budget = ReadaheadBudget()
+    assert budget.allowance_bytes == 0
+    budget.missed(100)
+    assert budget.allowance_bytes == 100
+    budget.fetched_ahead("a", 60, 60)
+    budget.fetched_ahead("b", 40, 90)
+    assert budget.allowance_bytes == 0
+    budget.read("a")  # a guess that paid off earns its (uncompressed) bytes back
+    assert budget.allowance_bytes == 60
+    budget.read("b")
+    assert budget.allowance_bytes == 150
+    budget.read("a")  # once
+    budget.read("never-fetched-ahead")
+    assert budget.allowance_bytes == 150
