@@ -70,6 +70,8 @@ class ResolverStats:
     singleflight_waits: int = 0
     verification_failures: int = 0
     readahead_chunks: int = 0  # fetched because they follow a miss, before anyone asked
+    readahead_bytes: int = 0  # their compressed bytes
+    readahead_used_bytes: int = 0  # of those, the bytes of chunks that reads then asked for
     prefetch_chunks: int = 0  # fetched by the prefetch of an access profile (prefetch.py)
     layer_bytes_fetched: dict[int, int] = field(default_factory=dict)
 
@@ -172,6 +174,7 @@ class ChunkResolver:
         flights: dict[str, _Flight] = {}
         for item in wanted:
             self._budget.read(item.key)
+        self.stats.readahead_used_bytes = self._budget.used_bytes
         owned = self._claim(wanted, flights)
         if owned:
             self._task_group.start_soon(self._resolve, owned)
@@ -261,6 +264,7 @@ class ChunkResolver:
         self.stats.readahead_chunks += len(fetch)
         for item in fetch:
             self._budget.fetched_ahead(item.key, _compressed_size(item), item.chunk.ref.size)
+        self.stats.readahead_bytes = self._budget.ahead_bytes
         return fetch
 
     async def prefetch(self, order: Sequence[tuple[Node, LayerChunk]]) -> None:

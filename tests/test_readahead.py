@@ -59,6 +59,7 @@ def test_budget_allows_as_much_ahead_as_reads_needed() -> None:
     assert budget.allowance_bytes == 60
     budget.read("b")
     assert budget.allowance_bytes == 150
+    assert budget.used_bytes == 100
     budget.read("a")  # once
     budget.read("never-fetched-ahead")
     assert budget.allowance_bytes == 150
