@@ -224,7 +224,7 @@ class ChunkResolver:
         if not owned:
             return []
         try:
-            cached = await anyio.to_thread.run_sync(lambda: [self._cached(w.key) for w in owned])
+            cached = await anyio.to_thread.run_sync(self._cached, [w.key for w in owned])
         except LazyfsError as exc:
             log.warning("cache lookup failed: %s", exc)
             cached = [None] * len(owned)
@@ -293,12 +293,15 @@ class ChunkResolver:
         finally:
             slots.release()
 
-    def _cached(self, key: str) -> bytes | None:
-        """Worker thread: the cached chunk for a flight key (fs-verity, or sha256 via alias)."""
-        if key.startswith(_SHA256_KEY):
-            verity = self._cache.get_alias(key.removeprefix(_SHA256_KEY))
-            return self._cache.get_chunk(verity) if verity else None
-        return self._cache.get_chunk(key)
+    def _cached(self, keys: list[str]) -> list[bytes | None]:
+        """Worker thread: the cached chunks for flight keys (fs-verity, or sha256 via alias)."""
+        verities = [
+            self._cache.get_alias(key.removeprefix(_SHA256_KEY))
+            if key.startswith(_SHA256_KEY)
+            else key
+            for key in keys
+        ]
+        return self._cache.get_chunks(verities)
 
     def _plan(self, wanted: list[_Wanted]) -> list[_Request]:
         by_layer: dict[int, list[_Wanted]] = {}
