@@ -19,6 +19,7 @@ import hashlib
 import logging
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -73,7 +74,35 @@ class ResolverStats:
     readahead_bytes: int = 0  # their compressed bytes
     readahead_used_bytes: int = 0  # of those, the bytes of chunks that reads then asked for
     prefetch_chunks: int = 0  # fetched by the prefetch of an access profile (prefetch.py)
+    memory_hits: int = 0  # chunks served from the recently used ones in memory
     layer_bytes_fetched: dict[int, int] = field(default_factory=dict)
+
+
+class RecentChunks:
+    """Verified chunks this mount fetched or read lately, least recently used first, bounded
+    in bytes. A read they serve needs no worker thread and no diskcache lookup; that is most
+    reads after a prefetch, and every re-read the page cache no longer holds. Event loop only.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self._limit_bytes = limit_bytes
+        self._chunks: OrderedDict[str, bytes] = OrderedDict()
+        self.size_bytes = 0
+
+    def get(self, key: str) -> bytes | None:
+        data = self._chunks.get(key)
+        if data is not None:
+            self._chunks.move_to_end(key)
+        return data
+
+    def put(self, key: str, data: bytes) -> None:
+        if len(data) > self._limit_bytes or key in self._chunks:
+            return
+        self._chunks[key] = data
+        self.size_bytes += len(data)
+        while self.size_bytes > self._limit_bytes:
+            _, evicted = self._chunks.popitem(last=False)
+            self.size_bytes -= len(evicted)
 
 
 class _Flight:
@@ -128,6 +157,7 @@ class ChunkResolver:
         self._blob_index = blob_index
         self._link = LinkEstimate()
         self._budget = ReadaheadBudget()
+        self._recent = RecentChunks(config.memory_cache_bytes)
         self._cache = cache
         self._layers = list(layers)
         self._config = config
@@ -172,16 +202,23 @@ class ChunkResolver:
         Each read keeps references to its flights, which hold their result after they leave
         ``_flights``."""
         flights: dict[str, _Flight] = {}
+        recent: dict[str, bytes] = {}
         for item in wanted:
             self._budget.read(item.key)
+            data = None if item.chunk.ref.zeros else self._recent.get(item.key)
+            if data is not None:
+                recent[item.key] = data
         self.stats.readahead_used_bytes = self._budget.used_bytes
-        owned = self._claim(wanted, flights)
+        self.stats.memory_hits += len(recent)
+        owned = self._claim([w for w in wanted if w.key not in recent], flights)
         if owned:
             self._task_group.start_soon(self._resolve, owned)
         pieces = []
         for item in wanted:
             if item.chunk.ref.zeros:  # the verified TOC says so: nothing to fetch
                 pieces.append(bytes(item.chunk.ref.size))
+            elif item.key in recent:
+                pieces.append(recent[item.key])
             else:
                 pieces.append(await flights[item.key].wait())
         return pieces
@@ -233,6 +270,7 @@ class ChunkResolver:
             if data is None:
                 missing.append(item)
             else:
+                self._recent.put(item.key, data)
                 self._flights.pop(item.key).finish(data, None)
         return missing
 
@@ -393,6 +431,7 @@ class ChunkResolver:
                 continue
             if isinstance(result, bytes):
                 self.stats.chunks_fetched += 1
+                self._recent.put(item.key, result)
                 flight.finish(result, None)
                 served.append((item.key, flight))
                 continue

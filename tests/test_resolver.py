@@ -34,7 +34,7 @@ from lazyfs.errors import (
 from lazyfs.ranges import ByteRange
 from lazyfs.reference import Reference
 from lazyfs.registry.client import RegistryClient
-from lazyfs.resolver import ChunkCheck, ChunkResolver, LayerBlob
+from lazyfs.resolver import ChunkCheck, ChunkResolver, LayerBlob, RecentChunks
 from lazyfs.source import RegistryByteSource
 from lazyfs.tree import LayerChunk, Node
 from lazyfs.verity import format_verity, fsverity_digest
@@ -200,9 +200,12 @@ async def running(
     layers: Sequence[LayerBlob],
     config: ResolverConfig | None = None,
 ) -> AsyncIterator[ChunkResolver]:
-    """A resolver whose fetches run in a task group that is cancelled when the block ends."""
+    """A resolver whose fetches run in a task group that is cancelled when the block ends.
+
+    Without a config, it keeps no chunks in memory, so that re-reads exercise the cache."""
+    config = config or ResolverConfig(memory_cache_bytes=0)
     async with anyio.create_task_group() as tasks:
-        resolver = ChunkResolver(source, cache, layers, config or ResolverConfig(), tasks)
+        resolver = ChunkResolver(source, cache, layers, config, tasks)
         try:
             yield resolver
         finally:
@@ -711,7 +714,7 @@ async def test_deadline_then_unblocked_source_serves_a_later_read(cache: ChunkCa
         gate.set()
         await wait_until(lambda: resolver.stats.chunks_fetched == 2)
         assert await resolver.read(world.node, 0, 10_000) == world.content
-        assert resolver.stats.cache_hits == 2
+        assert resolver.stats.cache_hits + resolver.stats.memory_hits == 2
     assert len(world.source.calls) == 1
 
 
@@ -873,3 +876,30 @@ async def test_http_slow_reply_hits_the_read_deadline(
         await wait_until(lambda: resolver.stats.chunks_fetched == 1)
         assert await resolver.read(world.node, 0, 4000) == world.content
     assert blob_gets(server) == 1
+
+
+# ------------------------------------------------------------------ recently used, in memory
+
+
+def test_recent_chunks_evict_the_least_recently_used() -> None:
+    recent = RecentChunks(10)
+    recent.put("a", b"aaaa")
+    recent.put("b", b"bbbb")
+    assert recent.get("a") == b"aaaa"  # now b is the least recently used
+    recent.put("c", b"cccc")
+    assert recent.get("b") is None
+    assert recent.get("a") == b"aaaa" and recent.get("c") == b"cccc"
+    assert recent.size_bytes == 8
+    recent.put("huge", b"x" * 11)  # larger than the bound: not kept
+    assert recent.get("huge") is None and recent.size_bytes == 8
+
+
+async def test_re_reads_come_from_memory_without_the_cache(cache: ChunkCache) -> None:
+    world = one_file([4096] * 3)
+    async with running(world.source, cache, [world.layer], ResolverConfig()) as resolver:
+        assert await resolver.read(world.node, 0, 3 * 4096) == world.content
+        hits = resolver.stats.cache_hits
+        assert await resolver.read(world.node, 0, 3 * 4096) == world.content
+        assert resolver.stats.memory_hits == 3
+        assert resolver.stats.cache_hits == hits  # diskcache was not asked
+    assert len(world.source.calls) == 1
