@@ -559,15 +559,7 @@ def write_oci_image(layout_dir: Path, tag: str, layer_tars: Sequence[Path]) -> B
         "rootfs": {"type": "layers", "diff_ids": []},
     }
     config = ImageConfig(config_fields).with_diff_ids(diff_ids).to_bytes()
-    config_digest = layout.add_blob_bytes(config)
-    manifest = Manifest(
-        media_type=image.OCI_MANIFEST,
-        config=Descriptor(media_type=image.OCI_CONFIG, digest=config_digest, size=len(config)),
-        layers=tuple(layers),
-    )
-    data = manifest.to_bytes()
-    digest = layout.add_blob_bytes(data)
-    layout.tag(Descriptor(media_type=image.OCI_MANIFEST, digest=digest, size=len(data)), tag)
+    layout.add_image(config, layers, tag)
     return BuiltImage(layout_dir, tag, tuple(layers), tuple(tar_sizes))
 
 

@@ -15,13 +15,22 @@ import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
 from lazyfs.digest import Digest, DigestingWriter
 from lazyfs.errors import ImageError, LayoutError, UsageError
-from lazyfs.image import OCI_INDEX, REF_NAME_ANNOTATION, Descriptor, Index, load_json_object
+from lazyfs.image import (
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    REF_NAME_ANNOTATION,
+    Descriptor,
+    Index,
+    Manifest,
+    load_json_object,
+)
 
 LAYOUT_VERSION: Final = "1.0.0"
 _LAYOUT_FILE: Final = "oci-layout"
@@ -132,6 +141,21 @@ class OciLayout:
         digest = Digest.of(data)
         if not self.has_blob(digest):
             _write_atomically(self.blob_path(digest), data)
+        return digest
+
+    def add_image(self, config: bytes, layers: Sequence[Descriptor], tag: str) -> Digest:
+        """Store ``config`` and an OCI manifest of it and ``layers`` (already stored); tag it.
+
+        Returns the manifest digest."""
+        config_digest = self.add_blob_bytes(config)
+        manifest = Manifest(
+            media_type=OCI_MANIFEST,
+            config=Descriptor(media_type=OCI_CONFIG, digest=config_digest, size=len(config)),
+            layers=tuple(layers),
+        )
+        data = manifest.to_bytes()
+        digest = self.add_blob_bytes(data)
+        self.tag(Descriptor(media_type=OCI_MANIFEST, digest=digest, size=len(data)), tag)
         return digest
 
     def add_blob_file(self, src: Path, digest: Digest) -> None:

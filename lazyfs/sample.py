@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lazyfs import image
 from lazyfs.digest import Digest
-from lazyfs.image import Descriptor, ImageConfig, Manifest
+from lazyfs.image import Descriptor, ImageConfig
 from lazyfs.layout import OciLayout
 from lazyfs.platform import Platform
 
@@ -79,16 +79,7 @@ def build_sample_image(layout_dir: Path, tag: str = "latest") -> Digest:
     layers = [_add_layer(layout, tar) for tar in tars]
     diff_ids = [Digest("sha256", hashlib.sha256(tar).hexdigest()) for tar in tars]
     config = _config(diff_ids)
-    config_digest = layout.add_blob_bytes(config)
-    manifest = Manifest(
-        media_type=image.OCI_MANIFEST,
-        config=Descriptor(media_type=image.OCI_CONFIG, digest=config_digest, size=len(config)),
-        layers=tuple(layers),
-    )
-    data = manifest.to_bytes()
-    digest = layout.add_blob_bytes(data)
-    layout.tag(Descriptor(media_type=image.OCI_MANIFEST, digest=digest, size=len(data)), tag)
-    return digest
+    return layout.add_image(config, layers, tag)
 
 
 def _add_layer(layout: OciLayout, tar: bytes) -> Descriptor:

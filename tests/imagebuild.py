@@ -30,6 +30,7 @@ from typing import BinaryIO, Literal, Protocol, cast
 import zstandard
 from oracles import require_tool, run_tool
 
+from lazyfs.chunked.toc import TOC_POSITION_ANNOTATION, Toc, parse_toc_position
 from lazyfs.digest import Digest
 from lazyfs.image import (
     OCI_CONFIG,
@@ -638,3 +639,22 @@ def build_umoci_image(layout_dir: Path, tag: str, entries: Sequence[Entry], work
     materialize(entries, bundle / "rootfs")
     run_tool([umoci, "repack", "--image", image, bundle])
     shutil.rmtree(bundle)
+
+
+def layout_manifest(layout: OciLayout, tag: str = "v1") -> Manifest:
+    """The manifest tagged ``tag`` in an OCI layout."""
+    descriptor = layout.resolve(tag)
+    return Manifest.parse(layout.read_blob(descriptor.digest), descriptor.media_type)
+
+
+def layout_tocs(layout: OciLayout, tag: str = "v1") -> list[Toc]:
+    """Each layer's zstd:chunked TOC, read where its annotation says."""
+    tocs = []
+    for layer in layout_manifest(layout, tag).layers:
+        section = parse_toc_position(layer.annotations[TOC_POSITION_ANNOTATION])
+        compressed = layout.read_blob(layer.digest)[section.offset : section.end]
+        raw = zstandard.ZstdDecompressor().decompress(
+            compressed, max_output_size=section.uncompressed_length
+        )
+        tocs.append(Toc.parse(raw))
+    return tocs

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import diskcache
 import pytest
-import zstandard
 from imagebuild import (
     BuiltImage,
     build_big_image,
     build_feature_image,
     directory,
+    layout_manifest,
+    layout_tocs,
     regular_file,
     write_image,
 )
@@ -24,13 +25,10 @@ from lazyfs_run import is_mounted, mounted, run_lazyfs, stats, wait_gone
 from oracles import assert_trees_equal, tree_snapshot, umoci_unpack
 
 from lazyfs.chunked.toc import (
-    TOC_POSITION_ANNOTATION,
     Toc,
     file_chunks,
     group_file_entries,
-    parse_toc_position,
 )
-from lazyfs.image import Manifest
 from lazyfs.layout import OciLayout
 from lazyfs.localregistry import LocalRegistry
 from lazyfs.verity import format_verity, fsverity_digest
@@ -68,26 +66,6 @@ def _push(layout: OciLayout, ref: str) -> None:
     skopeo_copy(f"oci:{layout.path}:v1", f"docker://{ref}")
 
 
-def _manifest(layout: OciLayout) -> Manifest:
-    descriptor = layout.resolve("v1")
-    return Manifest.parse(layout.read_blob(descriptor.digest), descriptor.media_type)
-
-
-def _tocs(layout: OciLayout) -> list[Toc]:
-    tocs = []
-    for layer in _manifest(layout).layers:
-        section = parse_toc_position(layer.annotations[TOC_POSITION_ANNOTATION])
-        compressed = layout.read_blob(layer.digest)[section.offset : section.end]
-        tocs.append(
-            Toc.parse(
-                zstandard.ZstdDecompressor().decompress(
-                    compressed, max_output_size=section.uncompressed_length
-                )
-            )
-        )
-    return tocs
-
-
 def test_mounted_tree_equals_umoci_unpack(
     feature: BuiltImage, feature_ref: str, tmp_path: Path
 ) -> None:
@@ -122,7 +100,7 @@ def test_one_small_file_fetches_under_two_percent(
         ref = f"{registry.host}/big:v1"
         _push(big_converted, ref)
         before = registry.access_log_summary().bytes_written
-        image_bytes = sum(layer.size for layer in _manifest(big_converted).layers)
+        image_bytes = sum(layer.size for layer in layout_manifest(big_converted).layers)
         small = next(
             e for e in big.layers[0].entries if e.type == "file" and 1000 < len(e.data) < 8000
         )
@@ -171,7 +149,7 @@ def test_32_concurrent_readers_fetch_each_chunk_once(
             thread.join()
         counters = stats(mnt)
     assert errors == []
-    expected = _expected_chunks(_tocs(big_converted), set(chosen))
+    expected = _expected_chunks(layout_tocs(big_converted), set(chosen))
     cache = diskcache.Cache(str(tmp_path / "cache" / "chunks"))
     try:
         cached = set(cache.iterkeys())
@@ -199,9 +177,9 @@ def test_tampered_chunk_gives_eio_and_is_never_cached(tmp_path: Path) -> None:
     built = write_image(tmp_path / "src", "v1", layers)
     run_lazyfs("convert", "-q", built.reference, f"oci:{tmp_path / 'chunked'}:v1")
     layout = OciLayout(tmp_path / "chunked")
-    layer = _manifest(layout).layers[0]
+    layer = layout_manifest(layout).layers[0]
     victim = next(
-        g for g in group_file_entries(_tocs(layout)[0].entries) if g[0].name == "d/victim"
+        g for g in group_file_entries(layout_tocs(layout)[0].entries) if g[0].name == "d/victim"
     )
     chunk = file_chunks(victim)[1]
     with LocalRegistry(tmp_path / "registry") as registry:

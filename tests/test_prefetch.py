@@ -13,15 +13,22 @@ import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from imagebuild import BuiltImage, directory, random_bytes, regular_file, text_bytes, write_image
+from imagebuild import (
+    BuiltImage,
+    directory,
+    layout_tocs,
+    random_bytes,
+    regular_file,
+    text_bytes,
+    write_image,
+)
 from lazyfs_run import mounted, run_lazyfs, stats
 from test_resolver import BlobBuilder, FakeSource, make_node, running, wait_until
 
 from lazyfs.cache import ChunkCache
-from lazyfs.chunked.toc import TOC_POSITION_ANNOTATION, Toc, TocEntry, parse_toc_position
+from lazyfs.chunked.toc import Toc, TocEntry
 from lazyfs.config import ResolverConfig
 from lazyfs.errors import ProfileError
-from lazyfs.image import Manifest
 from lazyfs.layout import OciLayout
 from lazyfs.localregistry import LocalRegistry
 from lazyfs.prefetch import ProfileRecorder, embedded_order, profile_order
@@ -341,22 +348,6 @@ def _wait_for_prefetch(mnt: Path, minimum: int = 1) -> dict[str, object]:
     raise AssertionError(f"prefetch did not finish: {stats(mnt)}")
 
 
-def _tocs(layout: OciLayout) -> list[Toc]:
-    import zstandard
-
-    descriptor = layout.resolve("v1")
-    manifest = Manifest.parse(layout.read_blob(descriptor.digest), descriptor.media_type)
-    tocs = []
-    for layer in manifest.layers:
-        section = parse_toc_position(layer.annotations[TOC_POSITION_ANNOTATION])
-        compressed = layout.read_blob(layer.digest)[section.offset : section.end]
-        raw = zstandard.ZstdDecompressor().decompress(
-            compressed, max_output_size=section.uncompressed_length
-        )
-        tocs.append(Toc.parse(raw))
-    return tocs
-
-
 @pytestmark_e2e
 def test_recorded_profile_lists_the_reads_in_order(recorded: tuple[str, Path]) -> None:
     _, profile_path = recorded
@@ -385,7 +376,7 @@ def test_convert_with_a_profile_ranks_exactly_the_read_chunks(
         )
         outputs.append(json.loads(result.stdout)["digest"])
     assert outputs[0] == outputs[1]  # still reproducible
-    entries = [e for toc in _tocs(OciLayout(tmp_path / "one")) for e in toc.entries]
+    entries = [e for toc in layout_tocs(OciLayout(tmp_path / "one")) for e in toc.entries]
     ranked = {e.name for e in entries if e.prefetch}
     assert ranked == {p.lstrip("/") for p in READ_ORDER}
     ranks = {e.name: e.prefetch for e in entries if e.prefetch and e.type == "reg"}

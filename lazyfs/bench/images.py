@@ -32,7 +32,7 @@ from lazyfs import image
 from lazyfs.cli_support import lazyfs_command
 from lazyfs.digest import Digest
 from lazyfs.errors import LazyfsError, UsageError
-from lazyfs.image import Descriptor, ImageConfig, Manifest
+from lazyfs.image import Descriptor, ImageConfig
 from lazyfs.layout import OciLayout
 from lazyfs.platform import Platform
 
@@ -486,16 +486,7 @@ def write_image(layout_path: Path, tars: list[Path], command: tuple[str, ...]) -
         layout.add_blob_file(packed, digest)
         layers.append(Descriptor(media_type=image.OCI_LAYER_TAR_GZIP, digest=digest, size=size))
     config = _config(diff_ids, command)
-    config_digest = layout.add_blob_bytes(config)
-    manifest = Manifest(
-        media_type=image.OCI_MANIFEST,
-        config=Descriptor(media_type=image.OCI_CONFIG, digest=config_digest, size=len(config)),
-        layers=tuple(layers),
-    )
-    data = manifest.to_bytes()
-    digest = layout.add_blob_bytes(data)
-    layout.tag(Descriptor(media_type=image.OCI_MANIFEST, digest=digest, size=len(data)), TAG)
-    return digest
+    return layout.add_image(config, layers, TAG)
 
 
 def _config(diff_ids: list[Digest], command: tuple[str, ...]) -> bytes:

@@ -91,25 +91,20 @@ def machine() -> dict[str, str]:
 
 def _commit() -> str:
     """The source tree's commit, ``+dirty`` when it has uncommitted changes."""
-    root = Path(__file__).resolve().parents[2]
     try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=10,
-        ).stdout.strip()
+        head = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return f"{head}{'+dirty' if dirty else ''}" if head else "unknown"
+
+
+def _git(*args: str) -> str:
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        ["git", "-C", str(root), *args], capture_output=True, text=True, check=False, timeout=10
+    )
+    return done.stdout.strip()
 
 
 def push(image: BenchImage, registry: str) -> None:
