@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from lazyfs.verity import VerityHasher, fsverity_digest
+from lazyfs.model.verity import VerityHasher, fsverity_digest
 
 DATA_BYTES = 256 * 1024 * 1024
 PIECE_BYTES = 1024 * 1024 + 7  # odd-sized pieces exercise the partial-block path

@@ -52,15 +52,15 @@ from bench.common import (
     work_dir,
     write_tar_file,
 )
-from lazyfs.chunked.toc import (
+from lazyfs.config import ChunkingConfig, ResolverConfig
+from lazyfs.formats.chunked.toc import (
     TOC_POSITION_ANNOTATION,
     ChunkRef,
     file_chunks,
     group_file_entries,
     parse_toc_position,
 )
-from lazyfs.chunked.writer import ChunkedLayer, write_chunked_layer
-from lazyfs.config import ChunkingConfig, ResolverConfig
+from lazyfs.formats.chunked.writer import ChunkedLayer, write_chunked_layer
 
 AVERAGES_KIB = (16, 32, 64, 128, 256)
 WHOLE_FILE = 0  # stands for "no chunking": every file one frame

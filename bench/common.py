@@ -29,11 +29,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from lazyfs import image
-from lazyfs.digest import Digest
-from lazyfs.image import Descriptor, ImageConfig, Manifest
-from lazyfs.layout import OciLayout
-from lazyfs.platform import Platform
+from lazyfs.convert.layout import OciLayout
+from lazyfs.model import manifests
+from lazyfs.model.digest import Digest
+from lazyfs.model.manifests import Descriptor, ImageConfig, Manifest
+from lazyfs.model.platform import Platform
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -548,7 +548,7 @@ def write_oci_image(layout_dir: Path, tag: str, layer_tars: Sequence[Path]) -> B
         blob_tmp = layout_dir / f".{tar_path.name}.gz"
         diff_id, digest, size = gzip_file(tar_path, blob_tmp)
         layout.add_blob_file(blob_tmp, digest)
-        layers.append(Descriptor(media_type=image.OCI_LAYER_TAR_GZIP, digest=digest, size=size))
+        layers.append(Descriptor(media_type=manifests.OCI_LAYER_TAR_GZIP, digest=digest, size=size))
         diff_ids.append(diff_id)
         tar_sizes.append(tar_path.stat().st_size)
     host = Platform.host()

@@ -7,9 +7,9 @@ and gzip -6, in an OCI layout. Throughput is always MB/s (10^6 bytes) of *uncomp
 Measured, each on both cores and pinned to one core (``taskset -c 0`` / sched_setaffinity):
 
 - ``lazyfs convert oci:IN oci:OUT`` end to end (the CLI in a child process);
-- its two phases in-process: decompress the gzip input (``lazyfs.layerio.decompress_layer``:
+- its two phases in-process: decompress the gzip input (``lazyfs.formats.plain.decompress_layer``:
   inflate, sha256 of blob and tar, write the tar) and chunk+hash+compress
-  (``lazyfs.chunked.writer.write_chunked_layer``: fastcdc, zstd frames, sha256, fs-verity,
+  (``lazyfs.formats.chunked.writer.write_chunked_layer``: fastcdc, zstd frames, sha256, fs-verity,
   crc64, TOC and tar-split);
 - baselines on the same tar in the same run: ``zstd -3`` (CLI, one thread) and python-zstandard
   level 3, and gzip decompression of the input (zlib, as lazyfs uses it, and ``gzip -dc``).
@@ -51,9 +51,9 @@ from bench.common import (
     write_oci_image,
     write_tar_file,
 )
-from lazyfs.chunked.writer import write_chunked_layer
 from lazyfs.config import ChunkingConfig
-from lazyfs.layerio import decompress_layer
+from lazyfs.formats.chunked.writer import write_chunked_layer
+from lazyfs.formats.plain import decompress_layer
 
 # label -> CPUs to pin to (None: both cores, the default affinity)
 CORES: dict[str, set[int] | None] = {"2 cores": None, "1 core": {0}}

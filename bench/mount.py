@@ -70,8 +70,8 @@ from bench.common import (
     write_oci_image,
     write_tar_file,
 )
-from lazyfs.image import OCI_MANIFEST, Manifest
-from lazyfs.localregistry import LocalRegistry
+from lazyfs.model.manifests import OCI_MANIFEST, Manifest
+from lazyfs.registry.localserver import LocalRegistry
 
 REPOSITORY = "bench/mount"
 TREE_FILES = 24_000

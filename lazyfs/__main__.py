@@ -2,6 +2,6 @@
 
 import sys
 
-from lazyfs.cli import main
+from lazyfs.cli.main import main
 
 sys.exit(main())

@@ -74,12 +74,12 @@ class ResolverConfig:
     max_ranges_per_request: int = 16
     read_deadline_s: float = 120.0
     # Readahead after a miss: about one bandwidth-delay product, within these bounds
-    # (lazyfs/readahead.py). A maximum of 0 turns it off.
+    # (lazyfs/mount/readahead.py). A maximum of 0 turns it off.
     readahead_min_bytes: int = 64 << 10
     readahead_max_bytes: int = 4 << 20
-    # Prefetch of an access profile (lazyfs/prefetch.py): batches of about this many compressed
-    # bytes, this many at a time. Measured on the bench's `wan` link (python image): 1 MiB x 4
-    # started 0.3-0.5 s sooner than 1 MiB x 2 or 512 KiB x 4, as fast as 2-4 MiB batches
+    # Prefetch of an access profile (lazyfs/mount/prefetch.py): batches of about this many
+    # compressed bytes, this many at a time. Measured on the bench's `wan` link (python image):
+    # 1 MiB x 4 started 0.3-0.5 s sooner than 1 MiB x 2 or 512 KiB x 4, as fast as 2-4 MiB batches
     # (which deliver the first chunks later); it leaves half the fetch slots to demand misses.
     prefetch_batch_bytes: int = 1 << 20
     prefetch_concurrency: int = 4

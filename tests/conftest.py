@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lazyfs.localregistry import LocalRegistry
+from lazyfs.registry.localserver import LocalRegistry
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from typing import Any
 
 from imagebuild import MIB, BuiltImage, BuiltLayer, Entry, image_config, tar_member, tar_order
 
-from lazyfs.digest import Digest
+from lazyfs.convert.layout import OciLayout
 from lazyfs.formats.estargz import (
     FOOTER_BYTES,
     LEGACY_FOOTER_BYTES,
@@ -42,9 +42,15 @@ from lazyfs.formats.estargz import (
     TOC_TAR_NAME,
     UNCOMPRESSED_SIZE_ANNOTATION,
 )
-from lazyfs.image import OCI_CONFIG, OCI_LAYER_TAR_GZIP, OCI_MANIFEST, Descriptor, Manifest
-from lazyfs.layout import OciLayout
-from lazyfs.platform import Platform
+from lazyfs.model.digest import Digest
+from lazyfs.model.manifests import (
+    OCI_CONFIG,
+    OCI_LAYER_TAR_GZIP,
+    OCI_MANIFEST,
+    Descriptor,
+    Manifest,
+)
+from lazyfs.model.platform import Platform
 
 DEFAULT_CHUNK_BYTES = 4 * MIB  # upstream's default
 LANDMARK_CONTENTS = b"\x0f"

@@ -3,7 +3,7 @@
 Layers are written with :mod:`tarfile` in PAX format and are reproducible: fixed mtimes, empty
 user and group names, entries sorted by path (hardlinks after the files they name), gzip headers
 without name or time. The same description therefore always gives the same digests. Blobs go
-through :class:`lazyfs.layout.OciLayout`, so the builders exercise it too.
+through :class:`lazyfs.convert.layout.OciLayout`, so the builders exercise it too.
 
 Ready-made images: :func:`build_feature_image` (every kind of tar entry, whiteouts and opaque
 directories across three layers) and :func:`build_big_image` (about ``total_bytes`` of many
@@ -30,9 +30,10 @@ from typing import BinaryIO, Literal, Protocol, cast
 import zstandard
 from oracles import require_tool, run_tool
 
-from lazyfs.chunked.toc import TOC_POSITION_ANNOTATION, Toc, parse_toc_position
-from lazyfs.digest import Digest
-from lazyfs.image import (
+from lazyfs.convert.layout import OciLayout
+from lazyfs.formats.chunked.toc import TOC_POSITION_ANNOTATION, Toc, parse_toc_position
+from lazyfs.model.digest import Digest
+from lazyfs.model.manifests import (
     OCI_CONFIG,
     OCI_LAYER_TAR,
     OCI_LAYER_TAR_GZIP,
@@ -43,8 +44,7 @@ from lazyfs.image import (
     LayerCompression,
     Manifest,
 )
-from lazyfs.layout import OciLayout
-from lazyfs.platform import Platform
+from lazyfs.model.platform import Platform
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from lazyfs.image import Manifest, layer_compression, parse_manifest_or_index
-from lazyfs.layout import OciLayout
+from lazyfs.convert.layout import OciLayout
+from lazyfs.model.manifests import Manifest, layer_compression, parse_manifest_or_index
 
 ROOT_KEY = "."
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})

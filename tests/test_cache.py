@@ -14,8 +14,8 @@ from pathlib import Path
 import diskcache
 import pytest
 
-from lazyfs.cache import ChunkCache
-from lazyfs.verity import format_verity, fsverity_digest
+from lazyfs.cache.store import ChunkCache
+from lazyfs.model.verity import format_verity, fsverity_digest
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = 1000  # stored inside SQLite
@@ -282,8 +282,8 @@ _CHILD_PRELUDE = """
 import builtins, os, random, sys, time
 from pathlib import Path
 import diskcache.core
-from lazyfs.cache import ChunkCache
-from lazyfs.verity import format_verity, fsverity_digest
+from lazyfs.cache.store import ChunkCache
+from lazyfs.model.verity import format_verity, fsverity_digest
 directory = Path(sys.argv[1])
 def stall():
     print("stalled", flush=True)

@@ -27,7 +27,8 @@ from oracles import (
     umoci_unpack,
 )
 
-from lazyfs.chunked.toc import (
+from lazyfs.convert.layout import OciLayout
+from lazyfs.formats.chunked.toc import (
     FOOTER_BYTES,
     SKIPPABLE_FRAME_MAGIC,
     TOC_CHECKSUM_ANNOTATION,
@@ -38,11 +39,10 @@ from lazyfs.chunked.toc import (
     group_file_entries,
     parse_toc_position,
 )
-from lazyfs.digest import Digest
-from lazyfs.image import OCI_INDEX, OCI_LAYER_TAR_ZSTD, Descriptor, Index, Manifest
-from lazyfs.layout import OciLayout
-from lazyfs.localregistry import LocalRegistry
-from lazyfs.platform import Platform
+from lazyfs.model.digest import Digest
+from lazyfs.model.manifests import OCI_INDEX, OCI_LAYER_TAR_ZSTD, Descriptor, Index, Manifest
+from lazyfs.model.platform import Platform
+from lazyfs.registry.localserver import LocalRegistry
 
 
 @pytest.fixture(scope="module")

@@ -43,12 +43,12 @@ from imagebuild import (
 )
 from oracles import require_tool, run_tool, skopeo_copy
 
-from lazyfs.cache import ChunkCache
-from lazyfs.chunked.toc import ChunkRef, TocEntry, file_chunks, group_file_entries
-from lazyfs.chunked.writer import write_chunked_layer
+from lazyfs.cache.store import ChunkCache
 from lazyfs.config import ChunkingConfig, ResolverConfig
-from lazyfs.digest import Digest
+from lazyfs.convert.layout import OciLayout
 from lazyfs.errors import LazyfsError, TocError
+from lazyfs.formats.chunked.toc import ChunkRef, TocEntry, file_chunks, group_file_entries
+from lazyfs.formats.chunked.writer import write_chunked_layer
 from lazyfs.formats.estargz import (
     FOOTER_BYTES,
     LEGACY_FOOTER_BYTES,
@@ -63,11 +63,11 @@ from lazyfs.formats.estargz import (
     toc_entries,
     toc_section,
 )
-from lazyfs.image import OCI_LAYER_TAR_GZIP, Manifest
-from lazyfs.layout import OciLayout
-from lazyfs.ranges import ByteRange
-from lazyfs.resolver import ChunkResolver, LayerBlob
-from lazyfs.tree import LayerChunk, Node, Tree, build_tree
+from lazyfs.model.digest import Digest
+from lazyfs.model.manifests import OCI_LAYER_TAR_GZIP, Manifest
+from lazyfs.model.ranges import ByteRange
+from lazyfs.mount.resolver import ChunkResolver, LayerBlob
+from lazyfs.mount.tree import LayerChunk, Node, Tree, build_tree
 
 SHA_A = "sha256:" + "a" * 64
 SHA_B = "sha256:" + "b" * 64

@@ -19,17 +19,17 @@ from imagebuild import (
 from lazyfs_run import mounted, run_lazyfs, stats
 from oracles import assert_trees_equal, require_tool, skopeo_copy, tree_snapshot, umoci_unpack
 
-from lazyfs.chunked.toc import (
+from lazyfs.convert.layout import OciLayout
+from lazyfs.formats.chunked.toc import (
     LEGACY_TOC_POSITION_ANNOTATION,
     Toc,
     file_chunks,
     group_file_entries,
     parse_toc_position,
 )
-from lazyfs.image import Manifest
-from lazyfs.layout import OciLayout
-from lazyfs.localregistry import LocalRegistry
-from lazyfs.verity import format_verity, fsverity_digest
+from lazyfs.model.manifests import Manifest
+from lazyfs.model.verity import format_verity, fsverity_digest
+from lazyfs.registry.localserver import LocalRegistry
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_mixed_plain_and_lazy_layers_and_offline_remount(
             plain.add_blob_bytes(source.read_blob(layer.digest))
     manifest = feature.manifest.with_layers(mixed_layers)
     data = manifest.to_bytes()
-    from lazyfs.image import Descriptor
+    from lazyfs.model.manifests import Descriptor
 
     plain.tag(Descriptor(manifest.media_type, plain.add_blob_bytes(data), len(data)), "mixed")
     expected = tree_snapshot(umoci_unpack(feature.layout.path, "v1", tmp_path / "unpacked"))

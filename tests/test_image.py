@@ -1,4 +1,4 @@
-"""lazyfs.image: parsing, writing and selecting manifests, indexes and configs."""
+"""lazyfs.model.manifests: parsing, writing and selecting manifests, indexes and configs."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lazyfs.digest import Digest
 from lazyfs.errors import ManifestError, UnsupportedMediaTypeError
-from lazyfs.image import (
+from lazyfs.model.digest import Digest
+from lazyfs.model.manifests import (
     ALL_MANIFEST_TYPES,
     DOCKER_CONFIG,
     DOCKER_FOREIGN_LAYER_TAR_GZIP,
@@ -35,7 +35,7 @@ from lazyfs.image import (
     layer_compression,
     parse_manifest_or_index,
 )
-from lazyfs.platform import Platform
+from lazyfs.model.platform import Platform
 
 D1 = Digest.of(b"one")
 D2 = Digest.of(b"two")

@@ -34,9 +34,9 @@ from oracles import (
     umoci_unpack,
 )
 
-from lazyfs.digest import Digest
-from lazyfs.image import ImageConfig, Manifest, layer_compression
-from lazyfs.layout import OciLayout
+from lazyfs.convert.layout import OciLayout
+from lazyfs.model.digest import Digest
+from lazyfs.model.manifests import ImageConfig, Manifest, layer_compression
 
 
 def _layer_tar(layout: OciLayout, manifest: Manifest, index: int) -> bytes:

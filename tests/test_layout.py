@@ -1,4 +1,4 @@
-"""lazyfs.layout against layouts written by skopeo and umoci, and read back by skopeo."""
+"""lazyfs.convert.layout against layouts written by skopeo and umoci, and read back by skopeo."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 from imagebuild import build_feature_image, regular_file, write_image
 from oracles import require_tool, run_tool, skopeo_copy, skopeo_inspect
 
-from lazyfs.digest import Digest
+from lazyfs.convert.layout import OciLayout
 from lazyfs.errors import IntegrityError, LayoutError, UsageError
-from lazyfs.image import (
+from lazyfs.model.digest import Digest
+from lazyfs.model.manifests import (
     DOCKER_MANIFEST_V2,
     OCI_INDEX,
     OCI_MANIFEST,
@@ -24,7 +25,6 @@ from lazyfs.image import (
     Index,
     Manifest,
 )
-from lazyfs.layout import OciLayout
 
 
 def _manifest_descriptor(layout: OciLayout, name: str) -> Descriptor:

@@ -11,8 +11,8 @@ from lazyfs_run import mounted, run_lazyfs, stats
 from oracles import assert_trees_equal, tree_snapshot
 
 from lazyfs.errors import UsageError
-from lazyfs.localregistry import LocalRegistry
-from lazyfs.reference import Reference
+from lazyfs.model.reference import Reference
+from lazyfs.registry.localserver import LocalRegistry
 from lazyfs.registry.mirrors import MirrorConfig
 
 

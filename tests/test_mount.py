@@ -24,14 +24,14 @@ from imagebuild import (
 from lazyfs_run import is_mounted, mounted, run_lazyfs, stats, wait_gone
 from oracles import assert_trees_equal, tree_snapshot, umoci_unpack
 
-from lazyfs.chunked.toc import (
+from lazyfs.convert.layout import OciLayout
+from lazyfs.formats.chunked.toc import (
     Toc,
     file_chunks,
     group_file_entries,
 )
-from lazyfs.layout import OciLayout
-from lazyfs.localregistry import LocalRegistry
-from lazyfs.verity import format_verity, fsverity_digest
+from lazyfs.model.verity import format_verity, fsverity_digest
+from lazyfs.registry.localserver import LocalRegistry
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 

@@ -1,4 +1,4 @@
-"""Tests for lazyfs.platform: parsing, host detection, OCI JSON and containerd-like matching."""
+"""lazyfs.model.platform: parsing, host detection, OCI JSON and containerd-like matching."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lazyfs.errors import ManifestError, UsageError
-from lazyfs.platform import Platform
+from lazyfs.model.platform import Platform
 
 
 @pytest.mark.parametrize(

@@ -25,16 +25,16 @@ from imagebuild import (
 from lazyfs_run import mounted, run_lazyfs, stats
 from test_resolver import BlobBuilder, FakeSource, make_node, running, wait_until
 
-from lazyfs.cache import ChunkCache
-from lazyfs.chunked.toc import Toc, TocEntry
+from lazyfs.cache.store import ChunkCache
 from lazyfs.config import ResolverConfig
+from lazyfs.convert.layout import OciLayout
 from lazyfs.errors import ProfileError
-from lazyfs.layout import OciLayout
-from lazyfs.localregistry import LocalRegistry
-from lazyfs.prefetch import ProfileRecorder, embedded_order, profile_order
-from lazyfs.profile import AccessProfile, ProfileRead, mark_entries
-from lazyfs.resolver import LayerBlob
-from lazyfs.tree import Node, Tree, build_tree
+from lazyfs.formats.chunked.toc import Toc, TocEntry
+from lazyfs.model.profiles import AccessProfile, ProfileRead, mark_entries
+from lazyfs.mount.prefetch import ProfileRecorder, embedded_order, profile_order
+from lazyfs.mount.resolver import LayerBlob
+from lazyfs.mount.tree import Node, Tree, build_tree
+from lazyfs.registry.localserver import LocalRegistry
 
 # --------------------------------------------------------------------------- the format
 

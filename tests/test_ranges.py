@@ -1,4 +1,4 @@
-"""Tests for lazyfs.ranges: merging, Range headers, Content-Range and multipart/byteranges."""
+"""Tests for lazyfs.model.ranges: merging, Range headers, Content-Range and multipart/byteranges."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lazyfs.errors import RegistryProtocolError
-from lazyfs.ranges import (
+from lazyfs.model.ranges import (
     ByteRange,
     merge_ranges,
     parse_content_range,

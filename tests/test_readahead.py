@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from lazyfs.chunked.toc import ChunkRef
-from lazyfs.readahead import BlobIndex, LinkEstimate, ReadaheadBudget
-from lazyfs.tree import LayerChunk, Node, Tree
+from lazyfs.formats.chunked.toc import ChunkRef
+from lazyfs.mount.readahead import BlobIndex, LinkEstimate, ReadaheadBudget
+from lazyfs.mount.tree import LayerChunk, Node, Tree
 
 
 def test_window_is_the_bandwidth_delay_product_within_bounds() -> None:

@@ -1,4 +1,4 @@
-"""Tests for lazyfs.reference: docker's normalisation, rejection rules and round-tripping."""
+"""Tests for lazyfs.model.reference: docker's normalisation, rejection rules and round-tripping."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from lazyfs.digest import Digest
 from lazyfs.errors import InvalidReferenceError, UsageError
-from lazyfs.reference import Reference
+from lazyfs.model.digest import Digest
+from lazyfs.model.reference import Reference
 
 HEX64 = "0123456789abcdef" * 4
 SHA256 = f"sha256:{HEX64}"

@@ -16,7 +16,6 @@ import httpx
 import pytest
 
 from lazyfs.config import RegistryConfig, RetryConfig
-from lazyfs.digest import Digest
 from lazyfs.errors import (
     IntegrityError,
     NotFoundError,
@@ -24,17 +23,18 @@ from lazyfs.errors import (
     RegistryUnreachableError,
     UsageError,
 )
-from lazyfs.localregistry import AccessLogSummary, LocalRegistry
-from lazyfs.ranges import ByteRange
-from lazyfs.reference import Reference
-from lazyfs.registry.client import RegistryClient
-from lazyfs.registry.mediatypes import (
+from lazyfs.model.digest import Digest
+from lazyfs.model.manifests import (
     ALL_MANIFEST_TYPES,
     DOCKER_MANIFEST_LIST,
     DOCKER_MANIFEST_V2,
     OCI_INDEX,
     OCI_MANIFEST,
 )
+from lazyfs.model.ranges import ByteRange
+from lazyfs.model.reference import Reference
+from lazyfs.registry.client import RegistryClient
+from lazyfs.registry.localserver import AccessLogSummary, LocalRegistry
 
 pytestmark = pytest.mark.anyio
 

@@ -31,7 +31,7 @@ from imagebuild import BuiltImage, directory, random_bytes, regular_file, write_
 from lazyfs_run import ROOT, is_mounted, stats, wait_gone
 from oracles import require_tool
 
-from lazyfs.localregistry import LocalRegistry
+from lazyfs.registry.localserver import LocalRegistry
 
 try:
     from tokenserver import (

@@ -16,7 +16,6 @@ import pytest
 from faultserver import FaultServer
 
 from lazyfs.config import Credentials, RegistryConfig, RetryConfig
-from lazyfs.digest import Digest
 from lazyfs.errors import (
     AuthError,
     IntegrityError,
@@ -24,8 +23,10 @@ from lazyfs.errors import (
     UnsupportedMediaTypeError,
     UsageError,
 )
-from lazyfs.ranges import ByteRange
-from lazyfs.reference import Reference
+from lazyfs.model.digest import Digest
+from lazyfs.model.manifests import OCI_MANIFEST
+from lazyfs.model.ranges import ByteRange
+from lazyfs.model.reference import Reference
 from lazyfs.registry.auth import (
     CredentialSource,
     DockerConfigCredentials,
@@ -35,7 +36,6 @@ from lazyfs.registry.auth import (
     parse_www_authenticate,
 )
 from lazyfs.registry.client import RegistryClient
-from lazyfs.registry.mediatypes import OCI_MANIFEST
 
 pytestmark = pytest.mark.anyio
 

@@ -20,10 +20,8 @@ import pytest
 import zstandard
 from faultserver import FaultServer
 
-from lazyfs.cache import ChunkCache
-from lazyfs.chunked.toc import ChunkRef
+from lazyfs.cache.store import ChunkCache
 from lazyfs.config import RegistryConfig, ResolverConfig, RetryConfig
-from lazyfs.digest import Digest
 from lazyfs.errors import (
     FetchDeadlineError,
     IntegrityError,
@@ -31,13 +29,15 @@ from lazyfs.errors import (
     NotFoundError,
     TransientRegistryError,
 )
-from lazyfs.ranges import ByteRange
-from lazyfs.reference import Reference
+from lazyfs.formats.chunked.toc import ChunkRef
+from lazyfs.model.digest import Digest
+from lazyfs.model.ranges import ByteRange
+from lazyfs.model.reference import Reference
+from lazyfs.model.verity import format_verity, fsverity_digest
+from lazyfs.mount.resolver import ChunkCheck, ChunkResolver, LayerBlob, RecentChunks
+from lazyfs.mount.sources import RegistryByteSource
+from lazyfs.mount.tree import LayerChunk, Node
 from lazyfs.registry.client import RegistryClient
-from lazyfs.resolver import ChunkCheck, ChunkResolver, LayerBlob, RecentChunks
-from lazyfs.source import RegistryByteSource
-from lazyfs.tree import LayerChunk, Node
-from lazyfs.verity import format_verity, fsverity_digest
 
 pytestmark = pytest.mark.anyio
 

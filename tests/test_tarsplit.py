@@ -1,4 +1,4 @@
-"""lazyfs.chunked.tarsplit: Go-identical JSON lines, CRC64, and exact tar reassembly."""
+"""lazyfs.formats.chunked.tarsplit: Go-identical JSON lines, CRC64, and exact tar reassembly."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lazyfs.chunked.tarsplit import (
+from lazyfs.errors import IntegrityError, TocError
+from lazyfs.formats.chunked.tarsplit import (
     Crc64,
     TarSplitEntry,
     TarSplitWriter,
@@ -24,7 +25,6 @@ from lazyfs.chunked.tarsplit import (
     reassemble_tar,
     trailer_segments,
 )
-from lazyfs.errors import IntegrityError, TocError
 
 BLOCK = 512
 LONG_NAME = "d/" + "n" * 150 + ".txt"

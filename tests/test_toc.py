@@ -1,4 +1,4 @@
-"""lazyfs.chunked.toc: Go-compatible TOC JSON, parsing errors, footer, positions, chunk tiling."""
+"""formats.chunked.toc: Go-compatible TOC JSON, parsing errors, footer, positions, chunk tiling."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lazyfs.chunked.toc import (
+from lazyfs.errors import TocError
+from lazyfs.formats.chunked.toc import (
     ENTRY_TYPES,
     FOOTER_BYTES,
     FOOTER_MAGIC,
@@ -30,7 +31,6 @@ from lazyfs.chunked.toc import (
     skippable_frame,
     with_chunk_fields,
 )
-from lazyfs.errors import TocError
 
 SHA_A = "sha256:" + "a" * 64
 SHA_B = "sha256:" + "b" * 64

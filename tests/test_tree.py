@@ -1,4 +1,4 @@
-"""lazyfs.tree: the merged tree of layers, OCI whiteouts, hardlinks, nlink, inodes, timestamps."""
+"""mount.tree: the merged tree of layers, OCI whiteouts, hardlinks, nlink, inodes, timestamps."""
 
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ from imagebuild import (
     with_parent_dirs,
 )
 
-from lazyfs.chunked.toc import Toc, TocEntry, file_chunks
-from lazyfs.chunked.writer import write_chunked_layer
 from lazyfs.config import ChunkingConfig
 from lazyfs.errors import TocError
-from lazyfs.tree import ROOT_INODE, LayerChunk, Node, Tree, build_tree, parse_rfc3339_ns
-from lazyfs.verity import format_verity, fsverity_digest
+from lazyfs.formats.chunked.toc import Toc, TocEntry, file_chunks
+from lazyfs.formats.chunked.writer import write_chunked_layer
+from lazyfs.model.verity import format_verity, fsverity_digest
+from lazyfs.mount.tree import ROOT_INODE, LayerChunk, Node, Tree, build_tree, parse_rfc3339_ns
 
 NS = 1_000_000_000
 _TYPES = {

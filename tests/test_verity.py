@@ -1,4 +1,4 @@
-"""lazyfs.verity against the real ``fsverity digest`` CLI (fsverity-utils) as the oracle."""
+"""lazyfs.model.verity against the real ``fsverity digest`` CLI (fsverity-utils) as the oracle."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lazyfs.errors import TocError, UsageError
-from lazyfs.verity import (
+from lazyfs.model.verity import (
     BLOCK_SIZE_BYTES,
     VerityHasher,
     format_verity,

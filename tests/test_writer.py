@@ -1,4 +1,4 @@
-"""lazyfs.chunked.writer: tar -> zstd:chunked blob, checked against the tar it came from."""
+"""lazyfs.formats.chunked.writer: tar -> zstd:chunked blob, checked against the tar it came from."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracles import require_tool
 
-from lazyfs.chunked.tarsplit import parse_tar_split, reassemble_tar
-from lazyfs.chunked.toc import (
+from lazyfs.config import ChunkingConfig
+from lazyfs.errors import TocError
+from lazyfs.formats.chunked.tarsplit import parse_tar_split, reassemble_tar
+from lazyfs.formats.chunked.toc import (
     FOOTER_BYTES,
     SKIPPABLE_FRAME_MAGIC,
     TARSPLIT_POSITION_ANNOTATION,
@@ -38,12 +40,10 @@ from lazyfs.chunked.toc import (
     format_toc_position,
     group_file_entries,
 )
-from lazyfs.chunked.writer import ChunkedLayer, LayerStats, write_chunked_layer
-from lazyfs.config import ChunkingConfig
-from lazyfs.digest import Digest
-from lazyfs.errors import TocError
-from lazyfs.tree import build_tree
-from lazyfs.verity import format_verity, fsverity_digest
+from lazyfs.formats.chunked.writer import ChunkedLayer, LayerStats, write_chunked_layer
+from lazyfs.model.digest import Digest
+from lazyfs.model.verity import format_verity, fsverity_digest
+from lazyfs.mount.tree import build_tree
 
 # Small chunks, so that files of tens of KiB are split into many chunks.
 SMALL = ChunkingConfig(min_chunk_bytes=1024, avg_chunk_bytes=4096, max_chunk_bytes=16384)

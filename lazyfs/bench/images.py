@@ -28,13 +28,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lazyfs import image
-from lazyfs.cli_support import lazyfs_command
-from lazyfs.digest import Digest
+from lazyfs.bench.command import lazyfs_command
+from lazyfs.convert.layout import OciLayout
 from lazyfs.errors import LazyfsError, UsageError
-from lazyfs.image import Descriptor, ImageConfig
-from lazyfs.layout import OciLayout
-from lazyfs.platform import Platform
+from lazyfs.model import manifests
+from lazyfs.model.digest import Digest
+from lazyfs.model.manifests import Descriptor, ImageConfig
+from lazyfs.model.platform import Platform
 
 SUITE = "bookworm"
 SOURCE_DATE_EPOCH = "1700000000"
@@ -484,7 +484,7 @@ def write_image(layout_path: Path, tars: list[Path], command: tuple[str, ...]) -
         _gzip(tar, packed)
         digest, size = _sha256_file(packed), packed.stat().st_size
         layout.add_blob_file(packed, digest)
-        layers.append(Descriptor(media_type=image.OCI_LAYER_TAR_GZIP, digest=digest, size=size))
+        layers.append(Descriptor(media_type=manifests.OCI_LAYER_TAR_GZIP, digest=digest, size=size))
     config = _config(diff_ids, command)
     return layout.add_image(config, layers, TAG)
 

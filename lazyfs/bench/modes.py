@@ -5,7 +5,7 @@
 - ``lazy-cold``: ``lazyfs mount`` the converted image with an empty cache, run the workload;
 - ``lazy-prefetch``: the same, with the image converted with an access profile of the workload
   (recorded once, on another mount, by :func:`record_profile`), so the mount prefetches what
-  the workload will read (lazyfs/prefetch.py);
+  the workload will read (lazyfs/mount/prefetch.py);
 - ``lazy-warm``: the same as lazy-cold with a cache that already holds the whole image.
 
 Everything that fetches goes through the emulated link (``link.registry_host``). Each mode
@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from lazyfs.bench import FULL_PULL, LAZY_COLD, LAZY_PREFETCH, LAZY_WARM
+from lazyfs.bench.command import lazyfs_command
 from lazyfs.bench.images import TAG, BenchImage
 from lazyfs.bench.links import EmulatedLink
 from lazyfs.bench.workload import WorkloadResult, WorkloadSpec, run_workload
-from lazyfs.cli_support import lazyfs_command
-from lazyfs.commands.mount import is_mounted
+from lazyfs.cli.mount import is_mounted
 from lazyfs.errors import LazyfsError
 
 CHUNKED_TAG = "chunked"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from lazyfs import __version__
 from lazyfs.bench import DEFAULT_IMAGES, LAZY_PREFETCH, MODES
+from lazyfs.bench.command import lazyfs_command
 from lazyfs.bench.images import TAG, BenchImage, ensure_image
 from lazyfs.bench.links import DEFAULT_PROFILES, EmulatedLink, LinkCheck, LinkProfile
 from lazyfs.bench.modes import (
@@ -33,11 +34,10 @@ from lazyfs.bench.modes import (
     run_mode,
 )
 from lazyfs.bench.report import BenchResult, ImageInfo
-from lazyfs.cli_support import lazyfs_command
+from lazyfs.convert.layout import OciLayout
 from lazyfs.errors import LazyfsError
-from lazyfs.layout import OciLayout
-from lazyfs.localregistry import LocalRegistry
-from lazyfs.profile import AccessProfile
+from lazyfs.model.profiles import AccessProfile
+from lazyfs.registry.localserver import LocalRegistry
 
 REPOSITORY_PREFIX = "lazyfs-bench"
 
@@ -126,7 +126,7 @@ def push(image: BenchImage, registry: str) -> None:
 
 def _layout_bytes(layout: Path) -> int:
     """Compressed size of the image tagged ``latest`` in ``layout`` (layers + config)."""
-    from lazyfs.image import Manifest
+    from lazyfs.model.manifests import Manifest
 
     oci = OciLayout(layout)
     descriptor = oci.resolve(TAG)

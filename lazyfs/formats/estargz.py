@@ -38,9 +38,9 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
-from lazyfs.chunked.toc import Toc, TocEntry, file_chunks
 from lazyfs.errors import TocError
-from lazyfs.ranges import ByteRange
+from lazyfs.formats.chunked.toc import Toc, TocEntry, file_chunks
+from lazyfs.model.ranges import ByteRange
 
 FOOTER_BYTES = 51
 LEGACY_FOOTER_BYTES = 47  # the footer of stargz (google/crfs), which eStargz extends

@@ -35,7 +35,6 @@ import httpx
 
 from lazyfs import __version__
 from lazyfs.config import RegistryConfig
-from lazyfs.digest import Digest, DigestingWriter
 from lazyfs.errors import (
     CacheError,
     IntegrityError,
@@ -49,16 +48,17 @@ from lazyfs.errors import (
     UnsupportedMediaTypeError,
     UsageError,
 )
-from lazyfs.ranges import (
+from lazyfs.model.digest import Digest, DigestingWriter
+from lazyfs.model.manifests import ALL_MANIFEST_TYPES
+from lazyfs.model.ranges import (
     ByteRange,
     parse_content_range,
     parse_multipart_byteranges,
     range_header,
     slice_ranges,
 )
-from lazyfs.reference import Reference
+from lazyfs.model.reference import Reference
 from lazyfs.registry.auth import Authenticator, CredentialSource, Scopes, pull_scope, push_scope
-from lazyfs.registry.mediatypes import ALL_MANIFEST_TYPES
 from lazyfs.registry.wire import ThrottledError, media_type_of, status_error, transport_error
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lazyfs.errors import UsageError
-from lazyfs.reference import Reference
+from lazyfs.model.reference import Reference
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,0 @@
-"""zstd:chunked layers: TOC model, tar-split, and the layer writer."""

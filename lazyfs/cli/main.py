@@ -1,0 +1,60 @@
+"""The ``lazyfs`` command line. Flags follow skopeo and podman.
+
+Every failure lazyfs expects becomes one line on stderr and a non-zero exit status: 2 for bad
+usage, 1 for everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from lazyfs import __version__
+from lazyfs.cli import bench, convert, demo, mount
+from lazyfs.errors import LazyfsError, UsageError
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"lazyfs: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="lazyfs", description="Mount OCI images lazily.")
+    parser.add_argument("--version", action="version", version=f"lazyfs {__version__}")
+    parser.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    convert.add_parser(commands)
+    mount.add_parsers(commands)
+    demo.add_parser(commands)
+    bench.add_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(raw_argv)
+    args.raw_argv = raw_argv
+    logging.basicConfig(
+        level=args.log_level.upper(), format="lazyfs: %(asctime)s %(levelname)s: %(message)s"
+    )
+    try:
+        return int(args.handler(args))
+    except UsageError as exc:
+        print(f"lazyfs: error: {exc}", file=sys.stderr)
+        return 2
+    except LazyfsError as exc:
+        print(f"lazyfs: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lazyfs: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

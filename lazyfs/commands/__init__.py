@@ -1,1 +1,0 @@
-"""One module per CLI command: glue between parsed arguments and the library."""

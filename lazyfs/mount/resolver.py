@@ -1,0 +1,568 @@
+"""The chunk resolver: turns a read of a file range into verified chunk bytes.
+
+For each read it finds the chunks that cover the range, takes what the cache has, and fetches
+the rest from a ByteSource: nearby chunks of one blob merge into one range, several ranges go
+into one multi-range request, and requests run concurrently up to a bound. Every fetched chunk
+is decompressed and checked against its digest in the TOC before it is cached or returned.
+
+Concurrency (docs/concurrency.md): all state lives on the trio event loop and is only touched
+there; blocking work (cache I/O, zstd, hashing) runs in worker threads and touches no resolver
+state. Fetches are owned by the resolver's long-lived task group, not by the read that started
+them, so a read that hits its deadline never strands other readers waiting on the same chunk
+(singleflight: one ``_Flight`` per chunk key while it is being fetched).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+import anyio.to_thread
+import zstandard
+from anyio.abc import TaskGroup
+
+from lazyfs.cache.store import ChunkCache
+from lazyfs.config import ResolverConfig
+from lazyfs.errors import CacheError, FetchDeadlineError, IntegrityError, LazyfsError
+from lazyfs.model.digest import Digest
+from lazyfs.model.ranges import ByteRange
+from lazyfs.model.verity import format_verity, fsverity_digest
+from lazyfs.mount.prefetch import ProfileRecorder
+from lazyfs.mount.readahead import BlobIndex, LinkEstimate, ReadaheadBudget
+from lazyfs.mount.sources import ByteSource
+from lazyfs.mount.tree import LayerChunk, Node
+
+log = logging.getLogger(__name__)
+
+ChunkCheck = Literal["verity", "sha256"]
+
+
+@dataclass(frozen=True)
+class LayerBlob:
+    """A layer blob chunks are fetched from, and how its chunks are checked."""
+
+    digest: Digest
+    size: int
+    compression: Literal["zstd", "gzip"] = "zstd"
+    check: ChunkCheck = "verity"
+    # False for a plain layer that was fetched whole and converted locally at mount time.
+    lazy: bool = True
+    source_digest: Digest | None = None  # the registry's blob, when this one is a local copy
+    fetched_whole_bytes: int = 0  # what fetching it whole cost at this mount (plain layers)
+
+
+@dataclass
+class ResolverStats:
+    """Counters for ``lazyfs stats``. Mutated only on the event loop."""
+
+    bytes_fetched: int = 0
+    range_requests: int = 0
+    chunks_fetched: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    singleflight_waits: int = 0
+    verification_failures: int = 0
+    readahead_chunks: int = 0  # fetched because they follow a miss, before anyone asked
+    readahead_bytes: int = 0  # their compressed bytes
+    readahead_used_bytes: int = 0  # of those, the bytes of chunks that reads then asked for
+    prefetch_chunks: int = 0  # fetched by the prefetch of an access profile (prefetch.py)
+    memory_hits: int = 0  # chunks served from the recently used ones in memory
+    layer_bytes_fetched: dict[int, int] = field(default_factory=dict)
+
+
+class RecentChunks:
+    """Verified chunks this mount fetched or read lately, least recently used first, bounded
+    in bytes. A read they serve needs no worker thread and no diskcache lookup; that is most
+    reads after a prefetch, and every re-read the page cache no longer holds. Event loop only.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self._limit_bytes = limit_bytes
+        self._chunks: OrderedDict[str, bytes] = OrderedDict()
+        self.size_bytes = 0
+
+    def get(self, key: str) -> bytes | None:
+        data = self._chunks.get(key)
+        if data is not None:
+            self._chunks.move_to_end(key)
+        return data
+
+    def put(self, key: str, data: bytes) -> None:
+        if len(data) > self._limit_bytes or key in self._chunks:
+            return
+        self._chunks[key] = data
+        self.size_bytes += len(data)
+        while self.size_bytes > self._limit_bytes:
+            _, evicted = self._chunks.popitem(last=False)
+            self.size_bytes -= len(evicted)
+
+
+class _Flight:
+    """One chunk being fetched; readers that need it wait on ``done``."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.data: bytes | None = None
+        self.error: LazyfsError | None = None
+
+    def finish(self, data: bytes | None, error: LazyfsError | None) -> None:
+        self.data, self.error = data, error
+        self.done.set()
+
+    async def wait(self) -> bytes:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.data is not None
+        return self.data
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    node: Node
+    chunk: LayerChunk
+    key: str
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One HTTP request: ranges of one blob and the chunks they carry."""
+
+    layer: int
+    ranges: tuple[ByteRange, ...]
+    chunks: tuple[tuple[_Wanted, ...], ...]  # per range, in blob order
+
+
+class ChunkResolver:
+    def __init__(
+        self,
+        source: ByteSource,
+        cache: ChunkCache,
+        layers: Sequence[LayerBlob],
+        config: ResolverConfig,
+        task_group: TaskGroup,
+        blob_index: BlobIndex | None = None,
+        recorder: ProfileRecorder | None = None,
+    ) -> None:
+        self._source = source
+        self._recorder = recorder
+        self._blob_index = blob_index
+        self._link = LinkEstimate()
+        self._budget = ReadaheadBudget()
+        self._recent = RecentChunks(config.memory_cache_bytes)
+        self._cache = cache
+        self._layers = list(layers)
+        self._config = config
+        self._task_group = task_group
+        self._limiter = anyio.CapacityLimiter(config.max_concurrent_fetches)
+        self._flights: dict[str, _Flight] = {}
+        self._starts: dict[int, list[int]] = {}
+        self.stats = ResolverStats()
+
+    async def read(self, node: Node, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of a regular file, clipped at its end."""
+        end = min(offset + size, node.size)
+        if offset >= end:
+            return b""
+        chunks = self._covering(node, offset, end)
+        if self._recorder is not None:
+            self._recorder.record(node, chunks)
+        try:
+            with anyio.fail_after(self._config.read_deadline_s):
+                pieces = await self._load([self._wanted(node, c) for c in chunks])
+        except TimeoutError as exc:
+            raise FetchDeadlineError(
+                f"{node.path}: read not satisfied within {self._config.read_deadline_s} s"
+            ) from exc
+        first = chunks[0].ref.file_offset
+        return b"".join(pieces)[offset - first : end - first]
+
+    def _wanted(self, node: Node, chunk: LayerChunk) -> _Wanted:
+        return _Wanted(node, chunk, _key(chunk, self._layers[chunk.layer].check))
+
+    def _covering(self, node: Node, offset: int, end: int) -> list[LayerChunk]:
+        starts = self._starts.get(node.inode)
+        if starts is None:
+            starts = self._starts[node.inode] = [c.ref.file_offset for c in node.chunks]
+        low = bisect.bisect_right(starts, offset) - 1
+        high = bisect.bisect_left(starts, end)
+        return list(node.chunks[max(low, 0) : high])
+
+    async def _load(self, wanted: list[_Wanted]) -> list[bytes]:
+        """Each wanted chunk's bytes: zeros, or from the flight that owns its key.
+
+        Each read keeps references to its flights, which hold their result after they leave
+        ``_flights``."""
+        flights: dict[str, _Flight] = {}
+        recent: dict[str, bytes] = {}
+        for item in wanted:
+            self._budget.read(item.key)
+            data = None if item.chunk.ref.zeros else self._recent.get(item.key)
+            if data is not None:
+                recent[item.key] = data
+        self.stats.readahead_used_bytes = self._budget.used_bytes
+        self.stats.memory_hits += len(recent)
+        owned = self._claim([w for w in wanted if w.key not in recent], flights)
+        if owned:
+            self._task_group.start_soon(self._resolve, owned)
+        pieces = []
+        for item in wanted:
+            if item.chunk.ref.zeros:  # the verified TOC says so: nothing to fetch
+                pieces.append(bytes(item.chunk.ref.size))
+            elif item.key in recent:
+                pieces.append(recent[item.key])
+            else:
+                pieces.append(await flights[item.key].wait())
+        return pieces
+
+    def _claim(
+        self, wanted: Sequence[_Wanted], flights: dict[str, _Flight] | None = None
+    ) -> list[_Wanted]:
+        """Join the flights of ``wanted`` (into ``flights``); return those that had none, now
+        owned by the caller. Synchronous: no await between looking a flight up and creating it
+        (invariant 6 in docs/concurrency.md)."""
+        joined: dict[str, _Flight] = {} if flights is None else flights
+        owned: list[_Wanted] = []
+        for item in wanted:
+            if item.chunk.ref.zeros or item.key in joined:
+                continue
+            flight = self._flights.get(item.key)
+            if flight is None:
+                flight = self._flights[item.key] = _Flight()
+                owned.append(item)
+            elif flights is not None and flight.done.is_set():
+                self.stats.cache_hits += 1  # fetched and verified, on its way into the cache
+            elif flights is not None:
+                self.stats.singleflight_waits += 1
+            joined[item.key] = flight
+        return owned
+
+    async def _resolve(self, owned: list[_Wanted]) -> None:
+        """Background task: serve new flights from the cache, fetch the rest."""
+        missing = await self._serve_from_cache(owned)
+        self.stats.cache_hits += len(owned) - len(missing)
+        self.stats.cache_misses += len(missing)
+        for item in missing:
+            self._budget.missed(item.chunk.ref.size)
+        missing += await self._readahead(missing)
+        for request in self._plan(missing):
+            self._task_group.start_soon(self._fetch, request)
+
+    async def _serve_from_cache(self, owned: list[_Wanted]) -> list[_Wanted]:
+        """Finish the owned flights the cache can serve; return the others."""
+        if not owned:
+            return []
+        try:
+            cached = await anyio.to_thread.run_sync(self._cached, [w.key for w in owned])
+        except LazyfsError as exc:
+            log.warning("cache lookup failed: %s", exc)
+            cached = [None] * len(owned)
+        missing = []
+        for item, data in zip(owned, cached, strict=True):
+            if data is None:
+                missing.append(item)
+            else:
+                self._recent.put(item.key, data)
+                self._flights.pop(item.key).finish(data, None)
+        return missing
+
+    async def _readahead(self, missing: list[_Wanted]) -> list[_Wanted]:
+        """Flights for the chunks that follow each layer's last miss (docs in readahead.py)."""
+        if self._blob_index is None or not missing or self._config.readahead_max_bytes <= 0:
+            return []
+        window = min(
+            self._budget.allowance_bytes,
+            self._link.window_bytes(
+                self._config.readahead_min_bytes, self._config.readahead_max_bytes
+            ),
+        )
+        if window <= 0:
+            return []
+        last: dict[int, _Wanted] = {}
+        for item in missing:
+            if (
+                item.chunk.layer not in last
+                or item.chunk.ref.blob_offset > last[item.chunk.layer].chunk.ref.blob_offset
+            ):
+                last[item.chunk.layer] = item
+        following = [
+            self._wanted(node, chunk)
+            for item in last.values()
+            for node, chunk in self._blob_index.following(item.chunk, window)
+        ]
+        fetch = await self._serve_from_cache(self._claim(following))
+        self.stats.readahead_chunks += len(fetch)
+        for item in fetch:
+            self._budget.fetched_ahead(item.key, _compressed_size(item), item.chunk.ref.size)
+        self.stats.readahead_bytes = self._budget.ahead_bytes
+        return fetch
+
+    async def prefetch(self, order: Sequence[tuple[Node, LayerChunk]]) -> None:
+        """Fetch the chunks of ``order`` before anyone reads them, in that order.
+
+        Batches of about ``prefetch_batch_bytes`` (compressed) go out one after another, at
+        most ``prefetch_concurrency`` at a time, so the first chunks needed arrive first and
+        demand misses still find free connections. A batch claims its flights only when it
+        starts, so a read never waits behind a queue of unstarted prefetches: it joins a
+        running fetch or starts its own."""
+        slots = anyio.Semaphore(max(1, self._config.prefetch_concurrency))
+        async with anyio.create_task_group() as batches:
+            for batch in _batches(order, self._config.prefetch_batch_bytes):
+                await slots.acquire()
+                owned = self._claim([self._wanted(node, chunk) for node, chunk in batch])
+                batches.start_soon(self._prefetch_batch, owned, slots)
+        log.info("prefetch done: %d chunks fetched", self.stats.prefetch_chunks)
+
+    async def _prefetch_batch(self, owned: list[_Wanted], slots: anyio.Semaphore) -> None:
+        try:
+            missing = await self._serve_from_cache(owned)
+            self.stats.prefetch_chunks += len(missing)
+            async with anyio.create_task_group() as fetches:
+                for request in self._plan(missing):
+                    fetches.start_soon(self._fetch, request)
+        finally:
+            slots.release()
+
+    def _cached(self, keys: list[str]) -> list[bytes | None]:
+        """Worker thread: the cached chunks for flight keys (fs-verity, or sha256 via alias)."""
+        verities = [
+            self._cache.get_alias(key.removeprefix(_SHA256_KEY))
+            if key.startswith(_SHA256_KEY)
+            else key
+            for key in keys
+        ]
+        return self._cache.get_chunks(verities)
+
+    def _plan(self, wanted: list[_Wanted]) -> list[_Request]:
+        by_layer: dict[int, list[_Wanted]] = {}
+        for item in wanted:
+            by_layer.setdefault(item.chunk.layer, []).append(item)
+        requests: list[_Request] = []
+        for layer, items in sorted(by_layer.items()):
+            groups = self._merge(sorted(items, key=lambda w: w.chunk.ref.blob_offset))
+            step = max(1, self._config.max_ranges_per_request)
+            for i in range(0, len(groups), step):
+                batch = groups[i : i + step]
+                requests.append(
+                    _Request(layer, tuple(r for r, _ in batch), tuple(c for _, c in batch))
+                )
+        return requests
+
+    def _merge(self, items: list[_Wanted]) -> list[tuple[ByteRange, tuple[_Wanted, ...]]]:
+        groups: list[tuple[ByteRange, tuple[_Wanted, ...]]] = []
+        for item in items:
+            ref = item.chunk.ref
+            if groups:
+                last, members = groups[-1]
+                gap = ref.blob_offset - last.end
+                merged_length = ref.blob_end - last.start
+                if (
+                    gap <= self._config.merge_gap_bytes
+                    and merged_length <= self._config.max_request_bytes
+                ):
+                    groups[-1] = (
+                        ByteRange(last.start, max(last.end, ref.blob_end)),
+                        (*members, item),
+                    )
+                    continue
+            groups.append((ByteRange(ref.blob_offset, ref.blob_end), (item,)))
+        return groups
+
+    async def _fetch(self, request: _Request) -> None:
+        items = [item for group in request.chunks for item in group]
+        verified: _Verified = _Verified()
+        try:
+            async with self._limiter:
+                blob = self._layers[request.layer]
+                started = time.monotonic()
+                bodies = await self._source.read_ranges(blob.digest, request.ranges)
+                if blob.lazy:
+                    self._link.record(sum(len(b) for b in bodies), time.monotonic() - started)
+            self._count_fetch(request, bodies)
+            frames = _cut_frames(request, bodies)
+            verified = await anyio.to_thread.run_sync(_verify_frames, blob, frames)
+            results = verified.results
+        except LazyfsError as exc:
+            log.warning(
+                "fetch of %d chunks from layer %d failed: %s", len(items), request.layer, exc
+            )
+            results = [exc] * len(items)
+        except Exception as exc:  # a bug must fail these reads, not the whole mount
+            log.exception("fetch of %d chunks from layer %d crashed", len(items), request.layer)
+            results = [LazyfsError(f"fetch failed: {exc!r}")] * len(items)
+        except BaseException:
+            self._finish(items, [FetchDeadlineError("fetch cancelled")] * len(items))
+            raise
+        served = self._finish(items, results)
+        try:  # readers have their bytes; the served flights stay joinable until cached
+            await anyio.to_thread.run_sync(self._store, verified)
+        finally:
+            for key, flight in served:
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+
+    def _count_fetch(self, request: _Request, bodies: list[bytes]) -> None:
+        if not self._layers[request.layer].lazy:
+            return  # read from the local copy, not the network
+        fetched = sum(len(b) for b in bodies)
+        self.stats.bytes_fetched += fetched
+        self.stats.range_requests += 1
+        per_layer = self.stats.layer_bytes_fetched
+        per_layer[request.layer] = per_layer.get(request.layer, 0) + fetched
+
+    def _finish(
+        self, items: list[_Wanted], results: Sequence[bytes | LazyfsError]
+    ) -> list[tuple[str, _Flight]]:
+        """Complete the flights of ``items``. Failed ones leave ``_flights`` at once, so the
+        next read retries; served ones are returned, still in ``_flights`` (the caller drops
+        them once their bytes are in the cache, so no reader in between fetches again)."""
+        served = []
+        for item, result in zip(items, results, strict=True):
+            flight = self._flights.get(item.key)
+            if flight is None or flight.done.is_set():
+                continue
+            if isinstance(result, bytes):
+                self.stats.chunks_fetched += 1
+                self._recent.put(item.key, result)
+                flight.finish(result, None)
+                served.append((item.key, flight))
+                continue
+            if isinstance(result, IntegrityError):
+                self.stats.verification_failures += 1
+                log.error("%s: %s", item.node.path, result)
+            del self._flights[item.key]
+            flight.finish(None, result)
+        return served
+
+    def _store(self, verified: _Verified) -> None:
+        """Worker thread: cache verified chunks. Touches no resolver state."""
+        try:  # one transaction per request: concurrent writers contend for SQLite's lock
+            self._cache.put_chunks(verified.chunks, verified.aliases)
+        except CacheError as exc:  # the bytes are verified and served: only caching failed
+            log.warning("could not cache %d chunks: %s", len(verified.chunks), exc)
+
+
+@dataclass
+class _Verified:
+    """What a worker thread made of one request's frames."""
+
+    results: list[bytes | LazyfsError] = field(default_factory=list)  # per chunk, in order
+    chunks: list[tuple[str, bytes]] = field(default_factory=list)  # (fs-verity, bytes) to cache
+    aliases: list[tuple[str, str]] = field(default_factory=list)  # (sha256, fs-verity)
+
+
+def _verify_frames(blob: LayerBlob, frames: list[tuple[_Wanted, bytes]]) -> _Verified:
+    """Worker thread: decompress and verify each frame."""
+    out = _Verified()
+    for item, frame in frames:
+        try:
+            verity, data = _verified(item, blob, frame)
+        except LazyfsError as exc:
+            out.results.append(exc)
+            continue
+        out.results.append(data)
+        out.chunks.append((verity, data))
+        if item.key.startswith(_SHA256_KEY):
+            out.aliases.append((item.chunk.ref.sha256, verity))
+    return out
+
+
+_SHA256_KEY = "plain-"  # flight keys of chunks known only by sha256
+
+
+def _key(chunk: LayerChunk, check: ChunkCheck) -> str:
+    """The flight and cache key: the fs-verity digest, only where the layer is checked by it."""
+    return chunk.ref.verity if check == "verity" else _SHA256_KEY + chunk.ref.sha256
+
+
+def _compressed_size(item: _Wanted) -> int:
+    return item.chunk.ref.blob_end - item.chunk.ref.blob_offset
+
+
+def _batches(
+    order: Sequence[tuple[Node, LayerChunk]], batch_bytes: int
+) -> Iterator[list[tuple[Node, LayerChunk]]]:
+    """``order`` in consecutive pieces of about ``batch_bytes`` compressed bytes each."""
+    batch: list[tuple[Node, LayerChunk]] = []
+    size = 0
+    for node, chunk in order:
+        batch.append((node, chunk))
+        size += chunk.ref.blob_end - chunk.ref.blob_offset
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _cut_frames(request: _Request, bodies: list[bytes]) -> list[tuple[_Wanted, bytes]]:
+    frames = []
+    for rng, body, members in zip(request.ranges, bodies, request.chunks, strict=True):
+        for item in members:
+            ref = item.chunk.ref
+            frames.append((item, body[ref.blob_offset - rng.start : ref.blob_end - rng.start]))
+    return frames
+
+
+def _verified(item: _Wanted, blob: LayerBlob, frame: bytes) -> tuple[str, bytes]:
+    """Decompress and check one chunk; its fs-verity digest and bytes."""
+    ref = item.chunk.ref
+    try:
+        data = _decompress(frame, blob.compression, ref.size, ref.inner_offset)
+    except (zstandard.ZstdError, zlib.error) as exc:
+        expected = ref.verity if blob.check == "verity" else ref.sha256
+        raise IntegrityError(_describe(item, blob), expected, f"undecodable data ({exc})") from exc
+    return _check(item, blob, data), data
+
+
+def _decompress(frame: bytes, compression: str, size: int, inner_offset: int = 0) -> bytes:
+    """At most ``size + 1`` bytes of zstd (enough to tell a chunk that is too long)."""
+    if compression == "zstd":
+        return zstandard.ZstdDecompressor().decompress(frame, max_output_size=size + 1)
+    return _gunzip_slice(frame, inner_offset, size)
+
+
+def _describe(item: _Wanted, blob: LayerBlob) -> str:
+    ref = item.chunk.ref
+    return f"chunk at offset {ref.file_offset} of {item.node.path} (layer {blob.digest})"
+
+
+def _gunzip_slice(frame: bytes, skip: int, size: int) -> bytes:
+    """Bytes [skip, skip+size) of the concatenated gzip members in ``frame``; fewer if it ends.
+
+    An eStargz member may hold other files' bytes before the chunk (``innerOffset``)."""
+    want = skip + size
+    out = bytearray()
+    rest = frame
+    while rest and len(out) < want:
+        member = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out += member.decompress(rest, want - len(out))
+        if not member.eof:  # enough bytes, or a truncated member
+            break
+        rest = member.unused_data
+    return bytes(out[skip:want])
+
+
+def _check(item: _Wanted, blob: LayerBlob, data: bytes) -> str:
+    """Raise IntegrityError unless ``data`` is the chunk; return its fs-verity digest."""
+    ref = item.chunk.ref
+    what = _describe(item, blob)
+    if len(data) != ref.size:
+        raise IntegrityError(what, f"{ref.size} bytes", f"{len(data)} bytes")
+    verity = format_verity(fsverity_digest(data))
+    if blob.check == "verity":
+        if verity != ref.verity:
+            raise IntegrityError(what, ref.verity, verity)
+        return verity
+    actual = "sha256:" + hashlib.sha256(data).hexdigest()
+    if actual != ref.sha256:
+        raise IntegrityError(what, ref.sha256, actual)
+    return verity

@@ -1,0 +1,312 @@
+"""The merged root filesystem of an image: layers applied in order with OCI whiteouts.
+
+A pure model, built once at mount time from each layer's TOC entries and then only read, so the
+FUSE handlers can use it without locks. Semantics follow the OCI image-spec layer rules:
+
+- ``.wh.NAME`` deletes NAME (and everything below it) from the layers underneath;
+- ``.wh..wh..opq`` in a directory hides everything the lower layers put in it;
+- whiteouts only act on lower layers, so a layer's whiteouts are applied before its entries;
+- a non-directory replaces whatever was at its path; a directory over a directory merges;
+- a hardlink names an earlier path and shares its inode (``st_nlink`` counts the names).
+"""
+
+from __future__ import annotations
+
+import functools
+import posixpath
+import re
+import stat
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from lazyfs.errors import TocError
+from lazyfs.formats.chunked.toc import ChunkRef, TocEntry, file_chunks, group_file_entries
+
+ROOT_INODE = 1
+_DIGITS = re.compile(r"[0-9]+")
+WHITEOUT_PREFIX = ".wh."
+_WHITEOUT_PREFIX_BYTES = WHITEOUT_PREFIX.encode()
+OPAQUE_MARKER = ".wh..wh..opq"
+
+_KIND_BITS = {
+    "dir": stat.S_IFDIR,
+    "reg": stat.S_IFREG,
+    "symlink": stat.S_IFLNK,
+    "char": stat.S_IFCHR,
+    "block": stat.S_IFBLK,
+    "fifo": stat.S_IFIFO,
+}
+
+
+@dataclass(frozen=True)
+class LayerChunk:
+    """A chunk of file content, and the layer blob that holds it."""
+
+    layer: int
+    ref: ChunkRef
+
+
+@dataclass(eq=False)
+class Node:
+    """One inode of the merged tree."""
+
+    kind: str
+    mode: int  # permission bits, with setuid/setgid/sticky
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    rdev: int = 0
+    target: bytes = b""  # symlink target
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    chunks: tuple[LayerChunk, ...] = ()
+    verity: str = ""  # fs-verity digest of the whole file, when the layer format has one
+    layer: int = -1  # the layer the node came from
+    inode: int = 0
+    nlink: int = 1
+    children: dict[bytes, Node] | None = None
+    path: str = "/"  # the first path that names this node, for messages
+
+    @property
+    def st_mode(self) -> int:
+        return _KIND_BITS[self.kind] | (self.mode & 0o7777)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "dir"
+
+
+@dataclass(frozen=True)
+class Tree:
+    """The finished, read-only tree: inode table and sorted directory listings."""
+
+    nodes: dict[int, Node]
+    listings: dict[int, tuple[tuple[bytes, Node], ...]]
+
+    @property
+    def root(self) -> Node:
+        return self.nodes[ROOT_INODE]
+
+    def lookup(self, parent: int, name: bytes) -> Node | None:
+        children = self.nodes[parent].children
+        return None if children is None else children.get(name)
+
+    def find(self, path: str) -> Node | None:
+        """The node at an absolute path, without following symlinks; None if there is none."""
+        node: Node | None = self.root
+        for part in _split(path):
+            children = node.children if node is not None else None
+            node = None if children is None else children.get(part)
+        return node
+
+    def walk(self) -> Iterator[tuple[bytes, Node]]:
+        """Every (path, node) pair, depth first; hardlinked nodes appear once per name."""
+        stack: list[tuple[bytes, Node]] = [(b"/", self.root)]
+        while stack:
+            path, node = stack.pop()
+            yield path, node
+            for name, child in reversed(self.listings.get(node.inode, ())):
+                stack.append((posixpath.join(path, name), child))
+
+
+def build_tree(layers: Sequence[Iterable[TocEntry]]) -> Tree:
+    """Apply layers bottom to top and number the inodes."""
+    root = Node(kind="dir", mode=0o755, children={})
+    for index, entries in enumerate(layers):
+        _apply_layer(root, index, list(entries))
+    return _finish(root)
+
+
+def _apply_layer(root: Node, layer: int, entries: list[TocEntry]) -> None:
+    groups = [(_split(group[0].name), group) for group in group_file_entries(tuple(entries))]
+    for parts, _ in groups:
+        _apply_whiteout(root, parts)
+    deferred: list[tuple[list[bytes], list[TocEntry]]] = []  # hardlinks before their target
+    for parts, group in groups:
+        if parts and parts[-1].startswith(_WHITEOUT_PREFIX_BYTES):
+            continue
+        if group[0].type == "hardlink" and _hardlink_target(root, group[0]) is None:
+            deferred.append((parts, group))
+            continue
+        _add_entry(root, layer, parts, group)
+    for parts, group in deferred:
+        _add_entry(root, layer, parts, group)
+
+
+def _split(name: str) -> list[bytes]:
+    clean = posixpath.normpath("/" + name).lstrip("/")
+    try:  # the whole name at once: the common case, and several times faster
+        parts = clean.encode("utf-8", "surrogateescape").split(b"/")
+    except UnicodeEncodeError:
+        parts = [encode_name(part) for part in clean.split("/")]
+    return [part for part in parts if part and part != b"."]
+
+
+def encode_name(text: str) -> bytes:
+    """TOC text as the bytes the kernel sees; tar's non-UTF-8 bytes come back as they were."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape: keep it, never crash
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _apply_whiteout(root: Node, parts: list[bytes]) -> None:
+    if not parts or not parts[-1].startswith(WHITEOUT_PREFIX.encode()):
+        return
+    parent = _find_dir(root, parts[:-1])
+    if parent is None or parent.children is None:
+        return
+    if parts[-1] == OPAQUE_MARKER.encode():
+        parent.children.clear()
+    else:
+        parent.children.pop(parts[-1][len(WHITEOUT_PREFIX) :], None)
+
+
+def _find_dir(root: Node, parts: list[bytes]) -> Node | None:
+    node = root
+    for part in parts:
+        child = node.children.get(part) if node.children is not None else None
+        if child is None or not child.is_dir:
+            return None
+        node = child
+    return node
+
+
+def _ensure_dir(root: Node, parts: list[bytes], layer: int) -> Node:
+    """The directory at ``parts``, created (0755, root-owned) where a layer left it implicit."""
+    node = root
+    for part in parts:
+        assert node.children is not None
+        child = node.children.get(part)
+        if child is None or not child.is_dir:
+            child = Node(kind="dir", mode=0o755, layer=layer, children={})
+            node.children[part] = child
+        node = child
+    return node
+
+
+def _add_entry(root: Node, layer: int, parts: list[bytes], group: list[TocEntry]) -> None:
+    head = group[0]
+    if not parts:  # the root directory's own metadata
+        _set_metadata(root, head, layer)
+        return
+    parent = _ensure_dir(root, parts[:-1], layer)
+    assert parent.children is not None
+    if head.type == "hardlink":
+        target = _resolve_hardlink(root, head)
+        parent.children[parts[-1]] = target
+        return
+    existing = parent.children.get(parts[-1])
+    if head.type == "dir" and existing is not None and existing.is_dir:
+        _set_metadata(existing, head, layer)
+        return
+    parent.children[parts[-1]] = _new_node(head, group, layer)
+
+
+def _hardlink_target(root: Node, entry: TocEntry) -> Node | None:
+    parts = _split(entry.link_name)
+    parent = _find_dir(root, parts[:-1])
+    target = parent.children.get(parts[-1]) if parent and parent.children and parts else None
+    return None if target is None or target.is_dir else target
+
+
+def _resolve_hardlink(root: Node, entry: TocEntry) -> Node:
+    target = _hardlink_target(root, entry)
+    if target is None:
+        raise TocError(f"hardlink {entry.name!r} points to missing {entry.link_name!r}")
+    return target
+
+
+def _new_node(head: TocEntry, group: list[TocEntry], layer: int) -> Node:
+    if head.type not in _KIND_BITS:
+        raise TocError(f"TOC entry {head.name!r} has unexpected type {head.type!r}")
+    node = Node(kind=head.type, mode=0, children={} if head.type == "dir" else None)
+    _set_metadata(node, head, layer)
+    if head.type == "reg":
+        node.size = head.size
+        node.verity = head.verity
+        node.chunks = tuple(LayerChunk(layer, ref) for ref in file_chunks(group))
+    elif head.type == "symlink":
+        node.target = encode_name(head.link_name)
+    elif head.type in ("char", "block"):
+        node.rdev = _makedev(head.dev_major, head.dev_minor)
+    return node
+
+
+def _set_metadata(node: Node, entry: TocEntry, layer: int) -> None:
+    node.mode = entry.mode & 0o7777
+    node.uid = entry.uid
+    node.gid = entry.gid
+    node.mtime_ns = parse_rfc3339_ns(entry.modtime)
+    node.xattrs = {encode_name(k): v for k, v in entry.xattrs.items()} if entry.xattrs else {}
+    node.layer = layer
+
+
+def _makedev(major: int, minor: int) -> int:
+    # The Linux encoding (os.makedev), written out so that huge numbers from a TOC cannot raise.
+    return (
+        ((major & 0xFFF) << 8) | (minor & 0xFF) | ((minor & ~0xFF) << 12) | ((major & ~0xFFF) << 32)
+    )
+
+
+@functools.lru_cache(maxsize=4096)  # the files of an image share few distinct mtimes
+def parse_rfc3339_ns(text: str) -> int:
+    """``2023-01-02T03:04:05.123Z`` (or with an offset) -> nanoseconds since the epoch."""
+    if not text:
+        return 0
+    main, fraction, zone = _split_timestamp(text)
+    try:
+        seconds = int(datetime.fromisoformat(main + zone).timestamp())
+    except ValueError as exc:
+        raise TocError(f"invalid timestamp {text!r}") from exc
+    if fraction and not _DIGITS.fullmatch(fraction):
+        raise TocError(f"invalid timestamp {text!r}")
+    return seconds * 1_000_000_000 + int((fraction + "000000000")[:9])
+
+
+def _split_timestamp(text: str) -> tuple[str, str, str]:
+    zone = "+00:00"
+    body = text
+    if body.endswith(("Z", "z")):
+        body = body[:-1]
+    elif len(body) > 6 and body[-6] in "+-" and body[-3] == ":":
+        body, zone = body[:-6], body[-6:]
+    main, _, fraction = body.partition(".")
+    return main, fraction, zone
+
+
+def _finish(root: Node) -> Tree:
+    nodes: dict[int, Node] = {}
+    listings: dict[int, tuple[tuple[bytes, Node], ...]] = {}
+    names: dict[int, int] = {}  # id(node) -> number of names, for st_nlink
+    _number(root, nodes, names, listings)
+    for node in nodes.values():
+        if node.children is not None:
+            node.nlink = 2 + sum(1 for child in node.children.values() if child.is_dir)
+        else:
+            node.nlink = names[id(node)]
+    return Tree(nodes, listings)
+
+
+def _number(
+    root: Node,
+    nodes: dict[int, Node],
+    names: dict[int, int],
+    listings: dict[int, tuple[tuple[bytes, Node], ...]],
+) -> None:
+    root.inode = ROOT_INODE
+    nodes[ROOT_INODE] = root
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        assert directory.children is not None
+        listing = listings[directory.inode] = tuple(sorted(directory.children.items()))
+        for name, child in listing:
+            names[id(child)] = names.get(id(child), 0) + 1
+            if child.inode == 0:
+                child.inode = len(nodes) + 1
+                child.path = posixpath.join(directory.path, name.decode("utf-8", "replace"))
+                nodes[child.inode] = child
+                if child.is_dir:
+                    stack.append(child)
