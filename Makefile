@@ -3,7 +3,7 @@
 #   make demo    set up everything, start a local registry, convert a sample image, mount it lazily
 #   make test    set up everything and run the test suite
 #   make lint    ruff check, ruff format --check, mypy
-#   make bench   run the benchmarks (python -m bench), if the bench package exists
+#   make bench   run the micro-benchmarks (python -m lazyfs.bench.micro)
 #   make clean   remove caches and build artefacts (make distclean also removes .venv)
 #
 # Every target is idempotent: a second `make setup` checks the Debian packages with
@@ -88,11 +88,7 @@ lint: setup
 	exit $$rc
 
 bench: setup
-	@if [ -f bench/__main__.py ]; then \
-	  echo "+ $(VENV_PY) -m bench $(BENCH_ARGS)"; $(VENV_PY) -m bench $(BENCH_ARGS); \
-	else \
-	  echo "bench: no bench package yet (bench/__main__.py), nothing to run"; \
-	fi
+	@echo "+ $(VENV_PY) -m lazyfs.bench.micro $(BENCH_ARGS)"; $(VENV_PY) -m lazyfs.bench.micro $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -30,9 +30,6 @@ class RegistryConfig:
     cert_dir: Path | None = None
     # Hosts ("host:port") spoken to without TLS verification, and over HTTP if they lack TLS.
     insecure_registries: frozenset[str] = frozenset()
-    # Where to keep a whole blob that a Range request received anyway (a pull-through proxy's
-    # first answer), so that the transfer is not wasted; None: keep only the wanted bytes.
-    whole_blob_dir: Path | None = None
     max_connections: int = 16
     # Blobs larger than this are uploaded in chunks (PATCH), smaller ones in one PUT.
     monolithic_upload_max_bytes: int = 64 << 20

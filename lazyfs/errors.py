@@ -2,8 +2,8 @@
 
 Every module raises from this tree. Third-party exceptions (httpx, zstandard, json, OSError from
 tools) are translated where they enter lazyfs, with ``raise X from exc``, so callers above the
-boundary only ever see these classes. ``fs.py`` maps them to errnos in one place and the CLI
-prints ``str(exc)`` as a one-line error.
+boundary only ever see these classes. ``mount/fuseops.py`` maps them to errnos in one place and
+the CLI prints ``str(exc)`` as a one-line error.
 
 ::
 

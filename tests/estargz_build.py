@@ -30,8 +30,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from imagebuild import MIB, BuiltImage, BuiltLayer, Entry, image_config, tar_member, tar_order
+from imagebuild import MIB
 
+from lazyfs.convert.imagebuild import (
+    BuiltImage,
+    BuiltLayer,
+    Entry,
+    tag_image,
+    tar_member,
+    tar_order,
+)
 from lazyfs.convert.layout import OciLayout
 from lazyfs.formats.estargz import (
     FOOTER_BYTES,
@@ -44,11 +52,8 @@ from lazyfs.formats.estargz import (
 )
 from lazyfs.model.digest import Digest
 from lazyfs.model.manifests import (
-    OCI_CONFIG,
     OCI_LAYER_TAR_GZIP,
-    OCI_MANIFEST,
     Descriptor,
-    Manifest,
 )
 from lazyfs.model.platform import Platform
 
@@ -330,20 +335,7 @@ def write_estargz_image(
     built = tuple(
         _add_layer(layout, entries, layer) for entries, layer in zip(layers, estargz, strict=True)
     )
-    config = image_config([layer.diff_id for layer in built], platform or Platform.host())
-    config_bytes = config.to_bytes()
-    layout.add_blob_bytes(config_bytes)
-    manifest = Manifest(
-        OCI_MANIFEST,
-        Descriptor.of_bytes(OCI_CONFIG, config_bytes),
-        tuple(layer.descriptor for layer in built),
-        {},
-    )
-    manifest_bytes = manifest.to_bytes()
-    layout.add_blob_bytes(manifest_bytes)
-    manifest_descriptor = Descriptor.of_bytes(OCI_MANIFEST, manifest_bytes)
-    layout.tag(manifest_descriptor, tag)
-    image = BuiltImage(layout, tag, manifest_descriptor, manifest, config, built)
+    image = tag_image(layout, tag, built, platform=platform)
     return EstargzImage(image, estargz)
 
 

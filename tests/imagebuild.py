@@ -1,373 +1,45 @@
-"""Build OCI image layouts from Python descriptions of their layers, for tests.
-
-Layers are written with :mod:`tarfile` in PAX format and are reproducible: fixed mtimes, empty
-user and group names, entries sorted by path (hardlinks after the files they name), gzip headers
-without name or time. The same description therefore always gives the same digests. Blobs go
-through :class:`lazyfs.convert.layout.OciLayout`, so the builders exercise it too.
+"""Test images built with lazyfs's image builder (:mod:`lazyfs.convert.imagebuild`).
 
 Ready-made images: :func:`build_feature_image` (every kind of tar entry, whiteouts and opaque
 directories across three layers) and :func:`build_big_image` (about ``total_bytes`` of many
 files). :func:`build_umoci_image` builds an image from the same descriptions with umoci, an
-independent tool, to check the builders against.
+independent tool, to check the builder against; :func:`materialize` creates entries as real
+files. :func:`layout_manifest` and :func:`layout_tocs` read back what a layout holds.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
 import os
 import random
 import shutil
-import tarfile
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from types import MappingProxyType
-from typing import BinaryIO, Literal, Protocol, cast
 
 import zstandard
 from oracles import require_tool, run_tool
 
+from lazyfs.convert.imagebuild import (
+    BuiltImage,
+    Entry,
+    block_device,
+    char_device,
+    directory,
+    fifo,
+    hardlink,
+    opaque_whiteout,
+    regular_file,
+    symlink,
+    tar_order,
+    whiteout,
+    with_parent_dirs,
+    write_image,
+)
 from lazyfs.convert.layout import OciLayout
 from lazyfs.formats.chunked.toc import TOC_POSITION_ANNOTATION, Toc, parse_toc_position
-from lazyfs.model.digest import Digest
-from lazyfs.model.manifests import (
-    OCI_CONFIG,
-    OCI_LAYER_TAR,
-    OCI_LAYER_TAR_GZIP,
-    OCI_LAYER_TAR_ZSTD,
-    OCI_MANIFEST,
-    Descriptor,
-    ImageConfig,
-    LayerCompression,
-    Manifest,
-)
-from lazyfs.model.platform import Platform
+from lazyfs.model.manifests import LayerCompression, Manifest
 
 KIB = 1024
 MIB = 1024 * KIB
-FIXED_MTIME = 1_700_000_000  # 2023-11-14; any fixed instant keeps layers reproducible
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
-
-EntryType = Literal["dir", "file", "symlink", "hardlink", "char", "block", "fifo"]
-
-_TAR_TYPES: Mapping[EntryType, bytes] = MappingProxyType(
-    {
-        "dir": tarfile.DIRTYPE,
-        "file": tarfile.REGTYPE,
-        "symlink": tarfile.SYMTYPE,
-        "hardlink": tarfile.LNKTYPE,
-        "char": tarfile.CHRTYPE,
-        "block": tarfile.BLKTYPE,
-        "fifo": tarfile.FIFOTYPE,
-    }
-)
-_LAYER_MEDIA_TYPES: Mapping[LayerCompression, str] = MappingProxyType(
-    {"none": OCI_LAYER_TAR, "gzip": OCI_LAYER_TAR_GZIP, "zstd": OCI_LAYER_TAR_ZSTD}
-)
-_NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
-
-
-# --- entries -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One tar member: ``link`` is a symlink's target or the path a hardlink names."""
-
-    path: str
-    type: EntryType
-    mode: int
-    uid: int = 0
-    gid: int = 0
-    data: bytes = b""
-    link: str = ""
-    xattrs: Mapping[str, bytes] = field(default_factory=dict)
-    device: tuple[int, int] = (0, 0)
-    mtime: int = FIXED_MTIME
-
-    @property
-    def is_whiteout(self) -> bool:
-        return self.path.rsplit("/", 1)[-1].startswith(WHITEOUT_PREFIX)
-
-
-def directory(
-    path: str,
-    mode: int = 0o755,
-    *,
-    uid: int = 0,
-    gid: int = 0,
-    xattrs: Mapping[str, bytes] = _NO_XATTRS,
-) -> Entry:
-    return Entry(path, "dir", mode, uid, gid, xattrs=xattrs)
-
-
-def regular_file(
-    path: str,
-    data: bytes = b"",
-    mode: int = 0o644,
-    *,
-    uid: int = 0,
-    gid: int = 0,
-    xattrs: Mapping[str, bytes] = _NO_XATTRS,
-) -> Entry:
-    return Entry(path, "file", mode, uid, gid, data=data, xattrs=xattrs)
-
-
-def symlink(path: str, target: str, *, uid: int = 0, gid: int = 0) -> Entry:
-    return Entry(path, "symlink", 0o777, uid, gid, link=target)
-
-
-def hardlink(path: str, target: str) -> Entry:
-    """A second name for the file ``target``, which must come from the same layer."""
-    return Entry(path, "hardlink", 0o644, link=target)
-
-
-def char_device(path: str, major: int, minor: int, mode: int = 0o666) -> Entry:
-    return Entry(path, "char", mode, device=(major, minor))
-
-
-def block_device(path: str, major: int, minor: int, mode: int = 0o660) -> Entry:
-    return Entry(path, "block", mode, device=(major, minor))
-
-
-def fifo(path: str, mode: int = 0o644) -> Entry:
-    return Entry(path, "fifo", mode)
-
-
-def whiteout(path: str) -> Entry:
-    """Deletes ``path`` (file or whole directory) of the layers below."""
-    parent, _, name = path.rpartition("/")
-    return regular_file(_join(parent, WHITEOUT_PREFIX + name))
-
-
-def opaque_whiteout(dir_path: str) -> Entry:
-    """Hides everything the layers below put in ``dir_path``."""
-    return regular_file(_join(dir_path, OPAQUE_MARKER))
-
-
-def _join(parent: str, name: str) -> str:
-    return f"{parent}/{name}" if parent else name
-
-
-def with_parent_dirs(entries: Iterable[Entry], mode: int = 0o755) -> list[Entry]:
-    """``entries`` plus a directory entry for every parent that has none."""
-    entries = list(entries)
-    present = {e.path for e in entries}
-    parents = {p for e in entries for p in _ancestors(e.path)} - present
-    return [*(directory(p, mode) for p in sorted(parents)), *entries]
-
-
-def _ancestors(path: str) -> list[str]:
-    parts = path.split("/")[:-1]
-    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
-
-
-# --- layer tars --------------------------------------------------------------------------------
-
-
-def tar_order(entries: Iterable[Entry]) -> list[Entry]:
-    """Sorted by path (parents first), hardlinks last so their targets precede them."""
-    ordered = sorted(entries, key=lambda e: e.path)
-    return [e for e in ordered if e.type != "hardlink"] + [
-        e for e in ordered if e.type == "hardlink"
-    ]
-
-
-def _pax_xattrs(xattrs: Mapping[str, bytes]) -> dict[str, str]:
-    # tarfile takes str values; surrogateescape carries arbitrary bytes (it then writes
-    # hdrcharset=BINARY and the raw bytes, which is what Go's archive/tar reads).
-    return {
-        f"SCHILY.xattr.{name}": value.decode("utf-8", "surrogateescape")
-        for name, value in sorted(xattrs.items())
-    }
-
-
-def tar_member(entry: Entry) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(entry.path)
-    info.type = _TAR_TYPES[entry.type]
-    info.mode = entry.mode
-    info.uid, info.gid = entry.uid, entry.gid
-    info.uname = info.gname = ""
-    info.mtime = entry.mtime
-    info.size = len(entry.data) if entry.type == "file" else 0
-    info.linkname = entry.link
-    info.devmajor, info.devminor = entry.device
-    info.pax_headers = _pax_xattrs(entry.xattrs)
-    return info
-
-
-def write_layer_tar(entries: Iterable[Entry], out: BinaryIO) -> None:
-    """Write the layer tar of ``entries`` (in :func:`tar_order`) to a stream."""
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for entry in tar_order(entries):
-            payload = io.BytesIO(entry.data) if entry.type == "file" else None
-            tar.addfile(tar_member(entry), payload)
-
-
-def layer_tar_bytes(entries: Iterable[Entry]) -> bytes:
-    buffer = io.BytesIO()
-    write_layer_tar(entries, buffer)
-    return buffer.getvalue()
-
-
-class _Writable(Protocol):
-    def write(self, data: bytes | bytearray | memoryview, /) -> object: ...
-
-
-class _HashingSink(io.RawIOBase):
-    """A write-only stream that hashes and counts what passes through to ``target``."""
-
-    def __init__(self, target: _Writable) -> None:
-        self._target = target
-        self._hash = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
-        self._hash.update(data)
-        self.size += len(data)
-        self._target.write(data)
-        return len(data)
-
-    @property
-    def digest(self) -> Digest:
-        return Digest("sha256", self._hash.hexdigest())
-
-
-def _compressing_writer(sink: _HashingSink, compression: LayerCompression, level: int) -> BinaryIO:
-    """A stream that compresses into ``sink``; closing it finishes the stream, not ``sink``."""
-    if compression == "gzip":
-        # filename="" and mtime=0 keep the gzip header free of anything that varies.
-        return cast(
-            BinaryIO,
-            gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0, compresslevel=level),
-        )
-    if compression == "zstd":
-        compressor = zstandard.ZstdCompressor(level=level)
-        return cast(BinaryIO, compressor.stream_writer(cast(BinaryIO, sink), closefd=False))
-    return cast(BinaryIO, _Uncloseable(sink))
-
-
-class _Uncloseable(io.RawIOBase):
-    """Passes writes through; closing it leaves the target open."""
-
-    def __init__(self, target: io.RawIOBase) -> None:
-        self._target = target
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
-        self._target.write(data)
-        return len(data)
-
-
-_DEFAULT_LEVELS: Mapping[LayerCompression, int] = MappingProxyType(
-    {"none": 0, "gzip": 6, "zstd": 3}
-)
-
-
-# --- images ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BuiltLayer:
-    entries: tuple[Entry, ...]
-    compression: LayerCompression
-    descriptor: Descriptor
-    diff_id: Digest
-    tar_size: int
-
-
-@dataclass(frozen=True)
-class BuiltImage:
-    layout: OciLayout
-    tag: str
-    manifest_descriptor: Descriptor
-    manifest: Manifest
-    config: ImageConfig
-    layers: tuple[BuiltLayer, ...]
-
-    @property
-    def reference(self) -> str:
-        """``oci:PATH:TAG``, as skopeo and lazyfs name it."""
-        return f"oci:{self.layout.path}:{self.tag}"
-
-
-def write_layer(
-    layout: OciLayout,
-    entries: Sequence[Entry],
-    compression: LayerCompression,
-    level: int | None = None,
-) -> BuiltLayer:
-    """Write one layer blob into ``layout`` (streamed through a temporary file)."""
-    level = _DEFAULT_LEVELS[compression] if level is None else level
-    with tempfile.NamedTemporaryFile(dir=layout.path, prefix=".layer-", delete=False) as temp:
-        blob_sink = _HashingSink(temp)
-        with _compressing_writer(blob_sink, compression, level) as compressed:
-            tar_sink = _HashingSink(compressed)
-            write_layer_tar(entries, cast(BinaryIO, tar_sink))
-    layout.add_blob_file(Path(temp.name), blob_sink.digest)
-    descriptor = Descriptor(_LAYER_MEDIA_TYPES[compression], blob_sink.digest, blob_sink.size)
-    return BuiltLayer(tuple(entries), compression, descriptor, tar_sink.digest, tar_sink.size)
-
-
-def image_config(diff_ids: Sequence[Digest], platform: Platform) -> ImageConfig:
-    """A minimal, reproducible image config for ``platform``."""
-    fields: dict[str, object] = {
-        "created": "2023-11-14T22:13:20Z",
-        "architecture": platform.architecture,
-        "os": platform.os,
-    }
-    if platform.variant is not None:
-        fields["variant"] = platform.variant
-    fields["config"] = {"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"}
-    fields["rootfs"] = {"type": "layers", "diff_ids": []}
-    fields["history"] = [
-        {"created": "2023-11-14T22:13:20Z", "created_by": "imagebuild"} for _ in diff_ids
-    ]
-    return ImageConfig(fields).with_diff_ids(diff_ids)
-
-
-def write_image(
-    layout_dir: Path,
-    tag: str,
-    layers: Sequence[Sequence[Entry]],
-    compression: LayerCompression | Sequence[LayerCompression] = "gzip",
-    *,
-    platform: Platform | None = None,
-    annotations: Mapping[str, str] | None = None,
-) -> BuiltImage:
-    """Write an image of ``layers`` (bottom first) into the layout at ``layout_dir`` as ``tag``.
-
-    ``compression`` is one method for all layers or one per layer.
-    """
-    layout = OciLayout.create(layout_dir)
-    methods = [compression] * len(layers) if isinstance(compression, str) else list(compression)
-    if len(methods) != len(layers):
-        raise ValueError(f"{len(methods)} compressions for {len(layers)} layers")
-    built = tuple(
-        write_layer(layout, entries, method)
-        for entries, method in zip(layers, methods, strict=True)
-    )
-    config = image_config([layer.diff_id for layer in built], platform or Platform.host())
-    config_bytes = config.to_bytes()
-    config_descriptor = Descriptor.of_bytes(OCI_CONFIG, config_bytes)
-    layout.add_blob_bytes(config_bytes)
-    manifest = Manifest(
-        OCI_MANIFEST, config_descriptor, tuple(b.descriptor for b in built), annotations or {}
-    )
-    manifest_bytes = manifest.to_bytes()
-    layout.add_blob_bytes(manifest_bytes)
-    manifest_descriptor = Descriptor.of_bytes(OCI_MANIFEST, manifest_bytes)
-    layout.tag(manifest_descriptor, tag)
-    return BuiltImage(layout, tag, manifest_descriptor, manifest, config, built)
 
 
 # --- the feature image -------------------------------------------------------------------------

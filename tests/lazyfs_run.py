@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lazyfs.mount.mountinfo import is_mounted
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -32,12 +34,6 @@ def run_lazyfs(
             f"lazyfs {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"
         )
     return result
-
-
-def is_mounted(path: Path) -> bool:
-    target = str(path.resolve())
-    with open("/proc/self/mountinfo", encoding="utf-8") as mounts:
-        return any(line.split()[4] == target for line in mounts)
 
 
 def stats(mountpoint: Path) -> dict[str, Any]:

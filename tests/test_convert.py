@@ -10,13 +10,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from imagebuild import (
-    BuiltImage,
-    build_feature_image,
-    directory,
-    regular_file,
-    write_image,
-)
+from imagebuild import build_feature_image
 from lazyfs_run import run_lazyfs
 from oracles import (
     assert_trees_equal,
@@ -27,6 +21,7 @@ from oracles import (
     umoci_unpack,
 )
 
+from lazyfs.convert.imagebuild import BuiltImage, directory, regular_file, write_image
 from lazyfs.convert.layout import OciLayout
 from lazyfs.formats.chunked.toc import (
     FOOTER_BYTES,

@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from lazyfs_run import is_mounted, run_lazyfs
+from lazyfs_run import run_lazyfs
+
+from lazyfs.mount.mountinfo import is_mounted
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 

@@ -27,24 +27,20 @@ from estargz_build import (
     footer_bytes,
     write_estargz_image,
 )
-from imagebuild import (
-    KIB,
-    MIB,
-    Entry,
-    directory,
-    feature_layers,
-    hardlink,
-    layer_tar_bytes,
-    random_bytes,
-    regular_file,
-    symlink,
-    text_bytes,
-    whiteout,
-)
+from imagebuild import KIB, MIB, feature_layers, random_bytes, text_bytes
 from oracles import require_tool, run_tool, skopeo_copy
 
 from lazyfs.cache.store import ChunkCache
 from lazyfs.config import ChunkingConfig, ResolverConfig
+from lazyfs.convert.imagebuild import (
+    Entry,
+    directory,
+    hardlink,
+    layer_tar_bytes,
+    regular_file,
+    symlink,
+    whiteout,
+)
 from lazyfs.convert.layout import OciLayout
 from lazyfs.errors import LazyfsError, TocError
 from lazyfs.formats.chunked.toc import ChunkRef, TocEntry, file_chunks, group_file_entries

@@ -8,17 +8,11 @@ from pathlib import Path
 import diskcache
 import pytest
 import zstandard
-from imagebuild import (
-    BuiltImage,
-    build_big_image,
-    build_feature_image,
-    directory,
-    regular_file,
-    write_image,
-)
+from imagebuild import build_big_image, build_feature_image
 from lazyfs_run import mounted, run_lazyfs, stats
 from oracles import assert_trees_equal, require_tool, skopeo_copy, tree_snapshot, umoci_unpack
 
+from lazyfs.convert.imagebuild import BuiltImage, directory, regular_file, write_image
 from lazyfs.convert.layout import OciLayout
 from lazyfs.formats.chunked.toc import (
     LEGACY_TOC_POSITION_ANNOTATION,

@@ -1,4 +1,5 @@
-"""The test image builders and tree oracles, checked against each other and against umoci."""
+"""The image builder (lazyfs.convert.imagebuild), the test images and the tree oracles, checked
+against each other and against umoci."""
 
 from __future__ import annotations
 
@@ -15,15 +16,11 @@ from imagebuild import (
     CAP_NET_RAW_XATTR,
     LONG_DIR,
     MIB,
-    BuiltImage,
     big_image_layers,
     build_big_image,
     build_feature_image,
     build_umoci_image,
     feature_layers,
-    layer_tar_bytes,
-    regular_file,
-    write_image,
 )
 from oracles import (
     EntryInfo,
@@ -34,6 +31,17 @@ from oracles import (
     umoci_unpack,
 )
 
+from lazyfs.convert.imagebuild import (
+    BuiltImage,
+    ContainerConfig,
+    file_read_when_written,
+    layer_tar_bytes,
+    regular_file,
+    with_parent_dirs,
+    write_image,
+    write_tar_file,
+    write_tar_image,
+)
 from lazyfs.convert.layout import OciLayout
 from lazyfs.model.digest import Digest
 from lazyfs.model.manifests import ImageConfig, Manifest, layer_compression
@@ -135,6 +143,40 @@ def test_big_image_unpacks(tmp_path: Path) -> None:
         )
     actual = {path: info.sha256 for path, info in tree.items() if info.kind == "file"}
     assert actual == expected
+
+
+def test_files_read_when_written_make_the_same_tar() -> None:
+    reads: list[str] = []
+
+    def read() -> bytes:
+        reads.append("f")
+        return b"late bytes"
+
+    late = [file_read_when_written("d/f", read, 0o755)]
+    assert reads == []  # nothing is read until the tar is written
+    eager = [regular_file("d/f", b"late bytes", 0o755)]
+    assert layer_tar_bytes(with_parent_dirs(late)) == layer_tar_bytes(with_parent_dirs(eager))
+    assert reads == ["f"]
+
+
+def test_tar_file_layers_match_entry_layers(tmp_path: Path) -> None:
+    entries = feature_layers()[0]
+    tar_path = tmp_path / "layer.tar"
+    assert write_tar_file(entries, tar_path) == len(layer_tar_bytes(entries))
+    from_tar = write_tar_image(tmp_path / "from-tar", "v1", [tar_path], "zstd")
+    from_entries = write_image(tmp_path / "from-entries", "v1", [entries], "zstd")
+    assert from_tar.manifest_descriptor == from_entries.manifest_descriptor
+    assert from_tar.layers[0].diff_id == Digest.of(tar_path.read_bytes())
+    assert tar_path.exists()  # the tar stays where it was
+
+
+def test_container_config_is_written(tmp_path: Path) -> None:
+    container = ContainerConfig(command=("/app/run",), env=("PATH=/app",), working_dir="/app")
+    built = write_image(tmp_path, "v1", [[regular_file("app/run")]], container=container)
+    config = ImageConfig.parse(built.layout.read_blob(built.manifest.config.digest))
+    expected = {"Env": ["PATH=/app"], "Cmd": ["/app/run"], "WorkingDir": "/app"}
+    assert config.fields["config"] == expected
+    assert config.diff_ids == built.config.diff_ids == (built.layers[0].diff_id,)
 
 
 # --- the builder against umoci -----------------------------------------------------------------

@@ -9,9 +9,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from imagebuild import build_feature_image, regular_file, write_image
+from imagebuild import build_feature_image
 from oracles import require_tool, run_tool, skopeo_copy, skopeo_inspect
 
+from lazyfs.convert.imagebuild import regular_file, write_image
 from lazyfs.convert.layout import OciLayout
 from lazyfs.errors import IntegrityError, LayoutError, UsageError
 from lazyfs.model.digest import Digest

@@ -6,10 +6,11 @@ import socket
 from pathlib import Path
 
 import pytest
-from imagebuild import BuiltImage, build_feature_image
+from imagebuild import build_feature_image
 from lazyfs_run import mounted, run_lazyfs, stats
 from oracles import assert_trees_equal, tree_snapshot
 
+from lazyfs.convert.imagebuild import BuiltImage
 from lazyfs.errors import UsageError
 from lazyfs.model.reference import Reference
 from lazyfs.registry.localserver import LocalRegistry

@@ -11,19 +11,11 @@ from pathlib import Path
 
 import diskcache
 import pytest
-from imagebuild import (
-    BuiltImage,
-    build_big_image,
-    build_feature_image,
-    directory,
-    layout_manifest,
-    layout_tocs,
-    regular_file,
-    write_image,
-)
-from lazyfs_run import is_mounted, mounted, run_lazyfs, stats, wait_gone
+from imagebuild import build_big_image, build_feature_image, layout_manifest, layout_tocs
+from lazyfs_run import mounted, run_lazyfs, stats, wait_gone
 from oracles import assert_trees_equal, tree_snapshot, umoci_unpack
 
+from lazyfs.convert.imagebuild import BuiltImage, directory, regular_file, write_image
 from lazyfs.convert.layout import OciLayout
 from lazyfs.formats.chunked.toc import (
     Toc,
@@ -31,6 +23,7 @@ from lazyfs.formats.chunked.toc import (
     group_file_entries,
 )
 from lazyfs.model.verity import format_verity, fsverity_digest
+from lazyfs.mount.mountinfo import is_mounted
 from lazyfs.registry.localserver import LocalRegistry
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")

@@ -13,24 +13,18 @@ import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from imagebuild import (
-    BuiltImage,
-    directory,
-    layout_tocs,
-    random_bytes,
-    regular_file,
-    text_bytes,
-    write_image,
-)
+from imagebuild import layout_tocs, random_bytes, text_bytes
 from lazyfs_run import mounted, run_lazyfs, stats
 from test_resolver import BlobBuilder, FakeSource, make_node, running, wait_until
 
 from lazyfs.cache.store import ChunkCache
 from lazyfs.config import ResolverConfig
+from lazyfs.convert.imagebuild import BuiltImage, directory, regular_file, write_image
 from lazyfs.convert.layout import OciLayout
 from lazyfs.errors import ProfileError
+from lazyfs.formats.chunked.ranks import mark_entries
 from lazyfs.formats.chunked.toc import Toc, TocEntry
-from lazyfs.model.profiles import AccessProfile, ProfileRead, mark_entries
+from lazyfs.model.profiles import AccessProfile, ProfileRead
 from lazyfs.mount.prefetch import ProfileRecorder, embedded_order, profile_order
 from lazyfs.mount.resolver import LayerBlob
 from lazyfs.mount.tree import Node, Tree, build_tree

@@ -27,10 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from imagebuild import BuiltImage, directory, random_bytes, regular_file, write_image
-from lazyfs_run import ROOT, is_mounted, stats, wait_gone
+from imagebuild import random_bytes
+from lazyfs_run import ROOT, stats, wait_gone
 from oracles import require_tool
 
+from lazyfs.convert.imagebuild import BuiltImage, directory, regular_file, write_image
+from lazyfs.mount.mountinfo import is_mounted
 from lazyfs.registry.localserver import LocalRegistry
 
 try:

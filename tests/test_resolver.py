@@ -35,9 +35,9 @@ from lazyfs.model.ranges import ByteRange
 from lazyfs.model.reference import Reference
 from lazyfs.model.verity import format_verity, fsverity_digest
 from lazyfs.mount.resolver import ChunkCheck, ChunkResolver, LayerBlob, RecentChunks
-from lazyfs.mount.sources import RegistryByteSource
 from lazyfs.mount.tree import LayerChunk, Node
 from lazyfs.registry.client import RegistryClient
+from lazyfs.registry.sources import RegistryByteSource
 
 pytestmark = pytest.mark.anyio
 

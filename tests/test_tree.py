@@ -15,7 +15,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from imagebuild import (
+
+from lazyfs.config import ChunkingConfig
+from lazyfs.convert.imagebuild import (
     FIXED_MTIME,
     Entry,
     block_device,
@@ -31,8 +33,6 @@ from imagebuild import (
     whiteout,
     with_parent_dirs,
 )
-
-from lazyfs.config import ChunkingConfig
 from lazyfs.errors import TocError
 from lazyfs.formats.chunked.toc import Toc, TocEntry, file_chunks
 from lazyfs.formats.chunked.writer import write_chunked_layer

@@ -1,4 +1,8 @@
-"""``lazyfs bench``: container cold start, full pull vs lazy mounts, over emulated links.
+"""bench: the one benchmark tree (docs/benchmarks.md).
+
+``lazyfs bench``: container cold start, full pull vs lazy mounts, over emulated links; and
+``micro/``, the micro-benchmarks (``python -m lazyfs.bench.micro``). May import every folder
+but ``cli``; nothing but ``cli`` imports it.
 
 - :mod:`lazyfs.bench.links`: network namespace, veth pair, tbf shaper, delay proxy, validation
 - :mod:`lazyfs.bench.proxy`: the delay proxy process (holds segments RTT/2 each way, counts)

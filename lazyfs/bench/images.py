@@ -7,7 +7,8 @@
 The Debian images are built with mmdebstrap from the host's apt sources, the way a Dockerfile
 ``FROM debian`` + ``RUN apt-get install`` would layer them: the base layer is the minbase tree,
 and the top layer holds what installing the packages added or changed (with whiteouts for what
-it removed). Both images share the very same base layer blob, as real images do.
+it removed). Both images share the very same base layer blob, as real images do. This module
+owns the recipes and the layering; :mod:`lazyfs.convert.imagebuild` writes the images.
 
 Everything is cached under ``IMAGE_DIR/NAME/``: a recipe that has not changed is not rebuilt,
 and an image already converted is not converted again. Any other image can be benchmarked as
@@ -16,9 +17,7 @@ and an image already converted is not converted again. Any other image can be be
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -29,15 +28,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lazyfs.bench.command import lazyfs_command
+from lazyfs.convert.imagebuild import (
+    FIXED_MTIME,
+    ContainerConfig,
+    Entry,
+    directory,
+    file_read_when_written,
+    regular_file,
+    symlink,
+    tar_member,
+    whiteout,
+    write_image,
+    write_tar_image,
+)
 from lazyfs.convert.layout import OciLayout
 from lazyfs.errors import LazyfsError, UsageError
-from lazyfs.model import manifests
-from lazyfs.model.digest import Digest
-from lazyfs.model.manifests import Descriptor, ImageConfig
-from lazyfs.model.platform import Platform
 
 SUITE = "bookworm"
-SOURCE_DATE_EPOCH = "1700000000"
+SOURCE_DATE_EPOCH = str(FIXED_MTIME)  # mmdebstrap's trees: the builder's fixed mtime
 TAG = "latest"
 FALLBACK_MIRROR = "http://deb.debian.org/debian"
 BUSYBOX = Path("/bin/busybox")
@@ -53,6 +61,7 @@ _DPKG_EXCLUDES = (
     "path-exclude=/usr/share/locale/*",
 )
 _HELLO_C = "'#include <stdio.h>' 'int main(void) { puts(\"hello, world\"); return 0; }'"
+_DEBIAN_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 Progress = Callable[[str], None]
 
@@ -212,16 +221,17 @@ def _ensure_built(recipe: Recipe, image_dir: Path, progress: Progress) -> Path:
     shutil.rmtree(layout, ignore_errors=True)
     work = image_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
+    container = ContainerConfig(command=recipe.command, env=(_DEBIAN_PATH,))
     if recipe.name == "busybox":
-        tars = [_busybox_tar(work)]
+        progress("writing the busybox image (1 gzip layer)")
+        write_image(layout, TAG, [busybox_layer()], container=container)
     else:
         tars = _debian_tars(recipe, sources, image_dir, progress)
-    progress(f"writing the {recipe.name} image ({len(tars)} gzip layers)")
-    write_image(layout, tars, recipe.command)
-    stamp.write_text(key + "\n")
-    for tar in tars:
-        if tar.parent == work:
+        progress(f"writing the {recipe.name} image ({len(tars)} gzip layers)")
+        write_tar_image(layout, TAG, tars, container=container)
+        for tar in tars:
             tar.unlink(missing_ok=True)
+    stamp.write_text(key + "\n")
     return layout
 
 
@@ -414,90 +424,18 @@ def diff_layer(base_tar: Path, full_tar: Path, out: Path) -> None:
             if member.name in emit:
                 _add(layer, archive, member)
         for name in whiteouts:
-            info = tarfile.TarInfo(
-                os.path.join(os.path.dirname(name), ".wh." + os.path.basename(name))
-            )
-            info.mtime = int(SOURCE_DATE_EPOCH)
-            layer.addfile(info)
+            layer.addfile(tar_member(whiteout(name)))
 
 
-def _busybox_tar(work: Path) -> Path:
+def busybox_layer() -> list[Entry]:
     """A tiny root: static busybox, a few applets, a text file and a 4 MiB data file."""
     if not BUSYBOX.is_file():
         raise LazyfsError(f"{BUSYBOX} not found (install the Debian package busybox-static)")
-    out = work / "busybox-layer.tar"
-    mtime = int(SOURCE_DATE_EPOCH)
-    with _new_tar(out) as layer:
-        for directory in ("bin", "etc", "tmp", "proc", "dev", "usr", "usr/share", "usr/share/data"):
-            layer.addfile(_info(directory, tarfile.DIRTYPE, 0o755, mtime))
-        with BUSYBOX.open("rb") as binary:
-            layer.addfile(
-                _info("bin/busybox", tarfile.REGTYPE, 0o755, mtime, BUSYBOX.stat().st_size), binary
-            )
-        for applet in BUSYBOX_APPLETS:
-            link = _info(f"bin/{applet}", tarfile.SYMTYPE, 0o777, mtime)
-            link.linkname = "busybox"
-            layer.addfile(link)
-        _add_bytes(layer, "etc/motd", b"Hello from the lazyfs bench busybox image.\n", mtime)
-        blob = hashlib.shake_256(b"lazyfs bench").digest(4 << 20)
-        _add_bytes(layer, "usr/share/data/blob", blob, mtime)
-    return out
-
-
-def _info(name: str, kind: bytes, mode: int, mtime: int, size: int = 0) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type, info.mode, info.mtime, info.size = kind, mode, mtime, size
-    return info
-
-
-def _add_bytes(layer: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
-    layer.addfile(_info(name, tarfile.REGTYPE, 0o644, mtime, len(data)), io.BytesIO(data))
-
-
-# --- OCI image -------------------------------------------------------------------------------
-
-
-def _sha256_file(path: Path) -> Digest:
-    digest = hashlib.sha256()
-    with path.open("rb") as data:
-        for block in iter(lambda: data.read(_COPY_BYTES), b""):
-            digest.update(block)
-    return Digest("sha256", digest.hexdigest())
-
-
-def _gzip(source: Path, out: Path) -> None:
-    with (
-        source.open("rb") as raw,
-        out.open("wb") as sink,
-        gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=6, mtime=0) as packed,
-    ):
-        shutil.copyfileobj(raw, packed, _COPY_BYTES)
-
-
-def write_image(layout_path: Path, tars: list[Path], command: tuple[str, ...]) -> Digest:
-    """An OCI image of ``tars`` (gzip-compressed here), tagged ``latest``; its digest."""
-    layout = OciLayout.create(layout_path)
-    layers, diff_ids = [], []
-    for tar in tars:
-        diff_ids.append(_sha256_file(tar))
-        packed = tar.with_suffix(".tar.gz")
-        _gzip(tar, packed)
-        digest, size = _sha256_file(packed), packed.stat().st_size
-        layout.add_blob_file(packed, digest)
-        layers.append(Descriptor(media_type=manifests.OCI_LAYER_TAR_GZIP, digest=digest, size=size))
-    config = _config(diff_ids, command)
-    return layout.add_image(config, layers, TAG)
-
-
-def _config(diff_ids: list[Digest], command: tuple[str, ...]) -> bytes:
-    host = Platform.host()
-    fields: dict[str, object] = {
-        "architecture": host.architecture,
-        "os": host.os,
-        "config": {"Env": [f"PATH={_PATH}"], "Cmd": list(command), "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": []},
-    }
-    return ImageConfig(fields).with_diff_ids(diff_ids).to_bytes()
-
-
-_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    dirs = ("bin", "etc", "tmp", "proc", "dev", "usr", "usr/share", "usr/share/data")
+    return [
+        *(directory(name) for name in dirs),
+        file_read_when_written("bin/busybox", BUSYBOX.read_bytes, 0o755),
+        *(symlink(f"bin/{applet}", "busybox") for applet in BUSYBOX_APPLETS),
+        regular_file("etc/motd", b"Hello from the lazyfs bench busybox image.\n"),
+        regular_file("usr/share/data/blob", hashlib.shake_256(b"lazyfs bench").digest(4 << 20)),
+    ]

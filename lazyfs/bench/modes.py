@@ -33,8 +33,8 @@ from lazyfs.bench.command import lazyfs_command
 from lazyfs.bench.images import TAG, BenchImage
 from lazyfs.bench.links import EmulatedLink
 from lazyfs.bench.workload import WorkloadResult, WorkloadSpec, run_workload
-from lazyfs.cli.mount import is_mounted
 from lazyfs.errors import LazyfsError
+from lazyfs.mount.mountinfo import is_mounted
 
 CHUNKED_TAG = "chunked"
 PREFETCH_TAG = "prefetch"
@@ -181,7 +181,7 @@ def lazy_mount(reference: str, mountpoint: Path, cache_dir: Path, *options: str)
         yield pid
     finally:
         # Also when interrupted between the daemon mounting and `lazyfs mount` returning.
-        if is_mounted(mountpoint.resolve()):
+        if is_mounted(mountpoint):
             unmount(mountpoint, pid)
 
 

@@ -10,6 +10,7 @@
 - Metadata (manifests, configs, TOCs, tag -> digest) lives in a separate store that is never
   evicted by chunk traffic; it is what makes a remount work with the registry down.
 
+Where each store lives is cache/layout.py's business; metadata keys come from cache/keys.py.
 All methods block: callers run them in worker threads (see docs/concurrency.md).
 """
 
@@ -20,6 +21,9 @@ from pathlib import Path
 
 import diskcache
 
+from lazyfs.cache.blobs import LocalBlobs
+from lazyfs.cache.keys import alias_key
+from lazyfs.cache.layout import CacheLayout
 from lazyfs.errors import CacheError
 from lazyfs.model.verity import format_verity, fsverity_digest
 
@@ -33,18 +37,20 @@ class ChunkCache:
         self, directory: Path, size_limit_bytes: int, *, verify_reads: bool = False
     ) -> None:
         self.directory = directory
+        self.layout = CacheLayout(directory)
+        self.blobs = LocalBlobs(self.layout.blobs_dir, self.layout.staging_dir)
         self._verify_reads = verify_reads
         try:
             directory.mkdir(parents=True, exist_ok=True)
             self._chunks = diskcache.Cache(
-                str(directory / "chunks"),
+                str(self.layout.chunks_dir),
                 size_limit=size_limit_bytes,
                 eviction_policy="least-recently-used",
                 cull_limit=10,
                 disk_min_file_size=1 << 15,
             )
             self._meta = diskcache.Cache(
-                str(directory / "meta"), size_limit=_META_SIZE_LIMIT_BYTES, eviction_policy="none"
+                str(self.layout.meta_dir), size_limit=_META_SIZE_LIMIT_BYTES, eviction_policy="none"
             )
         except (OSError, diskcache.Timeout) as exc:
             raise CacheError(f"cannot open cache at {directory}: {exc}") from exc
@@ -88,7 +94,7 @@ class ChunkCache:
             if aliases:
                 with self._meta.transact():
                     for sha256, verity in aliases:
-                        self._meta.set(f"alias:{sha256}", verity.encode())
+                        self._meta.set(alias_key(sha256), verity.encode())
         except (OSError, diskcache.Timeout) as exc:
             raise CacheError(f"cannot write {len(chunks)} chunks to the cache: {exc}") from exc
 
@@ -103,11 +109,11 @@ class ChunkCache:
 
         Chunks of layers without fs-verity digests (other writers' zstd:chunked, eStargz) are
         still cached by fs-verity digest; this alias is how they are found again."""
-        value = self._get(self._meta, f"alias:{sha256}")
+        value = self._get(self._meta, alias_key(sha256))
         return value.decode() if value is not None else None
 
     def put_alias(self, sha256: str, verity: str) -> None:
-        self.put_meta(f"alias:{sha256}", verity.encode())
+        self.put_meta(alias_key(sha256), verity.encode())
 
     def get_meta(self, key: str) -> bytes | None:
         return self._get(self._meta, key)

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lazyfs.cache.layout import CacheLayout
 from lazyfs.cli.common import (
     add_registry_flags,
     credentials,
@@ -31,6 +32,7 @@ from lazyfs.config import STATS_XATTR, CacheConfig, ResolverConfig
 from lazyfs.errors import LazyfsError, UsageError
 from lazyfs.model.platform import Platform
 from lazyfs.model.reference import Reference
+from lazyfs.mount.mountinfo import is_mounted
 from lazyfs.registry.mirrors import MirrorConfig
 
 if TYPE_CHECKING:
@@ -124,16 +126,6 @@ def _check_mountpoint(path: Path) -> Path:
     return resolved
 
 
-def is_mounted(path: Path) -> bool:
-    target = str(path)
-    with open("/proc/self/mountinfo", encoding="utf-8") as mounts:
-        return any(_unescape(line.split()[4]) == target for line in mounts)
-
-
-def _unescape(field: str) -> str:
-    return field.encode().decode("unicode_escape") if "\\" in field else field
-
-
 def _start_daemon(args: argparse.Namespace, mountpoint: Path) -> int:
     log_path = _log_path(args.cache_dir, mountpoint)
     read_fd, write_fd = os.pipe()
@@ -204,10 +196,9 @@ def _read_answer(fd: int) -> bytes:
 
 
 def _log_path(cache_dir: Path, mountpoint: Path) -> Path:
-    logs = cache_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    name = str(mountpoint).strip("/").replace("/", "_") or "root"
-    return logs / f"mount-{name}.log"
+    path = CacheLayout(cache_dir).mount_log(mountpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def read_stats(mountpoint: Path) -> dict[str, Any]:

@@ -9,18 +9,15 @@ Docker manifests and lists become their OCI equivalents, as zstd layers need OCI
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio.to_thread
-
 from lazyfs.config import ChunkingConfig
+from lazyfs.convert.localize import localize_layer
 from lazyfs.convert.stores import ImageStore
-from lazyfs.errors import IntegrityError, ManifestError
-from lazyfs.formats.chunked.writer import ChunkedLayer, write_chunked_layer
-from lazyfs.formats.plain import decompress_layer
+from lazyfs.errors import ManifestError
+from lazyfs.formats.chunked.writer import ChunkedLayer
 from lazyfs.model import manifests
 from lazyfs.model.digest import Digest
 from lazyfs.model.manifests import Descriptor, ImageConfig, Index, Manifest, parse_manifest_or_index
@@ -234,35 +231,17 @@ class Converter:
     async def _convert_layer(
         self, source_layer: Descriptor, diff_id: Digest, scratch: Path
     ) -> ChunkedLayer:
-        compression = manifests.layer_compression(source_layer.media_type)
-        blob_path = await self._source.open_blob(source_layer, scratch / "source.blob", None)
-        tar_path = scratch / "layer.tar"
-        actual = await anyio.to_thread.run_sync(
-            decompress_layer,
-            blob_path,
-            compression,
-            source_layer.digest,
-            tar_path,
-            self._reporter("decompress", source_layer.size),
-        )
-        if actual != diff_id:
-            raise IntegrityError(f"layer {source_layer.digest} diff_id", str(diff_id), str(actual))
-        out_path = scratch / "layer.zst"
-        tar_size = tar_path.stat().st_size
-        chunked = await anyio.to_thread.run_sync(
-            write_chunked_layer,
-            tar_path,
-            out_path,
+        localized = await localize_layer(
+            source_layer,
+            lambda path: self._source.open_blob(source_layer, path, None),
+            scratch,
             self._options.chunking,
-            actual,
-            self._reporter("convert", tar_size),
-            self._options.prefetch,
+            diff_id=diff_id,
+            prefetch=self._options.prefetch,
+            progress=self._progress.layer_bytes,
         )
-        await self._dest.put_blob(_chunked_descriptor(chunked), out_path)
-        return chunked
-
-    def _reporter(self, phase: str, total: int) -> Callable[[int], None]:
-        return lambda done: self._progress.layer_bytes(phase, done, total)
+        await self._dest.put_blob(_chunked_descriptor(localized.layer), localized.path)
+        return localized.layer
 
     async def _push_config(
         self, data: bytes, diff_ids: tuple[Digest, ...], scratch: Path

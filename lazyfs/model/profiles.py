@@ -1,7 +1,7 @@
 """Access profiles: the reads of one workload start, in the order they first happened.
 
 A profile is recorded by ``lazyfs mount --record-profile`` and used by ``lazyfs convert
---prefetch`` (which writes each chunk's rank into the TOC, :func:`mark_entries`) and by
+--prefetch`` (which writes each chunk's rank into the TOC: formats/chunked/ranks.py) and by
 ``lazyfs mount --prefetch``; lazyfs/mount/prefetch.py says why. It is JSON (docs/format.md)::
 
     {"version": 1, "image": "sha256:...", "reads": [["/usr/bin/python3.11", 0, 65536], ...]}
@@ -16,12 +16,10 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from lazyfs.errors import ProfileError
-from lazyfs.formats.chunked.toc import TocEntry, group_file_entries
 
 PROFILE_VERSION = 1
 
@@ -91,56 +89,9 @@ def _parse_read(raw: object) -> ProfileRead:
         or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in raw[1:])
     ):
         raise ProfileError(f"access profile read {raw!r} is not [path, offset, length]")
-    return ProfileRead(_normalize(raw[0]), raw[1], raw[2])
+    return ProfileRead(normalize_path(raw[0]), raw[1], raw[2])
 
 
-def _normalize(path: str) -> str:
+def normalize_path(path: str) -> str:
+    """A path in the merged tree, as profiles spell it: absolute, normalised."""
     return posixpath.normpath("/" + path.lstrip("/"))
-
-
-def mark_entries(entries: Sequence[TocEntry], profile: AccessProfile) -> tuple[TocEntry, ...]:
-    """The entries of one layer, with ``prefetch`` ranks on the chunks the profile read.
-
-    A chunk's rank is 1 + the index of the first read that overlaps it. Reads of a hardlink's
-    other names count for the file it names."""
-    wanted = _reads_by_path(profile)
-    aliases = _hardlink_targets(entries)
-    marked: list[TocEntry] = []
-    for group in group_file_entries(tuple(entries)):
-        path = _normalize(group[0].name)
-        reads = wanted.get(path, []) + [r for a in aliases.get(path, ()) for r in wanted.get(a, [])]
-        if group[0].type != "reg" or not reads:
-            marked.extend(group)
-            continue
-        marked.extend(_mark_file(group, reads))
-    return tuple(marked)
-
-
-def _reads_by_path(profile: AccessProfile) -> dict[str, list[tuple[int, int, int]]]:
-    """path -> [(start, end, rank)]"""
-    by_path: dict[str, list[tuple[int, int, int]]] = {}
-    for rank, read in enumerate(profile.reads, start=1):
-        end = read.offset + max(read.length, 1)  # an empty read still names its chunk
-        by_path.setdefault(read.path, []).append((read.offset, end, rank))
-    return by_path
-
-
-def _hardlink_targets(entries: Sequence[TocEntry]) -> dict[str, list[str]]:
-    """target path -> the other names hardlinks in this layer give it"""
-    aliases: dict[str, list[str]] = {}
-    for entry in entries:
-        if entry.type == "hardlink":
-            target = _normalize(entry.link_name)
-            aliases.setdefault(target, []).append(_normalize(entry.name))
-    return aliases
-
-
-def _mark_file(group: list[TocEntry], reads: list[tuple[int, int, int]]) -> list[TocEntry]:
-    size = group[0].size
-    starts = [entry.chunk_offset for entry in group]
-    marked = []
-    for index, entry in enumerate(group):
-        end = starts[index + 1] if index + 1 < len(group) else size
-        ranks = [rank for lo, hi, rank in reads if lo < end and hi > starts[index]]
-        marked.append(replace(entry, prefetch=min(ranks)) if ranks else entry)
-    return marked

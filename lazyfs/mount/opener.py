@@ -1,44 +1,37 @@
 """Open an image for mounting: manifest, config and TOCs, verified, and the merged tree.
 
-Only metadata is fetched here: the manifest (and index), the config, and each layer's TOC by a
-range read at the position its annotation gives. Each TOC is checked against the checksum
-annotation of the manifest, whose digest the tag resolved to, before it is parsed.
-
-Everything fetched is also kept in the cache's metadata store, keyed by digest, so that a
-remount works with the registry down: when the registry cannot be reached, the tag is resolved
-from the last digest seen and every blob is read from the cache.
+Only metadata is fetched here (through mount/metadata.py, which falls back to the cache when
+the registry is down): the manifest (and index), the config, and each layer's TOC by a range
+read at the position its annotation gives. Each TOC is checked against the checksum annotation
+of the manifest, whose digest the tag resolved to, before it is parsed.
 
 Plain layers (``tar``, ``tar+gzip``, ``tar+zstd`` without a TOC) cannot be read lazily. Each is
-downloaded once, verified against its digest, and converted locally into a zstd:chunked blob
-with fs-verity digests, kept under ``CACHE_DIR/layers/``; from then on it is served like any
-other layer, from that local blob, and its chunks go into the same content-addressed cache.
+downloaded once, verified against its digest, and converted on the node by the pipeline
+``lazyfs convert`` uses (convert/localize.py) into a zstd:chunked blob with fs-verity digests,
+kept among the cache's local blobs (cache/blobs.py); from then on it is served like any other
+layer, and its chunks go into the same content-addressed cache.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import tempfile
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import anyio
 import anyio.to_thread
 import zstandard
 
+from lazyfs.cache import keys
 from lazyfs.cache.store import ChunkCache
 from lazyfs.config import ChunkingConfig
+from lazyfs.convert.localize import localize_layer
 from lazyfs.errors import (
     IntegrityError,
     LazyfsError,
     ManifestError,
-    RegistryError,
     RegistryUnreachableError,
     TocError,
-    TransientRegistryError,
     UnsupportedMediaTypeError,
 )
 from lazyfs.formats import estargz
@@ -48,30 +41,23 @@ from lazyfs.formats.chunked.toc import (
     TOC_CHECKSUM_ANNOTATION,
     TOC_POSITION_ANNOTATION,
     VERITY_ANNOTATION,
-    BlobSection,
     Toc,
     TocEntry,
     parse_toc_position,
 )
-from lazyfs.formats.chunked.writer import ChunkedLayer, write_chunked_layer
-from lazyfs.formats.plain import Compression, decompress_layer
+from lazyfs.formats.chunked.writer import ChunkedLayer
 from lazyfs.model.digest import Digest
 from lazyfs.model.manifests import Descriptor, Manifest, layer_compression, parse_manifest_or_index
 from lazyfs.model.platform import Platform
 from lazyfs.model.ranges import ByteRange
 from lazyfs.model.reference import Reference
+from lazyfs.mount.metadata import MetadataFetcher
 from lazyfs.mount.resolver import LayerBlob
 from lazyfs.mount.tree import Tree, build_tree
 from lazyfs.registry.client import RegistryClient
-from lazyfs.registry.mirrors import EndpointOrder
+from lazyfs.registry.failover import Failover
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-_OFFLINE_ERRORS = (RegistryUnreachableError, TransientRegistryError)
-
-
-LOCAL_LAYERS_DIR = "layers"
 
 
 @dataclass(frozen=True)
@@ -83,142 +69,14 @@ class OpenedImage:
     offline: bool
 
 
-class MetadataFetcher:
-    """Fetches metadata from the registry, falling back to the cache when it is unreachable.
-
-    Each request goes to the endpoints in order (mirrors first, then the origin) until one
-    answers.
-    """
-
-    def __init__(self, client: RegistryClient, cache: ChunkCache, endpoints: EndpointOrder) -> None:
-        self._client = client
-        self._cache = cache
-        self._endpoints = endpoints
-        self.offline = False
-
-    async def _first(self, ref: Reference, call: Callable[[Reference], Awaitable[T]]) -> T:
-        candidates = self._endpoints(ref)
-        for index, endpoint in enumerate(candidates):
-            try:
-                return await call(endpoint)
-            except RegistryError as exc:
-                if index == len(candidates) - 1:
-                    raise
-                self._endpoints.failed(endpoint)
-                log.warning("%s failed (%s); trying the next endpoint", endpoint.registry, exc)
-        raise AssertionError("no endpoints")
-
-    async def root(self, ref: Reference) -> tuple[Digest, bytes, str | None]:
-        tag_key = f"tag:{ref}"
-        if not self.offline:
-            try:
-                fetched = await self._first(ref, self._client.get_manifest)
-            except _OFFLINE_ERRORS as exc:
-                log.warning("registry unreachable (%s); trying the cache", exc)
-                self.offline = True
-            else:
-                await self._remember(f"blob:{fetched.digest}", fetched.data)
-                await self._remember(tag_key, str(fetched.digest).encode())
-                return fetched.digest, fetched.data, fetched.media_type
-        digest = Digest.parse((await self._cached(tag_key, f"{ref} (registry down)")).decode())
-        return digest, await self._cached(f"blob:{digest}", str(digest)), None
-
-    async def manifest(self, ref: Reference, digest: Digest) -> bytes:
-        key = f"blob:{digest}"
-        if not self.offline:
-            cached = await anyio.to_thread.run_sync(self._cache.get_meta, key)
-            if cached is not None:
-                return cached
-            fetched = await self._first(ref.with_digest(digest), self._client.get_manifest)
-            await self._remember(key, fetched.data)
-            return fetched.data
-        return await self._cached(key, str(digest))
-
-    async def blob(self, ref: Reference, digest: Digest) -> bytes:
-        key = f"blob:{digest}"
-        cached = await anyio.to_thread.run_sync(self._cache.get_meta, key)
-        if cached is not None:
-            digest.verify(cached, f"cached blob {digest}")
-            return cached
-        if self.offline:
-            raise RegistryUnreachableError(f"blob {digest} is not cached and the registry is down")
-        data = await self._first(ref, lambda r: self._client.get_blob(r, digest))
-        await self._remember(key, data)
-        return data
-
-    async def toc(
-        self, ref: Reference, layer: Descriptor, section: BlobSection, checksum: Digest
-    ) -> bytes:
-        """The compressed TOC, checked against the manifest's checksum annotation."""
-        key = f"blob:{checksum}"
-        data = await anyio.to_thread.run_sync(self._cache.get_meta, key)
-        if data is None:
-            if self.offline:
-                raise RegistryUnreachableError(
-                    f"TOC of {layer.digest} is not cached and the registry is down"
-                )
-            data = await self._client.get_blob_range(
-                ref, layer.digest, ByteRange(section.offset, section.end)
-            )
-        actual = "sha256:" + hashlib.sha256(data).hexdigest()
-        if actual != str(checksum):
-            raise IntegrityError(f"TOC of layer {layer.digest}", str(checksum), actual)
-        await self._remember(key, data)
-        return data
-
-    @property
-    def cache(self) -> ChunkCache:
-        return self._cache
-
-    async def cached_blob(self, key: str) -> bytes:
-        return await self._cached(key, key)
-
-    async def remember(self, key: str, data: bytes) -> None:
-        await anyio.to_thread.run_sync(self._cache.put_meta, key, data)
-
-    async def convert_locally(
-        self, ref: Reference, layer: Descriptor, compression: Compression, local_dir: Path
-    ) -> ChunkedLayer:
-        """Fetch a whole layer (verified), then write it as a local zstd:chunked blob."""
-        staging = local_dir / "staging"
-        staging.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=staging) as tmp:
-            blob, tar, out = Path(tmp, "blob"), Path(tmp, "layer.tar"), Path(tmp, "layer.zst")
-            await self._first(ref, lambda r: self._client.download_blob(r, layer.digest, blob))
-            diff_id = await anyio.to_thread.run_sync(
-                decompress_layer, blob, compression, layer.digest, tar
-            )
-            chunked = await anyio.to_thread.run_sync(
-                write_chunked_layer, tar, out, ChunkingConfig(), diff_id
-            )
-            final = local_dir / chunked.digest.algorithm / chunked.digest.hex
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(out, final)  # atomic: a half-written blob never has the final name
-        return chunked
-
-    async def blob_range(self, ref: Reference, layer: Descriptor, rng: ByteRange) -> bytes:
-        if self.offline:
-            raise RegistryUnreachableError(f"layer {layer.digest} metadata is not cached")
-        return await self._first(ref, lambda r: self._client.get_blob_range(r, layer.digest, rng))
-
-    async def _remember(self, key: str, data: bytes) -> None:
-        await self.remember(key, data)
-
-    async def _cached(self, key: str, what: str) -> bytes:
-        data = await anyio.to_thread.run_sync(self._cache.get_meta, key)
-        if data is None:
-            raise RegistryUnreachableError(f"the registry is unreachable and {what} is not cached")
-        return data
-
-
 async def open_image(
     client: RegistryClient,
     cache: ChunkCache,
     ref: Reference,
     platform: Platform,
-    endpoints: EndpointOrder | None = None,
+    failover: Failover | None = None,
 ) -> OpenedImage:
-    fetcher = MetadataFetcher(client, cache, endpoints or EndpointOrder())
+    fetcher = MetadataFetcher(client, cache, failover or Failover())
     digest, data, media_type = await fetcher.root(ref)
     parsed = parse_manifest_or_index(data, media_type)
     if not isinstance(parsed, Manifest):
@@ -228,21 +86,21 @@ async def open_image(
         if not isinstance(parsed, Manifest):
             raise ManifestError(f"{ref}: nested index {digest} is not supported")
     pinned = ref.with_digest(digest)
-    indexed = await _index_layers(fetcher, pinned, parsed, cache)
+    indexed = await _index_layers(fetcher, pinned, parsed)
     tree = await anyio.to_thread.run_sync(build_tree, [toc.entries for toc, _ in indexed])
     layers = tuple(blob for _, blob in indexed)
     return OpenedImage(pinned, parsed, layers, tree, fetcher.offline)
 
 
 async def _index_layers(
-    fetcher: MetadataFetcher, ref: Reference, manifest: Manifest, cache: ChunkCache
+    fetcher: MetadataFetcher, ref: Reference, manifest: Manifest
 ) -> list[tuple[Toc, LayerBlob]]:
     """Every layer's TOC, and the config (kept for offline remounts), fetched concurrently:
     on a long link each is a round trip, and they do not depend on each other."""
     results: list[tuple[Toc, LayerBlob] | None] = [None] * len(manifest.layers)
 
     async def index(position: int, layer: Descriptor) -> None:
-        results[position] = await _index_layer(fetcher, ref, layer, cache)
+        results[position] = await _index_layer(fetcher, ref, layer)
 
     try:
         async with anyio.create_task_group() as tasks:
@@ -265,14 +123,14 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 async def _index_layer(
-    fetcher: MetadataFetcher, ref: Reference, layer: Descriptor, cache: ChunkCache
+    fetcher: MetadataFetcher, ref: Reference, layer: Descriptor
 ) -> tuple[Toc, LayerBlob]:
     if _is_zstd_chunked(layer):
         return await _layer_toc(fetcher, ref, layer), _layer_blob(layer)
     if estargz.TOC_DIGEST_ANNOTATION in layer.annotations:
         entries = await _estargz_entries(fetcher, ref, layer)
         return Toc(tuple(entries)), LayerBlob(layer.digest, layer.size, "gzip", "sha256")
-    return await _localize_plain_layer(fetcher, ref, layer, cache.directory / LOCAL_LAYERS_DIR)
+    return await _localize_plain_layer(fetcher, ref, layer)
 
 
 async def _estargz_entries(
@@ -280,8 +138,8 @@ async def _estargz_entries(
 ) -> list[TocEntry]:
     """The eStargz TOC: footer, then the TOC member, checked against the annotation."""
     expected = layer.annotations[estargz.TOC_DIGEST_ANNOTATION]
-    key = f"estargz-toc:{expected}"
-    cached = await anyio.to_thread.run_sync(fetcher.cache.get_meta, key)
+    key = keys.estargz_toc_key(expected)
+    cached = await fetcher.get(key)
     if cached is None:
         tail_size = estargz.tail_read_size(layer.size)
         tail = await fetcher.blob_range(ref, layer, ByteRange(layer.size - tail_size, layer.size))
@@ -303,16 +161,16 @@ def _is_zstd_chunked(layer: Descriptor) -> bool:
 
 
 async def _localize_plain_layer(
-    fetcher: MetadataFetcher, ref: Reference, layer: Descriptor, local_dir: Path
+    fetcher: MetadataFetcher, ref: Reference, layer: Descriptor
 ) -> tuple[Toc, LayerBlob]:
     """Download a plain layer once, verify it, convert it locally; reuse that on remounts."""
-    compression = layer_compression(layer.media_type)  # UnsupportedMediaTypeError if unknown
-    key = f"local-layer:{layer.digest}"
-    known = await anyio.to_thread.run_sync(fetcher.cache.get_meta, key)
+    layer_compression(layer.media_type)  # UnsupportedMediaTypeError before anything is fetched
+    key = keys.local_layer_key(layer.digest)
+    known = await fetcher.get(key)
     if known is not None:
         local = Digest.parse(known.decode())
-        if (local_dir / local.algorithm / local.hex).is_file():
-            toc = Toc.parse(await fetcher.cached_blob(f"local-toc:{local}"))
+        if fetcher.cache.blobs.has(local):
+            toc = Toc.parse(await fetcher.cached(keys.local_toc_key(local), str(local)))
             return toc, _local_blob(local, layer)
     if fetcher.offline:
         raise RegistryUnreachableError(
@@ -321,10 +179,28 @@ async def _localize_plain_layer(
     log.warning(
         "layer %s is a plain %s layer: fetching it whole (not lazy)", layer.digest, layer.media_type
     )
-    chunked = await fetcher.convert_locally(ref, layer, compression, local_dir)
-    await fetcher.remember(f"local-toc:{chunked.digest}", chunked.toc.to_json())
+    chunked = await _convert_locally(fetcher, ref, layer)
+    await fetcher.remember(keys.local_toc_key(chunked.digest), chunked.toc.to_json())
     await fetcher.remember(key, str(chunked.digest).encode())
     return chunked.toc, _local_blob(chunked.digest, layer, fetched=True)
+
+
+async def _convert_locally(
+    fetcher: MetadataFetcher, ref: Reference, layer: Descriptor
+) -> ChunkedLayer:
+    """Fetch the whole layer (verified), convert it, and keep the result among local blobs."""
+
+    async def download(dest: Path) -> Path:
+        await fetcher.failover.first(
+            ref, lambda r: fetcher.client.download_blob(r, layer.digest, dest)
+        )
+        return dest
+
+    blobs = fetcher.cache.blobs
+    with blobs.staging() as scratch:
+        localized = await localize_layer(layer, download, scratch, ChunkingConfig())
+        blobs.adopt(localized.path, localized.layer.digest)
+    return localized.layer
 
 
 def _local_blob(local: Digest, source: Descriptor, fetched: bool = False) -> LayerBlob:
@@ -374,7 +250,3 @@ def _layer_blob(layer: Descriptor) -> LayerBlob:
     if layer.annotations.get(VERITY_ANNOTATION):
         return LayerBlob(layer.digest, layer.size, "zstd", "verity")
     return LayerBlob(layer.digest, layer.size, "zstd", "sha256")
-
-
-def layer_sizes(layers: Sequence[LayerBlob]) -> list[int]:
-    return [layer.size for layer in layers]

@@ -32,12 +32,12 @@ from anyio.abc import TaskGroup
 from lazyfs.cache.store import ChunkCache
 from lazyfs.config import ResolverConfig
 from lazyfs.errors import CacheError, FetchDeadlineError, IntegrityError, LazyfsError
+from lazyfs.model.bytesource import ByteSource
 from lazyfs.model.digest import Digest
 from lazyfs.model.ranges import ByteRange
 from lazyfs.model.verity import format_verity, fsverity_digest
 from lazyfs.mount.prefetch import ProfileRecorder
 from lazyfs.mount.readahead import BlobIndex, LinkEstimate, ReadaheadBudget
-from lazyfs.mount.sources import ByteSource
 from lazyfs.mount.tree import LayerChunk, Node
 
 log = logging.getLogger(__name__)

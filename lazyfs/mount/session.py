@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +25,21 @@ import pyfuse3
 from lazyfs.cache.store import ChunkCache
 from lazyfs.config import CacheConfig, RegistryConfig, ResolverConfig
 from lazyfs.errors import LazyfsError
+from lazyfs.model.bytesource import ByteSource
 from lazyfs.model.platform import Platform
 from lazyfs.model.profiles import AccessProfile
 from lazyfs.model.reference import Reference
 from lazyfs.mount.fuseops import LazyOperations
-from lazyfs.mount.opener import LOCAL_LAYERS_DIR, OpenedImage, open_image
+from lazyfs.mount.opener import OpenedImage, open_image
 from lazyfs.mount.prefetch import ProfileRecorder, embedded_order, profile_order
 from lazyfs.mount.readahead import BlobIndex
 from lazyfs.mount.resolver import ChunkResolver
-from lazyfs.mount.sources import (
-    ByteSource,
-    DirectoryByteSource,
-    MirroredByteSource,
-    RoutingByteSource,
-)
+from lazyfs.mount.sources import RoutingByteSource
 from lazyfs.registry.auth import CredentialSource
 from lazyfs.registry.client import RegistryClient
+from lazyfs.registry.failover import Failover
 from lazyfs.registry.mirrors import EndpointOrder, MirrorConfig
+from lazyfs.registry.sources import MirroredByteSource
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +84,7 @@ class MountService:
         self._started = time.monotonic()
         self._image: OpenedImage | None = None
         self._client: RegistryClient | None = None
-        self._endpoints = EndpointOrder(options.mirrors)
+        self._failover = Failover(EndpointOrder(options.mirrors))
         self._resolver: ChunkResolver | None = None
         self._recorder = ProfileRecorder() if options.prefetch.record_path else None
 
@@ -98,10 +96,9 @@ class MountService:
             verify_reads=cache_config.verify_reads,
         )
         try:
-            registry = replace(
-                self._options.registry, whole_blob_dir=cache_config.directory / LOCAL_LAYERS_DIR
-            )
-            async with RegistryClient(registry, self._credentials) as client:
+            async with RegistryClient(
+                self._options.registry, self._credentials, keep_whole_blob=cache.blobs.keeper
+            ) as client:
                 self._client = client
                 with _collector_paused():
                     self._image = await open_image(
@@ -109,7 +106,7 @@ class MountService:
                         cache,
                         self._options.reference,
                         self._options.platform,
-                        self._endpoints,
+                        self._failover,
                     )
                     index = await anyio.to_thread.run_sync(BlobIndex.of_tree, self._image.tree)
                 await self._serve(client, cache, index, on_ready)
@@ -182,8 +179,8 @@ class MountService:
 
     def _byte_source(self, client: RegistryClient, cache: ChunkCache) -> ByteSource:
         assert self._image is not None
-        remote = MirroredByteSource(client, self._image.reference, self._endpoints)
-        return RoutingByteSource(DirectoryByteSource(cache.directory / LOCAL_LAYERS_DIR), remote)
+        remote = MirroredByteSource(client, self._image.reference, self._failover)
+        return RoutingByteSource(cache.blobs, remote)
 
     async def _stop_on_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -34,6 +34,7 @@ import zstandard
 
 from lazyfs.config import ChunkingConfig
 from lazyfs.errors import TocError
+from lazyfs.formats.chunked.ranks import mark_entries
 from lazyfs.formats.chunked.tarsplit import Crc64, TarSplitWriter, trailer_segments
 from lazyfs.formats.chunked.toc import (
     TARSPLIT_POSITION_ANNOTATION,
@@ -52,7 +53,7 @@ from lazyfs.formats.chunked.toc import (
     with_chunk_fields,
 )
 from lazyfs.model.digest import Digest
-from lazyfs.model.profiles import AccessProfile, mark_entries
+from lazyfs.model.profiles import AccessProfile
 from lazyfs.model.verity import VerityHasher, format_verity, fsverity_digest
 
 _TAR_TYPES = {

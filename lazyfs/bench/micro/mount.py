@@ -24,7 +24,7 @@ f. cost of ``--verify-cache-reads``: warm sequential and random reads with it on
 Every mount is unmounted and the registry stopped even on failure or SIGTERM. Reads run with
 ``--read-timeout 60``, so a stuck fetch fails instead of hanging.
 
-Run (root, /dev/fuse): ``python -m bench mount [--json FILE]``.
+Run (root, /dev/fuse): ``python -m lazyfs.bench.micro mount [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -44,17 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
+from lazyfs.bench.micro.common import (
     KIB,
     MB,
     MIB,
-    BuiltImage,
     Report,
-    SourceFile,
-    TarItem,
     drop_caches,
     interrupts_as_exceptions,
-    items_of,
     lazyfs_argv,
     mb_per_s,
     median,
@@ -62,15 +58,20 @@ from bench.common import (
     print_machine,
     read_file_seconds,
     run,
-    sample_files,
     say,
     step,
-    usr_files,
     work_dir,
-    write_oci_image,
+)
+from lazyfs.bench.micro.inputs import SourceFile, file_entries, sample_files, usr_files
+from lazyfs.convert.imagebuild import (
+    BuiltImage,
+    regular_file,
+    with_parent_dirs,
     write_tar_file,
+    write_tar_image,
 )
 from lazyfs.model.manifests import OCI_MANIFEST, Manifest
+from lazyfs.mount.mountinfo import is_mounted
 from lazyfs.registry.localserver import LocalRegistry
 
 REPOSITORY = "bench/mount"
@@ -87,7 +88,7 @@ _SEED = 7
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench mount",
+        prog="python -m lazyfs.bench.micro mount",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -140,10 +141,10 @@ def build_image(work: Path) -> BenchImage:
         return data
 
     tree_tar, big_tar = work / "tree.tar", work / "big.tar"
-    write_tar_file(items_of(tree), tree_tar)
+    write_tar_file(with_parent_dirs(file_entries(tree)), tree_tar)
     data = big_data()
-    write_tar_file([TarItem(BIG_FILE_NAME, 0o644, lambda: data)], big_tar)
-    built = write_oci_image(work / "oci", "v1", [tree_tar, big_tar])
+    write_tar_file(with_parent_dirs([regular_file(BIG_FILE_NAME, data)]), big_tar)
+    built = write_tar_image(work / "oci", "v1", [tree_tar, big_tar])
     chosen = next(f for f in tree if 4 * KIB <= f.size <= 16 * KIB)
     return BenchImage(built, tree_tar, big_tar, chosen, hashlib.sha256(data).hexdigest())
 
@@ -174,7 +175,7 @@ class Mounts:
         if pid is None:
             return
         result = run(lazyfs_argv("umount", mountpoint), check=False, timeout=60)
-        if result.returncode != 0 and _is_mounted(mountpoint):
+        if result.returncode != 0 and is_mounted(mountpoint):
             say(f"  lazyfs umount failed ({result.stderr.strip()}); lazy unmount")
             run(["fusermount3", "-u", "-z", mountpoint], check=False)
         _wait_gone(pid)
@@ -191,12 +192,6 @@ def stats(mountpoint: Path) -> dict[str, Any]:
     result = run(lazyfs_argv("stats", "--json", mountpoint), timeout=30)
     parsed: dict[str, Any] = json.loads(result.stdout)
     return parsed
-
-
-def _is_mounted(path: Path) -> bool:
-    target = str(path.resolve())
-    with open("/proc/self/mountinfo", encoding="utf-8") as mounts:
-        return any(line.split()[4] == target for line in mounts)
 
 
 def _wait_gone(pid: int, timeout_s: float = 20) -> None:
@@ -257,7 +252,9 @@ def measure(report: Report, work: Path) -> None:
         image_bytes = sum(layer.size for layer in converted.layers)
         report.fact("image (zstd:chunked) compressed bytes", image_bytes)
         report.fact("layer sizes", [layer.size for layer in converted.layers])
-        report.fact("uncompressed tar bytes", sum(bench_image.built.tar_sizes))
+        report.fact(
+            "uncompressed tar bytes", sum(layer.tar_size for layer in bench_image.built.layers)
+        )
         context = _Context(report, work, registry, ref, converted, native, bench_image)
         _run_all(context, mount_manager)
 

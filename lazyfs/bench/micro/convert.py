@@ -14,7 +14,7 @@ Measured, each on both cores and pinned to one core (``taskset -c 0`` / sched_se
 - baselines on the same tar in the same run: ``zstd -3`` (CLI, one thread) and python-zstandard
   level 3, and gzip decompression of the input (zlib, as lazyfs uses it, and ``gzip -dc``).
 
-Run: ``python -m bench convert [--size-mb 256] [--json FILE]``.
+Run: ``python -m lazyfs.bench.micro convert [--size-mb 256] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -29,29 +29,25 @@ from typing import IO, cast
 
 import zstandard
 
-from bench.common import (
+from lazyfs.bench.micro.common import (
     MB,
     MIB,
     Report,
     best_seconds,
-    composition,
     cpu_affinity,
     interrupts_as_exceptions,
-    items_of,
     lazyfs_argv,
     mb_per_s,
     print_machine,
     run,
-    sample_files,
     say,
     step,
     timed,
-    usr_files,
     work_dir,
-    write_oci_image,
-    write_tar_file,
 )
+from lazyfs.bench.micro.inputs import composition, file_entries, sample_files, usr_files
 from lazyfs.config import ChunkingConfig
+from lazyfs.convert.imagebuild import with_parent_dirs, write_tar_file, write_tar_image
 from lazyfs.formats.chunked.writer import write_chunked_layer
 from lazyfs.formats.plain import decompress_layer
 
@@ -62,7 +58,7 @@ _READ_BYTES = 1 << 20
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench convert",
+        prog="python -m lazyfs.bench.micro convert",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -91,10 +87,10 @@ def measure(report: Report, work: Path, size_bytes: int, repeats: int) -> None:
     report.fact("input", composition(files).describe())
     tar_path = work / "input.tar"
     step("writing the layer tar and gzip -6 OCI image")
-    tar_bytes = write_tar_file(items_of(files), tar_path)
-    built = write_oci_image(work / "in-oci", "v1", [tar_path])
-    layer = built.layers[0]
-    blob_path = work / "in-oci" / "blobs" / "sha256" / layer.digest.hex
+    tar_bytes = write_tar_file(with_parent_dirs(file_entries(files)), tar_path)
+    built = write_tar_image(work / "in-oci", "v1", [tar_path])
+    layer = built.layers[0].descriptor
+    blob_path = built.layout.blob_path(layer.digest)
     report.fact("tar bytes", tar_bytes)
     report.fact("gzip -6 blob bytes", layer.size)
 

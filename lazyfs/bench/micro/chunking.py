@@ -19,7 +19,7 @@ place, a third with bytes inserted) are converted with ``write_chunked_layer``. 
 The model counts what lazyfs asks for; the kernel's read-ahead (1 MiB on a lazyfs mount) can
 make real reads larger (``bench mount`` measures real reads).
 
-Run: ``python -m bench chunking [--size-mb 256] [--json FILE]``.
+Run: ``python -m lazyfs.bench.micro chunking [--size-mb 256] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -33,26 +33,32 @@ from pathlib import Path
 
 import zstandard
 
-from bench.common import (
+from lazyfs.bench.micro.common import (
     KIB,
     MB,
     MIB,
     Report,
-    SourceFile,
-    TarItem,
-    composition,
     interrupts_as_exceptions,
-    items_of,
     mb_per_s,
     print_machine,
-    sample_files,
     say,
     step,
-    usr_files,
     work_dir,
-    write_tar_file,
+)
+from lazyfs.bench.micro.inputs import (
+    SourceFile,
+    composition,
+    file_entries,
+    sample_files,
+    usr_files,
 )
 from lazyfs.config import ChunkingConfig, ResolverConfig
+from lazyfs.convert.imagebuild import (
+    Entry,
+    file_read_when_written,
+    with_parent_dirs,
+    write_tar_file,
+)
 from lazyfs.formats.chunked.toc import (
     TOC_POSITION_ANNOTATION,
     ChunkRef,
@@ -76,7 +82,7 @@ _SEED = 20240601
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench chunking",
+        prog="python -m lazyfs.bench.micro chunking",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -109,20 +115,21 @@ def main(argv: Sequence[str]) -> int:
 # --- the two versions --------------------------------------------------------------------------
 
 
-def edited_items(files: Sequence[SourceFile], seed: int = _SEED) -> tuple[list[TarItem], int]:
-    """v2: the same files, EDITED_FRACTION of them (by count) edited; (items, edited count)."""
+def edited_entries(files: Sequence[SourceFile], seed: int = _SEED) -> tuple[list[Entry], int]:
+    """v2: the same files, EDITED_FRACTION of them (by count) edited; (entries, edited count)."""
     rng = random.Random(seed)
     candidates = [i for i, f in enumerate(files) if f.size > 0]
     chosen = set(rng.sample(candidates, max(1, round(EDITED_FRACTION * len(files)))))
-    items: list[TarItem] = []
+    entries: list[Entry] = []
     for index, f in enumerate(files):
         if index not in chosen:
-            items.append(TarItem(f.name, f.mode, f.path.read_bytes))
+            entries.append(file_read_when_written(f.name, f.path.read_bytes, f.mode))
             continue
         kind = index % 3
         edit_seed = rng.randrange(1 << 30)
-        items.append(TarItem(f.name, f.mode, _edited_reader(f.path, kind, edit_seed)))
-    return items, len(chosen)
+        read = _edited_reader(f.path, kind, edit_seed)
+        entries.append(file_read_when_written(f.name, read, f.mode))
+    return entries, len(chosen)
 
 
 def _edited_reader(path: Path, kind: int, seed: int) -> Callable[[], bytes]:
@@ -242,9 +249,9 @@ def measure(report: Report, work: Path, size_bytes: int, averages: Sequence[int]
     report.fact("input", composition(files).describe())
     step("writing v1 and v2 tars")
     v1_tar, v2_tar = work / "v1.tar", work / "v2.tar"
-    tar_bytes = write_tar_file(items_of(files), v1_tar)
-    v2_items, edited = edited_items(files)
-    write_tar_file(v2_items, v2_tar)
+    tar_bytes = write_tar_file(with_parent_dirs(file_entries(files)), v1_tar)
+    v2_entries, edited = edited_entries(files)
+    write_tar_file(with_parent_dirs(v2_entries), v2_tar)
     report.fact("tar bytes", tar_bytes)
     report.fact("v2 edits", f"{edited} of {len(files)} files edited (append/patch/insert)")
     zstd_whole = _zstd_size(v1_tar)

@@ -1,8 +1,9 @@
-"""``python -m bench [NAME [ARGS...]]``: run one benchmark by name; no name runs them all.
+"""``python -m lazyfs.bench.micro [NAME [ARGS...]]``: run one micro-benchmark by name; no name
+runs them all.
 
-Each benchmark is a module of this package with ``main(argv) -> int``; ``python -m bench NAME
---help`` shows its options. ``python -m bench --list`` lists them. ``python -m bench
---json-dir DIR`` runs them all and also writes DIR/NAME.json for those that take ``--json``.
+Each benchmark is a module of this package with ``main(argv) -> int``; ``... NAME --help`` shows
+its options, ``--list`` lists them, and ``--json-dir DIR`` runs them all and also writes
+DIR/NAME.json for those that take ``--json``.
 """
 
 from __future__ import annotations
@@ -13,29 +14,32 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-# name -> (module, one-line description); run in this order by ``python -m bench``.
-# Every benchmark but verity takes ``--json FILE``.
-BENCHMARKS: dict[str, tuple[str, str]] = {
-    "verity": ("bench.bench_verity", "userspace fs-verity digest speed vs plain sha256"),
-    "convert": ("bench.convert", "lazyfs convert throughput vs zstd -3 and gunzip"),
-    "chunking": ("bench.chunking", "fastcdc chunk sizes: count, compression, dedup, over-fetch"),
-    "mount": ("bench.mount", "lazy mount over a loopback registry vs curl and native files"),
+PACKAGE = "lazyfs.bench.micro"
+PROG = f"python -m {PACKAGE}"
+
+# name (of its module in this package) -> one-line description; with no name given they run
+# in this order. Every benchmark but verity takes ``--json FILE``.
+BENCHMARKS: dict[str, str] = {
+    "verity": "userspace fs-verity digest speed vs plain sha256",
+    "convert": "lazyfs convert throughput vs zstd -3 and gunzip",
+    "chunking": "fastcdc chunk sizes: count, compression, dedup, over-fetch",
+    "mount": "lazy mount over a loopback registry vs curl and native files",
 }
 
 
 def usage() -> str:
     lines = [
-        "usage: python -m bench [--list] [--json-dir DIR] [NAME [ARGS...]]",
+        f"usage: {PROG} [--list] [--json-dir DIR] [NAME [ARGS...]]",
         "",
         "benchmarks:",
     ]
-    lines += [f"  {name:<10} {description}" for name, (_, description) in BENCHMARKS.items()]
+    lines += [f"  {name:<10} {description}" for name, description in BENCHMARKS.items()]
     lines += ["", "With no NAME, every benchmark runs with its defaults, one after the other."]
     return "\n".join(lines)
 
 
 def run_one(name: str, argv: Sequence[str]) -> int:
-    module = importlib.import_module(BENCHMARKS[name][0])
+    module = importlib.import_module(f"{PACKAGE}.{name}")
     code: int = module.main(list(argv))
     return code
 

@@ -1,5 +1,5 @@
-"""Shared pieces of the benchmarks: input data from this machine's /usr, tar and OCI layout
-writers, timing, page-cache dropping, and the table every benchmark prints.
+"""Shared pieces of the micro-benchmarks: the table every benchmark prints, the machine's
+facts, timing, page-cache dropping, and running commands.
 
 Rules every benchmark follows (docs/benchmarks.md):
 
@@ -12,8 +12,6 @@ Rules every benchmark follows (docs/benchmarks.md):
 from __future__ import annotations
 
 import contextlib
-import gzip
-import hashlib
 import json
 import os
 import platform
@@ -21,26 +19,15 @@ import signal
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO, cast
-
-from lazyfs.convert.layout import OciLayout
-from lazyfs.model import manifests
-from lazyfs.model.digest import Digest
-from lazyfs.model.manifests import Descriptor, ImageConfig, Manifest
-from lazyfs.model.platform import Platform
 
 KIB = 1024
 MIB = 1024 * KIB
 MB = 1_000_000
-FIXED_MTIME = 1_700_000_000
-ROOT = Path(__file__).resolve().parent.parent
-_COPY_BYTES = 1 << 20
 
 
 # --- the results table -------------------------------------------------------------------------
@@ -320,250 +307,3 @@ def work_dir(requested: Path | None, prefix: str) -> Iterator[Path]:
     base = Path("/var/tmp") if Path("/var/tmp").is_dir() else None
     with tempfile.TemporaryDirectory(prefix=prefix, dir=base) as tmp:
         yield Path(tmp)
-
-
-# --- input data from /usr ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """A regular file of this machine, and the name it gets in a layer tar."""
-
-    path: Path
-    name: str
-    size: int
-    mode: int
-
-
-def usr_files(root: Path = Path("/usr"), max_file_bytes: int = 32 * MIB) -> list[SourceFile]:
-    """Every readable regular file under ``root`` up to ``max_file_bytes``, in sorted path order.
-
-    Symlinks are not followed. The order is deterministic for a given machine.
-    """
-    found: list[SourceFile] = []
-    for directory, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files):
-            path = Path(directory, name)
-            try:
-                st = path.lstat()
-            except OSError:
-                continue
-            if not _is_regular(st.st_mode) or st.st_size > max_file_bytes:
-                continue
-            if not os.access(path, os.R_OK):
-                continue
-            arcname = str(path.relative_to(root.parent))
-            found.append(SourceFile(path, arcname, st.st_size, st.st_mode & 0o7777))
-    return found
-
-
-def _is_regular(mode: int) -> bool:
-    import stat
-
-    return stat.S_ISREG(mode)
-
-
-def sample_files(
-    files: Sequence[SourceFile],
-    *,
-    target_bytes: int | None = None,
-    target_count: int | None = None,
-    salt: str = "lazyfs-bench",
-) -> list[SourceFile]:
-    """A deterministic uniform sample of ``files`` up to a target size or count, in path order.
-
-    Files are ranked by the sha256 of their name (with ``salt``) and taken in that order, so the
-    sample keeps the tree's mix of binaries, libraries, scripts and text, and a file added to or
-    removed from the tree changes the sample by at most that file.
-    """
-    if not files:
-        raise RuntimeError("no input files found")
-    ranked = sorted(files, key=lambda f: hashlib.sha256(f"{salt}/{f.name}".encode()).digest())
-    chosen: list[SourceFile] = []
-    size = 0
-    for f in ranked:
-        if _reached(size, len(chosen), target_bytes, target_count):
-            break
-        chosen.append(f)
-        size += f.size
-    return sorted(chosen, key=lambda f: f.name)
-
-
-def _reached(size: int, count: int, target_bytes: int | None, target_count: int | None) -> bool:
-    if target_bytes is not None and size >= target_bytes:
-        return True
-    return target_count is not None and count >= target_count
-
-
-@dataclass(frozen=True)
-class Composition:
-    files: int
-    bytes: int
-    elf_bytes: int
-    text_bytes: int
-    other_bytes: int
-
-    def describe(self) -> str:
-        def pct(n: int) -> str:
-            return f"{100 * n / max(self.bytes, 1):.0f}%"
-
-        return (
-            f"{self.files} files, {self.bytes / MB:.1f} MB: ELF {pct(self.elf_bytes)}, "
-            f"text-like {pct(self.text_bytes)}, other binary {pct(self.other_bytes)}"
-        )
-
-
-def composition(files: Sequence[SourceFile]) -> Composition:
-    """How much of the input is ELF, text-like (no NUL in the first 8 KiB), other binary."""
-    elf = text = other = 0
-    for f in files:
-        try:
-            with f.path.open("rb") as handle:
-                head = handle.read(8192)
-        except OSError:
-            head = b""
-        if head.startswith(b"\x7fELF"):
-            elf += f.size
-        elif b"\0" not in head:
-            text += f.size
-        else:
-            other += f.size
-    return Composition(len(files), sum(f.size for f in files), elf, text, other)
-
-
-# --- layer tars --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TarItem:
-    """A regular file of a layer: its name, mode, and how to get its bytes."""
-
-    name: str
-    mode: int
-    read: Callable[[], bytes]
-
-
-def items_of(files: Sequence[SourceFile]) -> list[TarItem]:
-    return [TarItem(f.name, f.mode, f.path.read_bytes) for f in files]
-
-
-def write_layer_tar(items: Sequence[TarItem], out: BinaryIO) -> int:
-    """A reproducible PAX tar of ``items`` with their parent directories; returns file count."""
-    dirs: set[str] = set()
-    for item in items:
-        parts = item.name.split("/")[:-1]
-        dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        entries: list[tuple[str, TarItem | None]] = [(d, None) for d in dirs]
-        entries += [(item.name, item) for item in items]
-        for name, entry in sorted(entries, key=lambda e: e[0]):
-            info = tarfile.TarInfo(name)
-            info.mtime = FIXED_MTIME
-            info.uname = info.gname = ""
-            if entry is None:
-                info.type, info.mode = tarfile.DIRTYPE, 0o755
-                tar.addfile(info)
-                continue
-            data = entry.read()
-            info.size, info.mode = len(data), entry.mode
-            tar.addfile(info, _BytesReader(data))
-    return len(items)
-
-
-class _BytesReader:
-    """A minimal file object over bytes, for tarfile.addfile."""
-
-    def __init__(self, data: bytes) -> None:
-        self._view = memoryview(data)
-        self._position = 0
-
-    def read(self, size: int = -1) -> bytes:
-        end = len(self._view) if size < 0 else self._position + size
-        piece = bytes(self._view[self._position : end])
-        self._position += len(piece)
-        return piece
-
-
-def write_tar_file(items: Sequence[TarItem], path: Path) -> int:
-    with path.open("wb") as out:
-        write_layer_tar(items, out)
-    return path.stat().st_size
-
-
-# --- OCI layouts -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BuiltImage:
-    layout_dir: Path
-    tag: str
-    layers: tuple[Descriptor, ...]
-    tar_sizes: tuple[int, ...]
-
-    @property
-    def reference(self) -> str:
-        return f"oci:{self.layout_dir}:{self.tag}"
-
-
-def gzip_file(src: Path, dest: Path, level: int = 6) -> tuple[Digest, Digest, int]:
-    """gzip ``src`` into ``dest`` (no name, no mtime); (diff_id, blob digest, blob size)."""
-    tar_hash, blob_hash = hashlib.sha256(), hashlib.sha256()
-    with src.open("rb") as source, dest.open("wb") as raw:
-        writer = _HashingWriter(raw, blob_hash)
-        fileobj = cast(BinaryIO, writer)
-        with gzip.GzipFile(
-            filename="", mode="wb", fileobj=fileobj, mtime=0, compresslevel=level
-        ) as gz:
-            while block := source.read(_COPY_BYTES):
-                tar_hash.update(block)
-                gz.write(block)
-    return (
-        Digest("sha256", tar_hash.hexdigest()),
-        Digest("sha256", blob_hash.hexdigest()),
-        dest.stat().st_size,
-    )
-
-
-class _HashingWriter:
-    def __init__(self, out: BinaryIO, hasher: hashlib._Hash) -> None:
-        self._out = out
-        self._hash = hasher
-
-    def write(self, data: bytes) -> int:
-        self._hash.update(data)
-        return self._out.write(data)
-
-    def flush(self) -> None:
-        self._out.flush()
-
-
-def write_oci_image(layout_dir: Path, tag: str, layer_tars: Sequence[Path]) -> BuiltImage:
-    """An OCI layout holding one image whose layers are ``layer_tars``, gzip-compressed."""
-    layout = OciLayout.create(layout_dir)
-    layers: list[Descriptor] = []
-    diff_ids: list[Digest] = []
-    tar_sizes: list[int] = []
-    for tar_path in layer_tars:
-        blob_tmp = layout_dir / f".{tar_path.name}.gz"
-        diff_id, digest, size = gzip_file(tar_path, blob_tmp)
-        layout.add_blob_file(blob_tmp, digest)
-        layers.append(Descriptor(media_type=manifests.OCI_LAYER_TAR_GZIP, digest=digest, size=size))
-        diff_ids.append(diff_id)
-        tar_sizes.append(tar_path.stat().st_size)
-    host = Platform.host()
-    config_fields: dict[str, object] = {
-        "architecture": host.architecture,
-        "os": host.os,
-        "config": {"Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": []},
-    }
-    config = ImageConfig(config_fields).with_diff_ids(diff_ids).to_bytes()
-    layout.add_image(config, layers, tag)
-    return BuiltImage(layout_dir, tag, tuple(layers), tuple(tar_sizes))
-
-
-def read_manifest(layout_dir: Path, tag: str) -> Manifest:
-    layout = OciLayout(layout_dir)
-    descriptor = layout.resolve(tag)
-    return Manifest.parse(layout.read_blob(descriptor.digest), descriptor.media_type)

@@ -4,7 +4,7 @@ Baseline, measured in the same run: plain ``hashlib.sha256`` of the same bytes (
 same hash, without the Merkle tree); ratio = fs-verity / sha256. The target is at least
 1000 MB/s (1 GB/s) for the fs-verity digest.
 
-Run: ``python -m bench verity`` (or ``python bench/bench_verity.py``).
+Run: ``python -m lazyfs.bench.micro verity``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,47 @@
+"""What lives where under a cache directory: the only module that names paths under it.
+
+```
+CACHE_DIR/
+  chunks/    diskcache: verified chunks by fs-verity digest, LRU-evicted (store.py)
+  meta/      diskcache: manifests, configs, TOCs, tag -> digest, aliases; never evicted
+  layers/    whole blobs by digest: plain layers converted locally, and whole blobs a
+             pull-through proxy sent for a Range request (blobs.py)
+    staging/ scratch space of a conversion in progress, on the same file system as layers/
+  logs/      one log file per mount daemon
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    root: Path
+
+    @property
+    def chunks_dir(self) -> Path:
+        return self.root / "chunks"
+
+    @property
+    def meta_dir(self) -> Path:
+        return self.root / "meta"
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.root / "layers"  # named before it held proxy blobs too; kept for old caches
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.blobs_dir / "staging"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def mount_log(self, mountpoint: Path) -> Path:
+        """The log file of the daemon serving ``mountpoint``."""
+        name = str(mountpoint).strip("/").replace("/", "_") or "root"
+        return self.logs_dir / f"mount-{name}.log"
