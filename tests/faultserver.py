@@ -3,7 +3,10 @@
 It speaks enough of the distribution API (blobs with Range, manifests, uploads) plus a bearer
 token realm at ``/token``, and can be told to misbehave: fail N times, truncate bodies, ignore
 Range, coalesce ranges into one part, delay, demand Basic or Bearer auth, redirect blob GETs to
-another origin (``localhost`` instead of ``127.0.0.1``). Every request is recorded.
+another origin (``localhost`` instead of ``127.0.0.1``); answer several ranges with 416 or the
+whole blob, send a wrong Content-Range, stall or trickle a body. Every request is recorded.
+``FaultServer(bind=...)`` listens on another local address (a non-loopback one, to be taken
+for a remote registry).
 """
 
 from __future__ import annotations
@@ -53,6 +56,20 @@ class Faults:
     redirect_blobs: bool = False
     manifest_content_type: str | None = None
     manifest_digest_header: str | None = None
+    # Several ranges in one request get this status instead of multipart: 416, or 200 (the
+    # whole blob); None serves them.
+    multi_range_status: int | None = None
+    # Added to the start (and end) that a single-part 206's Content-Range claims; or the
+    # whole Content-Range value to send instead ("": none at all).
+    content_range_shift: int = 0
+    content_range_override: str | None = None
+    # Blob bodies: after this many bytes, the next stall_times bodies stop for stall_s (or
+    # until the server shuts down); with trickle_interval_s, the rest then comes one byte at a
+    # time at that interval instead.
+    stall_after_bytes: int = 0
+    stall_times: int = 0
+    stall_s: float = 30.0
+    trickle_interval_s: float | None = None
 
 
 @dataclass
@@ -80,15 +97,17 @@ class _State:
     requests: list[Recorded] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     counter: itertools.count[int] = field(default_factory=itertools.count)
+    closing: threading.Event = field(default_factory=threading.Event)  # wakes stalled bodies
 
 
 class FaultServer:
     """Context manager running the server in a thread on 127.0.0.1:<free port>."""
 
-    def __init__(self) -> None:
+    def __init__(self, bind: str = "127.0.0.1") -> None:
         self.state = _State()
+        self._bind = bind
         handler = type("_BoundHandler", (_Handler,), {"state": self.state})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = ThreadingHTTPServer((bind, 0), handler)
         self._server.daemon_threads = True
         # A short poll interval keeps shutdown (and so each test's teardown) quick.
         self._thread = threading.Thread(
@@ -101,7 +120,7 @@ class FaultServer:
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self._bind}:{self.port}"
 
     @property
     def faults(self) -> Faults:
@@ -125,6 +144,7 @@ class FaultServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.state.closing.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -312,9 +332,20 @@ class _Handler(BaseHTTPRequestHandler):
         return [(int(a), int(b)) for a, b in _RANGE_RE.findall(header.removeprefix("bytes="))]
 
     def _partial(self, data: bytes, ranges: list[tuple[int, int]]) -> None:
-        if len(ranges) == 1 or self.state.faults.coalesce_ranges:
+        faults = self.state.faults
+        if all(first >= len(data) for first, _ in ranges):  # as Go's http.ServeContent
+            return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+        if len(ranges) > 1 and faults.multi_range_status == 416:
+            return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+        if len(ranges) > 1 and faults.multi_range_status == 200:
+            return self._send_blob(200, data, {})
+        if len(ranges) == 1 or faults.coalesce_ranges:
             first, last = min(r[0] for r in ranges), max(r[1] for r in ranges)
-            headers = {"Content-Range": f"bytes {first}-{last}/{len(data)}"}
+            claimed = f"{first + faults.content_range_shift}-{last + faults.content_range_shift}"
+            content_range = faults.content_range_override
+            if content_range is None:
+                content_range = f"bytes {claimed}/{len(data)}"
+            headers = {"Content-Range": content_range} if content_range else {}
             return self._send_blob(206, data[first : last + 1], headers)
         boundary = "FAULTBOUNDARY"
         parts = b"".join(
@@ -326,7 +357,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
         body = parts + f"--{boundary}--\r\n".encode()
         content_type = f"multipart/byteranges; boundary={boundary}"
-        return self._send(206, body, {"Content-Type": content_type})
+        return self._send_blob(206, body, {"Content-Type": content_type})
 
     def _send_blob(self, status: int, body: bytes, headers: dict[str, str]) -> None:
         faults = self.state.faults
@@ -334,16 +365,46 @@ class _Handler(BaseHTTPRequestHandler):
             truncate = self.command == "GET" and faults.truncate_times > 0
             if truncate:
                 faults.truncate_times -= 1
+            stall = self.command == "GET" and faults.stall_times > 0
+            if stall:
+                faults.stall_times -= 1
+        headers = {"Content-Type": "application/octet-stream", **headers}
+        if stall:
+            return self._send_stalling(status, body, headers)
         if not truncate:
-            return self._send(status, body, {"Content-Type": "application/octet-stream", **headers})
+            return self._send(status, body, headers)
         # Promise the whole body, send half, hang up.
-        self._set_status(status)
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
+        self._send_head(status, len(body), headers)
         self.wfile.write(body[: len(body) // 2])
         self.wfile.flush()
         self.close_connection = True
+
+    def _send_stalling(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        """The first ``stall_after_bytes``, then nothing for ``stall_s`` (or a trickle)."""
+        faults = self.state.faults
+        self._send_head(status, len(body), headers)
+        self.wfile.write(body[: faults.stall_after_bytes])
+        self.wfile.flush()
+        self.close_connection = True
+        if faults.trickle_interval_s is None:
+            self.state.closing.wait(faults.stall_s)
+            return
+        for offset in range(faults.stall_after_bytes, len(body)):
+            if self.state.closing.wait(faults.trickle_interval_s):
+                return
+            try:
+                self.wfile.write(body[offset : offset + 1])
+                self.wfile.flush()
+            except OSError:  # the client gave up
+                return
+
+    def _send_head(self, status: int, length: int, headers: dict[str, str]) -> None:
+        self._set_status(status)
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
 
     # -------------------------------------------------------------- manifests
 
@@ -363,7 +424,7 @@ class _Handler(BaseHTTPRequestHandler):
             "Content-Type": faults.manifest_content_type or media_type,
             "Docker-Content-Digest": faults.manifest_digest_header or sha256_digest(data),
         }
-        return self._send(200, data, headers)
+        return self._send_blob(200, data, headers)  # blob faults (stalls ...) apply too
 
     # ---------------------------------------------------------------- uploads
 

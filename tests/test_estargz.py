@@ -31,7 +31,7 @@ from imagebuild import KIB, MIB, feature_layers, random_bytes, text_bytes
 from oracles import require_tool, run_tool, skopeo_copy
 
 from lazyfs.cache.store import ChunkCache
-from lazyfs.config import ChunkingConfig, ResolverConfig
+from lazyfs.config import ChunkingConfig, LimitsConfig, ResolverConfig
 from lazyfs.convert.imagebuild import (
     Entry,
     directory,
@@ -183,6 +183,33 @@ def test_tail_sizes_and_toc_section_bounds() -> None:
     for offset in (149, 500):
         with pytest.raises(TocError):
             toc_section(200, Footer(offset, FOOTER_BYTES))
+
+
+def test_a_footer_cannot_make_the_toc_member_the_whole_blob() -> None:
+    """The footer, not the manifest, says where the TOC is: its range is bounded."""
+    huge = 10 << 30
+    with pytest.raises(
+        TocError, match=r"TOC member is \d+ bytes, more than the limit of 134217728"
+    ):
+        toc_section(huge, Footer(0, FOOTER_BYTES))
+    small = LimitsConfig(max_toc_compressed_bytes=100)
+    with pytest.raises(TocError, match="more than the limit of 100"):
+        toc_section(1000, Footer(10, FOOTER_BYTES), small)
+    assert toc_section(1000, Footer(900, FOOTER_BYTES), small) == ByteRange(900, 949)
+
+
+def test_chunks_beyond_the_limits_are_refused_naming_the_layer() -> None:
+    data = toc_json(reg("big", size=100 << 20, offset=0, chunkDigest=SHA_A))
+    with pytest.raises(TocError) as caught:
+        toc_entries(data, 1000, layer="sha256:abc")
+    assert str(caught.value).startswith("layer sha256:abc: eStargz TOC entry 0 ('big'): ")
+    assert "more than the limit of 67108864" in str(caught.value)
+    inner = toc_json(reg("f", size=10, offset=0, innerOffset=(64 << 20), chunkDigest=SHA_A))
+    with pytest.raises(TocError, match="bytes uncompressed, more than the limit"):
+        toc_entries(inner, 1000)
+    negative = toc_json(reg("f", size=10, offset=0, uid=-1, chunkDigest=SHA_A))
+    with pytest.raises(TocError, match="uid -1 out of range"):
+        toc_entries(negative, 1000)
 
 
 # ---------------------------------------------------------------------------------- TOC member

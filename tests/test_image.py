@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -495,7 +496,8 @@ _descriptors = st.builds(
 _manifests = st.builds(
     Manifest,
     media_type=st.sampled_from([OCI_MANIFEST, DOCKER_MANIFEST_V2]),
-    config=_descriptors,
+    # A config within LimitsConfig.max_config_bytes (16 MiB).
+    config=_descriptors.map(lambda d: dataclasses.replace(d, size=d.size % (16 << 20))),
     layers=st.lists(_descriptors, max_size=4).map(tuple),
     annotations=st.dictionaries(_texts, st.text(max_size=10), max_size=3),
     extra=st.dictionaries(

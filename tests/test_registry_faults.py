@@ -27,15 +27,15 @@ from lazyfs.model.digest import Digest
 from lazyfs.model.manifests import OCI_MANIFEST
 from lazyfs.model.ranges import ByteRange
 from lazyfs.model.reference import Reference
-from lazyfs.registry.auth import (
+from lazyfs.registry.auth import parse_www_authenticate
+from lazyfs.registry.client import RegistryClient
+from lazyfs.registry.credentials import (
     CredentialSource,
     DockerConfigCredentials,
     StaticCredentials,
     auth_file_paths,
     parse_creds,
-    parse_www_authenticate,
 )
-from lazyfs.registry.client import RegistryClient
 
 pytestmark = pytest.mark.anyio
 

@@ -24,6 +24,9 @@ Format facts (containerd/stargz-snapshotter ``docs/estargz.md``, ``estargz/types
 - The layer annotation ``containerd.io/snapshot/stargz/toc.digest`` is the sha256 of the
   uncompressed TOC JSON; ``io.containers.estargz.uncompressed-size`` is the size of the
   decompressed blob (the tar the diff_id names), in decimal.
+
+Everything here is bounded by ``LimitsConfig`` (docs/reliability.md): the TOC member's fetched
+range and its decompressed size, the TOC's entries, and each chunk's range and size.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
+from lazyfs.config import LimitsConfig
 from lazyfs.errors import TocError
-from lazyfs.formats.chunked.toc import Toc, TocEntry, file_chunks
+from lazyfs.formats.bounded import gunzip_bounded
+from lazyfs.formats.chunked.toc import Toc, TocEntry, file_problem
 from lazyfs.model.ranges import ByteRange
 
 FOOTER_BYTES = 51
@@ -49,7 +54,9 @@ UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 TOC_TAR_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
-MAX_TOC_TAR_BYTES = 1 << 30  # a decompressed TOC member larger than this is refused
+# The TOC member's tar around the JSON: its header (PAX records included) and the trailer.
+_TOC_TAR_OVERHEAD_BYTES = 1 << 20
+_DEFAULT_LIMITS = LimitsConfig()
 
 _GZIP_ID_CM = b"\x1f\x8b\x08"
 _FEXTRA = 0x04
@@ -101,12 +108,21 @@ def parse_footer(footer: bytes) -> int:
     return parse_tail(footer).toc_offset
 
 
-def toc_section(blob_size: int, footer: Footer) -> ByteRange:
-    """The blob range of the TOC member: from the TOC offset to the footer."""
+def toc_section(
+    blob_size: int, footer: Footer, limits: LimitsConfig = _DEFAULT_LIMITS
+) -> ByteRange:
+    """The blob range of the TOC member: from the TOC offset to the footer, if it is no longer
+    than ``limits.max_toc_compressed_bytes`` (the footer, not the manifest, says where it is)."""
     end = blob_size - footer.size
     if not 0 <= footer.toc_offset < end:
         where = f"outside the {blob_size}-byte blob"
         raise TocError(f"eStargz TOC offset {footer.toc_offset} is {where}")
+    length = end - footer.toc_offset
+    if length > limits.max_toc_compressed_bytes:
+        raise TocError(
+            f"eStargz TOC member is {length} bytes, more than the limit of "
+            f"{limits.max_toc_compressed_bytes}"
+        )
     return ByteRange(footer.toc_offset, end)
 
 
@@ -147,36 +163,36 @@ def _parse_offset(subfield: bytes) -> int:
 # --- the TOC member ----------------------------------------------------------------------------
 
 
-def read_toc_member(section: bytes) -> bytes:
+def read_toc_member(section: bytes, limits: LimitsConfig = _DEFAULT_LIMITS) -> bytes:
     """The TOC JSON, from ``blob[toc_offset : blob_size - footer size]``: one gzip member
-    holding a tar whose first entry is ``stargz.index.json``."""
-    tar_bytes = _gunzip_one_member(section)
+    holding a tar whose first entry is ``stargz.index.json``.
+
+    At most ``limits.max_toc_bytes`` (plus the tar's own headers) is ever decompressed.
+    """
+    if len(section) > limits.max_toc_compressed_bytes:
+        raise TocError(
+            f"eStargz TOC member is {len(section)} bytes, more than the limit of "
+            f"{limits.max_toc_compressed_bytes}"
+        )
+    tar_limit = limits.max_toc_bytes + _TOC_TAR_OVERHEAD_BYTES
+    tar_bytes = gunzip_bounded(section, tar_limit, "eStargz TOC member")
     try:
         with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as archive:
             member = archive.next()
             if member is None or member.name != TOC_TAR_NAME or not member.isreg():
                 name = None if member is None else member.name
                 raise TocError(f"eStargz TOC tar entry is {name!r}, not {TOC_TAR_NAME!r}")
+            if member.size > limits.max_toc_bytes:
+                raise TocError(
+                    f"eStargz TOC is {member.size} bytes, more than the limit of "
+                    f"{limits.max_toc_bytes}"
+                )
             stream = archive.extractfile(member)
             assert stream is not None  # a regular file always has one
             return stream.read()
-    except (tarfile.TarError, EOFError, ValueError, UnicodeError) as exc:
-        raise TocError(f"eStargz TOC member is not a valid tar: {exc}") from exc
-
-
-def _gunzip_one_member(section: bytes) -> bytes:
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        data = inflater.decompress(section, MAX_TOC_TAR_BYTES)
-    except zlib.error as exc:
-        raise TocError(f"eStargz TOC member does not decompress: {exc}") from exc
-    if inflater.unconsumed_tail:
-        raise TocError(f"eStargz TOC member decompresses to more than {MAX_TOC_TAR_BYTES} bytes")
-    if not inflater.eof:
-        raise TocError("eStargz TOC member is truncated")
-    if inflater.unused_data:
-        raise TocError("bytes follow the eStargz TOC member before the footer")
-    return data
+    except (tarfile.TarError, EOFError, ValueError, UnicodeError, OverflowError) as exc:
+        message = " ".join(str(exc).split())
+        raise TocError(f"eStargz TOC member is not a valid tar: {message}") from exc
 
 
 def toc_digest(toc_json: bytes) -> str:
@@ -187,28 +203,43 @@ def toc_digest(toc_json: bytes) -> str:
 # --- TOC entries -------------------------------------------------------------------------------
 
 
-def toc_entries(toc_json: bytes, toc_offset: int) -> list[TocEntry]:
+def toc_entries(
+    toc_json: bytes,
+    toc_offset: int,
+    *,
+    layer: str = "",
+    limits: LimitsConfig = _DEFAULT_LIMITS,
+) -> list[TocEntry]:
     """The eStargz TOC as lazyfs TOC entries, ready for ``file_chunks`` and ``build_tree``.
 
     Landmarks and the TOC's own entry are dropped. Regular files get their compressed ranges:
     ``offset``/``innerOffset`` per chunk and ``end_offset`` on the ``reg`` entry, where the
-    member of its last chunk ends.
+    member of its last chunk ends. Every field is checked as :meth:`Toc.parse` checks it, and
+    each file's converted chunks as ``check_entries`` does, all payload lying before the TOC;
+    ``layer`` names the layer in messages.
     """
+    where = f"layer {layer}: eStargz " if layer else "eStargz "
+    parsed = Toc.parse(toc_json, layer=layer, limits=limits, check_chunks=False)
     groups = [
-        group
-        for group in _file_groups(Toc.parse(toc_json).entries)
+        (index, group)
+        for index, group in _file_groups(parsed.entries, where)
         if _clean_name(group[0].name) != TOC_TAR_NAME  # upstream never lists it; some might
     ]
-    kept = [entry for group in groups for entry in group]
-    for entry in kept:
-        _check_numbers(entry, toc_offset)
+    kept = [entry for _, group in groups for entry in group]
+    for index, group in groups:
+        _check_offsets(group, toc_offset, f"{where}TOC entry {index} ({group[0].name!r}): ")
     ends = _MemberEnds(kept, toc_offset)  # landmarks still start members
     converted: list[TocEntry] = []
-    for group in groups:
+    for index, group in groups:
         if _clean_name(group[0].name) in _LANDMARKS:
             continue
         if group[0].type == "reg":
-            converted.extend(_regular_file(group, ends))
+            here = f"{where}TOC entry {index} ({group[0].name!r}): "
+            regular = _regular_file(group, ends, here)
+            problem = file_problem(regular, toc_offset, limits)
+            if problem is not None:
+                raise TocError(here + problem)
+            converted.extend(regular)
         else:
             converted.append(_metadata(group[0]))
     return converted
@@ -229,28 +260,30 @@ def _has_payload(entry: TocEntry) -> bool:
     return entry.type == "chunk" or (entry.type == "reg" and entry.size > 0)
 
 
-def _check_numbers(entry: TocEntry, toc_offset: int) -> None:
-    fields = (entry.size, entry.uid, entry.gid, entry.offset, entry.inner_offset)
-    if min(*fields, entry.chunk_offset, entry.chunk_size) < 0:
-        raise TocError(f"eStargz TOC entry {entry.name!r} has a negative number")
-    if _has_payload(entry) and entry.offset >= toc_offset:
-        raise TocError(f"eStargz TOC entry {entry.name!r} has offset {entry.offset} past the TOC")
+def _check_offsets(group: list[TocEntry], toc_offset: int, here: str) -> None:
+    for entry in group:
+        if _has_payload(entry) and entry.offset >= toc_offset:
+            raise TocError(f"{here}offset {entry.offset} is not before the TOC at {toc_offset}")
 
 
-def _file_groups(entries: Sequence[TocEntry]) -> Iterator[list[TocEntry]]:
-    """Each entry with the ``chunk`` entries after it (renamed to its file, as upstream does)."""
+def _file_groups(entries: Sequence[TocEntry], where: str) -> Iterator[tuple[int, list[TocEntry]]]:
+    """Each entry with the ``chunk`` entries after it (renamed to its file, as upstream does),
+    and the index of the group's first entry."""
     group: list[TocEntry] = []
-    for entry in entries:
+    start = 0
+    for index, entry in enumerate(entries):
         if entry.type != "chunk":
             if group:
-                yield group
-            group = [entry]
+                yield start, group
+            group, start = [entry], index
         elif group and group[0].type == "reg":
             group.append(replace(entry, name=group[0].name))
         else:
-            raise TocError(f"eStargz TOC chunk entry {entry.name!r} does not follow a file")
+            raise TocError(
+                f"{where}TOC entry {index} ({entry.name!r}): chunk entry does not follow a file"
+            )
     if group:
-        yield group
+        yield start, group
 
 
 def _clean_name(name: str) -> str:
@@ -273,14 +306,14 @@ def _metadata(entry: TocEntry) -> TocEntry:
     )
 
 
-def _regular_file(group: list[TocEntry], ends: _MemberEnds) -> list[TocEntry]:
+def _regular_file(group: list[TocEntry], ends: _MemberEnds, here: str) -> list[TocEntry]:
     head = group[0]
     base = replace(_metadata(head), size=head.size, digest=head.digest)
     if head.size == 0:
         if len(group) > 1:
-            raise TocError(f"eStargz TOC gives the empty file {head.name!r} chunks")
+            raise TocError(f"{here}an empty file has chunk entries")
         return [base]
-    first, *rest = [_chunk_fields(entry, head, len(group) == 1) for entry in group]
+    first, *rest = [_chunk_fields(entry, head, len(group) == 1, here) for entry in group]
     reg = replace(
         base,
         offset=first.offset,
@@ -290,15 +323,16 @@ def _regular_file(group: list[TocEntry], ends: _MemberEnds) -> list[TocEntry]:
         chunk_size=first.chunk_size,
         chunk_digest=first.chunk_digest,
     )
-    file_chunks([reg, *rest])  # TocError unless the chunks tile the file
-    return [reg, *rest]
+    return [reg, *rest]  # the caller checks that the chunks tile the file
 
 
-def _chunk_fields(entry: TocEntry, head: TocEntry, only_chunk: bool) -> TocEntry:
+def _chunk_fields(entry: TocEntry, head: TocEntry, only_chunk: bool, here: str) -> TocEntry:
     digest = entry.chunk_digest or (head.digest if only_chunk else "")
     if not _SHA256_RE.fullmatch(digest):
-        what = f"chunk at {entry.chunk_offset} of {head.name!r}"
-        raise TocError(f"eStargz TOC {what} has no sha256 chunk digest (has {digest!r})")
+        what = f"chunk at {entry.chunk_offset}"
+        raise TocError(f"{here}{what} has no sha256 chunk digest (has {digest!r})")
+    if entry.chunk_offset > head.size:
+        raise TocError(f"{here}chunk at {entry.chunk_offset} starts past the file's end")
     return TocEntry(
         type="chunk",
         name=head.name,

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Final, Literal
 
+from lazyfs.config import LimitsConfig
 from lazyfs.errors import ManifestError, UnsupportedMediaTypeError
 from lazyfs.model.digest import Digest
 from lazyfs.model.platform import Platform
@@ -111,6 +113,16 @@ _INDEX_KEYS: Final = (
 
 JsonObject = Mapping[str, object]
 _SCHEMA_VERSION: Final = 2  # of both manifests and indexes; fixed for Docker compatibility
+_MAX_SIZE: Final = 2**63 - 1  # image-spec: int64
+# image-spec's mediaType pattern (RFC 6838 names: type "/" subtype, 127 characters each).
+_MEDIA_TYPE_RE: Final = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+)
+# Deeper JSON than this is refused: real documents nest about six levels, and copying a deep
+# one (``copy.deepcopy``) would exhaust Python's recursion limit.
+MAX_JSON_DEPTH: Final = 64
+_SHOWN_CHARS: Final = 80
+_DEFAULT_LIMITS: Final = LimitsConfig()
 
 
 # --- canonical JSON ----------------------------------------------------------------------------
@@ -132,13 +144,18 @@ def canonical_json(obj: object) -> bytes:
 
 
 def load_json_object(data: bytes, what: str) -> dict[str, object]:
-    """Parse ``data`` as one JSON object; duplicate keys are refused as ambiguous."""
+    """Parse ``data`` as one JSON object; duplicate keys, NaN and Infinity (which Go refuses)
+    and nesting deeper than ``MAX_JSON_DEPTH`` are refused."""
     try:
-        value = json.loads(data, object_pairs_hook=_refuse_duplicate_keys)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ManifestError(f"{what}: malformed JSON: {exc}") from exc
+        value = json.loads(
+            data, object_pairs_hook=_refuse_duplicate_keys, parse_constant=_refuse_constant
+        )
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ManifestError(f"{what}: malformed JSON: {_one_line(str(exc))}") from exc
     if not isinstance(value, dict):
         raise ManifestError(f"{what}: expected a JSON object, got {type(value).__name__}")
+    if _depth_exceeds(value, MAX_JSON_DEPTH):
+        raise ManifestError(f"{what}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return value
 
 
@@ -148,6 +165,36 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]
         # Different parsers keep different duplicates, so such a document means two things.
         raise ValueError("duplicate key in JSON object")
     return result
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth_exceeds(value: object, limit: int) -> bool:
+    """True if containers nest more than ``limit`` deep (iterative: no recursion to exhaust)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = (
+            node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        )
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def _shown(value: object) -> str:
+    """``value`` for a one-line message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 1] + "…"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _ordered(fields: Mapping[str, object], key_order: Sequence[str]) -> dict[str, object]:
@@ -169,29 +216,38 @@ def _as_object(value: object, what: str) -> JsonObject:
 def _required_str(obj: JsonObject, key: str, what: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str) or not value:
-        raise ManifestError(f"{what}: {key!r} must be a non-empty string, got {value!r}")
+        raise ManifestError(f"{what}: {key!r} must be a non-empty string, got {_shown(value)}")
     return value
 
 
 def _optional_str(obj: JsonObject, key: str, what: str) -> str | None:
     value = obj.get(key)
     if value is not None and not isinstance(value, str):
-        raise ManifestError(f"{what}: {key!r} must be a string, got {value!r}")
+        raise ManifestError(f"{what}: {key!r} must be a string, got {_shown(value)}")
+    return value
+
+
+def _required_media_type(obj: JsonObject, what: str) -> str:
+    value = _required_str(obj, "mediaType", what)
+    if not _MEDIA_TYPE_RE.fullmatch(value):
+        raise ManifestError(f"{what}: 'mediaType' {_shown(value)} is not a media type")
     return value
 
 
 def _required_size(obj: JsonObject, what: str) -> int:
     value = obj.get("size")
     # bool is an int in Python, but never a size in JSON.
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ManifestError(f"{what}: 'size' must be a non-negative integer, got {value!r}")
+    if type(value) is not int or not 0 <= value <= _MAX_SIZE:
+        raise ManifestError(
+            f"{what}: 'size' must be an integer in 0..{_MAX_SIZE}, got {_shown(value)}"
+        )
     return value
 
 
 def _required_list(obj: JsonObject, key: str, what: str) -> list[object]:
     value = obj.get(key)
     if not isinstance(value, list):
-        raise ManifestError(f"{what}: {key!r} must be a list, got {value!r}")
+        raise ManifestError(f"{what}: {key!r} must be a list, got {_shown(value)}")
     return value
 
 
@@ -207,8 +263,8 @@ def _annotations(obj: JsonObject, what: str) -> dict[str, str]:
 
 def _check_schema_version(obj: JsonObject, what: str) -> None:
     version = obj.get("schemaVersion")
-    if version != _SCHEMA_VERSION or isinstance(version, bool):
-        raise ManifestError(f"{what}: schemaVersion must be 2, got {version!r}")
+    if type(version) is not int or version != _SCHEMA_VERSION:
+        raise ManifestError(f"{what}: schemaVersion must be 2, got {_shown(version)}")
 
 
 def _frozen_annotations(annotations: Mapping[str, str]) -> Mapping[str, str]:
@@ -262,15 +318,16 @@ class Descriptor:
         return cls(media_type, Digest.of(data), len(data))
 
     @classmethod
-    def from_json(cls, obj: object) -> Descriptor:
-        """Read a descriptor object; ManifestError if it is malformed."""
-        what = "descriptor"
+    def from_json(cls, obj: object, what: str = "descriptor") -> Descriptor:
+        """Read a descriptor object; ManifestError, naming ``what``, if it is malformed."""
         fields = _as_object(obj, what)
         platform_obj = fields.get("platform")
-        platform_fields = None if platform_obj is None else _as_object(platform_obj, "platform")
+        platform_fields = (
+            None if platform_obj is None else _as_object(platform_obj, f"{what} platform")
+        )
         return cls(
-            media_type=_required_str(fields, "mediaType", what),
-            digest=Digest.parse(_required_str(fields, "digest", what)),
+            media_type=_required_media_type(fields, what),
+            digest=_digest(_required_str(fields, "digest", what), what),
             size=_required_size(fields, what),
             annotations=_annotations(fields, what),
             platform=None if platform_fields is None else Platform.from_json(platform_fields),
@@ -320,7 +377,15 @@ class Descriptor:
 
 
 def _descriptor_list(obj: JsonObject, key: str, what: str) -> tuple[Descriptor, ...]:
-    return tuple(Descriptor.from_json(item) for item in _required_list(obj, key, what))
+    items = _required_list(obj, key, what)
+    return tuple(Descriptor.from_json(item, f"{what} {key}[{i}]") for i, item in enumerate(items))
+
+
+def _digest(text: str, what: str) -> Digest:
+    try:
+        return Digest.parse(text)
+    except ManifestError:
+        raise ManifestError(f"{what}: invalid digest {_shown(text)}") from None
 
 
 # --- media type detection ----------------------------------------------------------------------
@@ -364,12 +429,14 @@ def _document(data: bytes, media_type: str | None, what: str) -> tuple[dict[str,
     return obj, _resolve_media_type(obj, media_type, what)
 
 
-def parse_manifest_or_index(data: bytes, media_type: str | None) -> Manifest | Index:
+def parse_manifest_or_index(
+    data: bytes, media_type: str | None, limits: LimitsConfig = _DEFAULT_LIMITS
+) -> Manifest | Index:
     """Parse a manifest or index; ``media_type`` is the Content-Type it came with, if any."""
     obj, resolved = _document(data, media_type, "manifest")
     if resolved in INDEX_TYPES:
         return Index.from_json(obj, resolved)
-    return Manifest.from_json(obj, resolved)
+    return Manifest.from_json(obj, resolved, limits)
 
 
 def layer_compression(media_type: str) -> LayerCompression:
@@ -408,25 +475,41 @@ class Manifest:
         return hash((self.media_type, self.config, self.layers))
 
     @classmethod
-    def parse(cls, data: bytes, media_type: str | None) -> Manifest:
+    def parse(
+        cls, data: bytes, media_type: str | None, limits: LimitsConfig = _DEFAULT_LIMITS
+    ) -> Manifest:
         """Parse an image manifest; an index here is a ManifestError."""
         obj, resolved = _document(data, media_type, "manifest")
         if resolved not in IMAGE_MANIFEST_TYPES:
             raise ManifestError(f"expected an image manifest, got {resolved}")
-        return cls.from_json(obj, resolved)
+        return cls.from_json(obj, resolved, limits)
 
     @classmethod
-    def from_json(cls, obj: JsonObject, media_type: str) -> Manifest:
-        """Build from an already-decoded object whose media type is known."""
+    def from_json(
+        cls, obj: JsonObject, media_type: str, limits: LimitsConfig = _DEFAULT_LIMITS
+    ) -> Manifest:
+        """Build from an already-decoded object whose media type is known; its layer count
+        and config size must be within ``limits``."""
         what = "manifest"
         _check_schema_version(obj, what)
-        config = obj.get("config")
-        if config is None:
+        raw_config = obj.get("config")
+        if raw_config is None:
             raise ManifestError(f"{what}: no 'config'")
+        config = Descriptor.from_json(raw_config, f"{what} config")
+        if config.size > limits.max_config_bytes:
+            raise ManifestError(
+                f"{what} config: {config.size} bytes, more than the limit of "
+                f"{limits.max_config_bytes}"
+            )
+        layers = _descriptor_list(obj, "layers", what)
+        if len(layers) > limits.max_image_layers:
+            raise ManifestError(
+                f"{what}: {len(layers)} layers, more than the limit of {limits.max_image_layers}"
+            )
         return cls(
             media_type=media_type,
-            config=Descriptor.from_json(config),
-            layers=_descriptor_list(obj, "layers", what),
+            config=config,
+            layers=layers,
             annotations=_annotations(obj, what),
             extra=_extra_fields(obj, _MANIFEST_MODELLED),
         )

@@ -94,11 +94,11 @@ class Platform:
         architecture = obj.get("architecture")
         variant = obj.get("variant")
         if not isinstance(os_name, str) or not os_name:
-            raise ManifestError(f"platform has no valid 'os': {dict(obj)!r}")
+            raise ManifestError(f"platform has no valid 'os': {_shown(os_name)}")
         if not isinstance(architecture, str) or not architecture:
-            raise ManifestError(f"platform has no valid 'architecture': {dict(obj)!r}")
+            raise ManifestError(f"platform has no valid 'architecture': {_shown(architecture)}")
         if variant is not None and not isinstance(variant, str):
-            raise ManifestError(f"platform 'variant' is not a string: {dict(obj)!r}")
+            raise ManifestError(f"platform 'variant' is not a string: {_shown(variant)}")
         return cls(os_name, architecture, variant or None)
 
     def matches(self, other: Platform) -> bool:
@@ -117,6 +117,12 @@ class Platform:
         if self.variant is None:
             return _DEFAULT_VARIANTS.get(self.architecture)
         return _spell_variant(self.variant)
+
+
+def _shown(value: object) -> str:
+    """``value`` for a one-line message: its repr, cut short (it comes from an image)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:79] + "…"
 
 
 def _spell_variant(variant: str) -> str:

@@ -6,15 +6,23 @@ returned. Streamed blobs go to a ``BlobSink``, committed only once their digest 
 
 Use these inside ``Transport.exchange``, which turns httpx errors raised while reading into
 lazyfs errors. Every body byte is counted in ``RegistryStats.bytes_received``.
+
+Every body is read under a ``StallGuard``: httpx's timeouts apply to each socket read, so a
+server that sends a byte now and then would hold a request forever; the guard ends a body that
+brings fewer than ``min_bytes`` in ``timeout_s`` with a TransientRegistryError, which the retry
+policy (client.py) retries like any broken transfer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
+import anyio
 import httpx
 
+from lazyfs.config import RegistryConfig
 from lazyfs.errors import RegistryProtocolError, TransientRegistryError
 from lazyfs.model.digest import Digest, DigestingWriter
 from lazyfs.model.ranges import (
@@ -26,7 +34,44 @@ from lazyfs.model.ranges import (
 from lazyfs.registry.transport import RegistryStats
 from lazyfs.registry.wire import media_type_of
 
-STREAM_CHUNK_BYTES = 1 << 20
+
+@dataclass(frozen=True)
+class StallGuard:
+    """A body stalls when fewer than ``min_bytes`` arrive within ``timeout_s``."""
+
+    timeout_s: float = RegistryConfig.stall_timeout_s
+    min_bytes: int = RegistryConfig.stall_min_bytes
+
+    @classmethod
+    def of(cls, config: RegistryConfig) -> StallGuard:
+        return cls(config.stall_timeout_s, config.stall_min_bytes)
+
+
+_DEFAULT_GUARD = StallGuard()
+
+
+async def each_chunk(
+    response: httpx.Response, guard: StallGuard, what: str, handle: Callable[[bytes], None]
+) -> None:
+    """Hand every chunk of the body to ``handle`` as it arrives, under ``guard``.
+
+    One cancel scope covers the whole body; its deadline moves on each time ``min_bytes`` more
+    have arrived. (A callback, not an async generator: a generator may not yield inside a
+    cancel scope.) Chunks are what each socket read brings, so progress is seen as it happens.
+    """
+    with anyio.CancelScope(deadline=anyio.current_time() + guard.timeout_s) as scope:
+        since_progress = 0
+        async for chunk in response.aiter_bytes():
+            handle(chunk)
+            since_progress += len(chunk)
+            if since_progress >= guard.min_bytes:
+                since_progress = 0
+                scope.deadline = anyio.current_time() + guard.timeout_s
+    if scope.cancelled_caught:
+        raise TransientRegistryError(
+            f"{what}: the answer stalled (fewer than {guard.min_bytes} bytes in "
+            f"{guard.timeout_s:g} s)"
+        )
 
 
 class BlobSink(Protocol):
@@ -53,27 +98,43 @@ class Progress:
 
 
 async def read_body(
-    response: httpx.Response, stats: RegistryStats, what: str, limit: int | None = None
+    response: httpx.Response,
+    stats: RegistryStats,
+    what: str,
+    limit: int | None = None,
+    guard: StallGuard = _DEFAULT_GUARD,
 ) -> bytes:
-    """The whole body, counted; raises on an oversized or truncated body."""
+    """The whole body, counted; raises on an oversized, truncated or stalled body."""
+    declared = _declared_length(response)
+    if limit is not None and declared is not None and declared > limit:
+        raise RegistryProtocolError(f"{what}: answer of {declared} bytes, larger than {limit}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
+
+    def keep(chunk: bytes) -> None:
+        nonlocal size
         size += len(chunk)
         stats.bytes_received += len(chunk)
         if limit is not None and size > limit:
             raise RegistryProtocolError(f"{what}: answer larger than {limit} bytes")
         chunks.append(chunk)
+
+    await each_chunk(response, guard, what, keep)
     check_length(response, size, what)
     return b"".join(chunks)
 
 
-def check_length(response: httpx.Response, received: int, what: str) -> None:
-    """A body shorter or longer than its Content-Length is a broken transfer (retried)."""
+def _declared_length(response: httpx.Response) -> int | None:
     declared = response.headers.get("Content-Length")
     if declared is None or not declared.isdigit() or "Content-Encoding" in response.headers:
-        return
-    if int(declared) != received:
+        return None
+    return int(declared)
+
+
+def check_length(response: httpx.Response, received: int, what: str) -> None:
+    """A body shorter or longer than its Content-Length is a broken transfer (retried)."""
+    declared = _declared_length(response)
+    if declared is not None and declared != received:
         raise TransientRegistryError(f"{what}: truncated answer, {received} of {declared} bytes")
 
 
@@ -84,13 +145,14 @@ async def stream_to_sink(
     sink: BlobSink,
     progress: Progress,
     what: str,
+    guard: StallGuard = _DEFAULT_GUARD,
 ) -> int:
     """Feed the blob to ``sink``, commit it once verified (else discard it); returns its size."""
 
     def report(chunk: bytes, offset: int) -> None:
         progress.reached(offset + len(chunk))
 
-    return await _stream_verified(response, stats, digest, sink, report, what)
+    return await _stream_verified(response, stats, digest, sink, report, what, guard)
 
 
 async def slice_whole_blob(
@@ -100,6 +162,7 @@ async def slice_whole_blob(
     ranges: Sequence[ByteRange],
     sink: BlobSink | None,
     what: str,
+    guard: StallGuard = _DEFAULT_GUARD,
 ) -> list[bytes]:
     """Keep the wanted bytes of a whole-blob answer, verifying all of it.
 
@@ -112,7 +175,7 @@ async def slice_whole_blob(
     def collect(chunk: bytes, offset: int) -> None:
         _collect_overlaps(chunk, offset, ranges, pieces)
 
-    size = await _stream_verified(response, stats, digest, sink, collect, what)
+    size = await _stream_verified(response, stats, digest, sink, collect, what, guard)
     if size < max(r.end for r in ranges):
         raise RegistryProtocolError(f"{what}: blob has only {size} bytes")
     return [bytes(piece) for piece in pieces]
@@ -141,6 +204,7 @@ async def _stream_verified(
     sink: BlobSink | None,
     on_chunk: Callable[[bytes, int], None],
     what: str,
+    guard: StallGuard,
 ) -> int:
     """Feed each chunk to ``sink`` and to ``on_chunk(chunk, blob offset)``; returns the size.
 
@@ -148,14 +212,17 @@ async def _stream_verified(
     it is discarded, so a partial or corrupt blob is never kept.
     """
     writer = DigestingWriter(digest.algorithm)
+
+    def feed(chunk: bytes) -> None:
+        if sink is not None:
+            # A blocking write of one socket read to local disk costs less than a thread hop.
+            sink.write(chunk)
+        on_chunk(chunk, writer.size_bytes)
+        writer.update(chunk)
+        stats.bytes_received += len(chunk)
+
     try:
-        async for chunk in response.aiter_bytes(STREAM_CHUNK_BYTES):
-            if sink is not None:
-                # A blocking write of <= 1 MiB to local disk costs less than a thread hop.
-                sink.write(chunk)
-            on_chunk(chunk, writer.size_bytes)
-            writer.update(chunk)
-            stats.bytes_received += len(chunk)
+        await each_chunk(response, guard, what, feed)
         check_length(response, writer.size_bytes, what)
         writer.check(digest, what)
     except BaseException:

@@ -7,6 +7,10 @@ through transport.py (auth, redirects, TLS) and reads the answers with bodies.py
 
 Everything fetched is verified against its digest before it is returned or committed to a file.
 Local files are written and read through lazyfs/localfiles.py; this module does no disk I/O.
+
+Several ranges go in one request (``multipart/byteranges``) until an endpoint shows it cannot
+serve them: a 416 answer, or a 200 answer with the whole blob (S3 and some proxies). From then
+on, for this client's life, that registry host gets one request per range.
 """
 
 from __future__ import annotations
@@ -41,17 +45,19 @@ from lazyfs.model.digest import Digest, DigestingWriter
 from lazyfs.model.manifests import ALL_MANIFEST_TYPES
 from lazyfs.model.ranges import ByteRange, range_header
 from lazyfs.model.reference import Reference
-from lazyfs.registry.auth import CredentialSource, Scopes, pull_scope, push_scope
+from lazyfs.registry.auth import Scopes, pull_scope, push_scope
 from lazyfs.registry.bodies import (
     BlobSink,
     Progress,
+    StallGuard,
     read_body,
     slice_partial_answer,
     slice_whole_blob,
     stream_to_sink,
 )
+from lazyfs.registry.credentials import CredentialSource
 from lazyfs.registry.transport import Call, RegistryStats, Transport
-from lazyfs.registry.wire import ThrottledError, media_type_of
+from lazyfs.registry.wire import RangeNotSatisfiableError, ThrottledError, media_type_of
 
 # RegistryStats lives in transport.py (which counts requests); it is part of this API too.
 __all__ = [
@@ -107,6 +113,9 @@ class RegistryClient:
         self._transport = Transport(config, credentials, self.stats)
         self._auth = self._transport.auth  # its repr is checked for leaked secrets
         self._keep_whole_blob = keep_whole_blob
+        self._guard = StallGuard.of(config)
+        # Registry hosts that answered several ranges with 416 or the whole blob.
+        self._single_range_hosts: set[str] = set()
 
     def __repr__(self) -> str:
         return f"RegistryClient(config={self.config!r}, stats={self.stats!r})"
@@ -152,9 +161,10 @@ class RegistryClient:
 
     # ---------------------------------------------------------------------------------- blobs
 
-    async def get_blob(self, ref: Reference, digest: Digest) -> bytes:
-        """The whole blob, verified."""
-        return await self._retrying(partial(self._get_blob_once, ref, digest))
+    async def get_blob(self, ref: Reference, digest: Digest, max_bytes: int | None = None) -> bytes:
+        """The whole blob, verified; a body longer than ``max_bytes`` (a descriptor's size, say)
+        is refused as soon as it passes it, rather than read whole before its digest fails."""
+        return await self._retrying(partial(self._get_blob_once, ref, digest, max_bytes))
 
     async def download_blob(
         self,
@@ -178,10 +188,47 @@ class RegistryClient:
     async def get_blob_ranges(
         self, ref: Reference, digest: Digest, ranges: Sequence[ByteRange]
     ) -> list[bytes]:
-        """Several ranges in one request; the answer may be multipart, one part, or the blob."""
+        """Several ranges in one request; the answer may be multipart, one part, or the blob.
+
+        Where the registry showed it cannot serve several ranges at once, one request each.
+        """
         if not ranges:
             return []
-        return await self._retrying(partial(self._get_ranges_once, ref, digest, tuple(ranges)))
+        if len(ranges) == 1 or ref.api_host not in self._single_range_hosts:
+            try:
+                return await self._retrying(
+                    partial(self._get_ranges_once, ref, digest, tuple(ranges))
+                )
+            except RangeNotSatisfiableError:
+                if len(ranges) == 1:
+                    raise
+                self._no_multi_range(ref, "416")
+        return await self._ranges_one_by_one(ref, digest, ranges)
+
+    async def _ranges_one_by_one(
+        self, ref: Reference, digest: Digest, ranges: Sequence[ByteRange]
+    ) -> list[bytes]:
+        """One Range request per range, all at once (each under the retry policy)."""
+        pieces: list[bytes] = [b""] * len(ranges)
+
+        async def fetch(index: int) -> None:
+            single = (ranges[index],)
+            answer = await self._retrying(partial(self._get_ranges_once, ref, digest, single))
+            pieces[index] = answer[0]
+
+        async with anyio.create_task_group() as tasks:
+            for index in range(len(ranges)):
+                tasks.start_soon(fetch, index)
+        return pieces
+
+    def _no_multi_range(self, ref: Reference, answer: str) -> None:
+        if ref.api_host not in self._single_range_hosts:
+            log.info(
+                "%s answered several ranges with %s; asking one range per request from now on",
+                ref.api_host,
+                answer,
+            )
+            self._single_range_hosts.add(ref.api_host)
 
     async def blob_size(self, ref: Reference, digest: Digest) -> int | None:
         """The blob's size from a HEAD, or None if the registry does not have it."""
@@ -205,7 +252,9 @@ class RegistryClient:
     async def _get_manifest_once(self, ref: Reference, accept: tuple[str, ...]) -> FetchedManifest:
         call = self._manifest_call(ref, "GET", accept)
         async with self._transport.exchange(call) as response:
-            data = await read_body(response, self.stats, call.what, limit=MAX_MANIFEST_BYTES)
+            data = await read_body(
+                response, self.stats, call.what, limit=MAX_MANIFEST_BYTES, guard=self._guard
+            )
         media_type = _manifest_media_type(response, data, accept, call.what)
         return FetchedManifest(
             media_type, _verified_manifest_digest(ref, response, data, call.what), data
@@ -236,10 +285,10 @@ class RegistryClient:
             _check_returned_digest(response, digest, call.what)
         return digest
 
-    async def _get_blob_once(self, ref: Reference, digest: Digest) -> bytes:
+    async def _get_blob_once(self, ref: Reference, digest: Digest, max_bytes: int | None) -> bytes:
         call = self._blob_call(ref, "GET", digest)
         async with self._transport.exchange(call) as response:
-            data = await read_body(response, self.stats, call.what)
+            data = await read_body(response, self.stats, call.what, max_bytes, self._guard)
         digest.verify(data, call.what)
         return data
 
@@ -250,7 +299,9 @@ class RegistryClient:
         # A fresh file per attempt; discarded unless the whole blob arrived and verified.
         with AtomicFile(dest, call.what) as file:
             async with self._transport.exchange(call) as response:
-                return await stream_to_sink(response, self.stats, digest, file, progress, call.what)
+                return await stream_to_sink(
+                    response, self.stats, digest, file, progress, call.what, self._guard
+                )
 
     async def _get_ranges_once(
         self, ref: Reference, digest: Digest, ranges: tuple[ByteRange, ...]
@@ -260,9 +311,15 @@ class RegistryClient:
         async with self._transport.exchange(call) as response:
             if response.status_code == 200:
                 # The registry (or a pull-through proxy) ignored Range and sends the whole blob.
+                # Already on its way, it is used (and kept, if wanted); later requests to this
+                # host ask one range each, so that one request never brings a whole blob again.
+                if len(ranges) > 1:
+                    self._no_multi_range(ref, "the whole blob")
                 keeper = self._whole_blob_sink(digest)
-                return await slice_whole_blob(response, self.stats, digest, ranges, keeper, what)
-            body = await read_body(response, self.stats, what)
+                return await slice_whole_blob(
+                    response, self.stats, digest, ranges, keeper, what, self._guard
+                )
+            body = await read_body(response, self.stats, what, guard=self._guard)
         return slice_partial_answer(response, body, ranges, what)
 
     def _whole_blob_sink(self, digest: Digest) -> BlobSink | None:

@@ -24,8 +24,9 @@ from lazyfs import __version__
 from lazyfs.config import RegistryConfig
 from lazyfs.errors import UsageError
 from lazyfs.model.reference import Reference
-from lazyfs.registry.auth import Authenticator, CredentialSource, Scopes
-from lazyfs.registry.wire import status_error, transport_error
+from lazyfs.registry.auth import Authenticator, Scopes
+from lazyfs.registry.credentials import CredentialSource
+from lazyfs.registry.wire import answered_not_tls, plain_http_error, status_error, transport_error
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,8 @@ class Transport:
             return await self._http.send(request, stream=True)
         except httpx.ConnectError as exc:
             if not self._may_fall_back_to_http(request.url):
+                if answered_not_tls(exc) and await self._speaks_plain_http(request.url):
+                    raise plain_http_error(_origin(request.url), what) from exc
                 raise transport_error(exc, _origin(request.url), what) from exc
         except httpx.HTTPError as exc:
             raise transport_error(exc, _origin(request.url), what) from exc
@@ -164,6 +167,20 @@ class Transport:
             return await self._http.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise transport_error(exc, _origin(request.url), what) from exc
+
+    async def _speaks_plain_http(self, url: httpx.URL) -> bool:
+        """Whether ``url``'s server answers plain HTTP, asked once a TLS handshake met no TLS:
+        an unauthenticated ``GET /v2/`` (no credentials ever go out in the clear)."""
+        probe = self._http.build_request(
+            "GET", url.copy_with(scheme="http", path="/v2/", query=None)
+        )
+        self.stats.requests[probe.method] += 1
+        try:
+            response = await self._http.send(probe, stream=True)
+        except httpx.HTTPError:
+            return False
+        await response.aclose()
+        return True
 
     def _may_fall_back_to_http(self, url: httpx.URL) -> bool:
         return url.scheme == "https" and self._insecure(_origin(url))

@@ -30,12 +30,45 @@ _TRANSIENT_STATUSES = frozenset({408, 429})
 _MAX_MESSAGE_CHARS = 200
 
 
+# What OpenSSL reports when the first record it reads is no TLS record: a plain HTTP answer
+# ("HTTP/1.1 400 ..."), among other things (OpenSSL 3.0: WRONG_VERSION_NUMBER; later versions:
+# RECORD_LAYER_FAILURE or PACKET_LENGTH_TOO_LONG). The transport then checks for plain HTTP.
+_NOT_TLS_REASONS = frozenset(
+    {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"}
+)
+
+
 class ThrottledError(TransientRegistryError):
     """A transient answer that said how long to wait (``Retry-After``)."""
 
     def __init__(self, message: str, retry_after_s: float | None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class RangeNotSatisfiableError(RegistryProtocolError):
+    """HTTP 416 to a Range GET: some servers answer so to several ranges in one request."""
+
+
+def answered_not_tls(exc: BaseException) -> bool:
+    """True if a TLS handshake failed because the server answered with something not TLS."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return False
+        if isinstance(seen, ssl.SSLError) and seen.reason in _NOT_TLS_REASONS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def plain_http_error(host: str, what: str) -> RegistryError:
+    """The error for a registry that speaks plain HTTP where HTTPS was expected: not
+    "unreachable" (it answered), not transient, and worded as skopeo and docker word it."""
+    return RegistryError(
+        f"{what}: http: server gave HTTP response to HTTPS client ({host}; use "
+        "--tls-verify=false, or list it as an insecure registry, to speak plain HTTP to it)"
+    )
 
 
 def one_line(text: str) -> str:
@@ -119,6 +152,8 @@ def status_error(response: httpx.Response, what: str) -> RegistryError | Unsuppo
         return ThrottledError(text, retry_after_seconds(response.headers.get("Retry-After")))
     if status == 415:
         return UnsupportedMediaTypeError(text)
+    if status == 416:
+        return RangeNotSatisfiableError(text)
     return RegistryError(text)
 
 

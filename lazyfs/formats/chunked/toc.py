@@ -16,18 +16,30 @@ Format facts (containers/storage ``pkg/chunked/internal/minimal``; see docs/form
 
 Serialization follows Go's ``encoding/json`` (field order of the Go struct, ``omitempty``, sorted
 map keys, HTML-escaping of ``<>&``), so the bytes are reproducible and look like upstream's.
+
+Parsing is the trust boundary (docs/reliability.md): the TOC checksum proves only that the TOC is
+the one the image's author meant, so every field is checked against the range the kernel, FUSE
+and the rest of lazyfs can represent, and the whole TOC against ``LimitsConfig``, before any entry
+is used. A refusal is one ``TocError`` line naming the layer, the entry's index in ``entries``
+(0-based), its name and the field.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import functools
 import json
+import posixpath
 import re
+import stat
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
+from lazyfs.config import LimitsConfig
 from lazyfs.errors import TocError
 
 # Layer annotations (current containers/storage names).
@@ -51,6 +63,35 @@ MANIFEST_TYPE_CRFS = 1
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"})
+CHUNK_TYPES = frozenset({"", "zeros"})  # containers/storage's ChunkTypeData and ChunkTypeZeros
+
+# The real ranges of the fields (docs/reliability.md has the table).
+MAX_INT64 = 2**63 - 1  # sizes and offsets: Go's int64, and st_size
+MAX_ID = 2**32 - 1  # uid_t, gid_t
+# FUSE hands st_rdev to the kernel in 32 bits, which it decodes as a 12-bit major and a 20-bit
+# minor (new_decode_dev): larger numbers cannot be represented in a mount.
+MAX_DEV_MAJOR = (1 << 12) - 1
+MAX_DEV_MINOR = (1 << 20) - 1
+# Permission bits with setuid, setgid and sticky, plus the file type bits some tar writers
+# leave in the mode field (Go's c_IS* constants, the same values as S_IF*).
+MAX_MODE = 0o177777
+_MODE_TYPE_BITS = frozenset(
+    {0, stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO}
+    | {stat.S_IFSOCK}
+)
+MAX_PATH_BYTES = 4095  # PATH_MAX (4096) counts the terminating NUL
+MAX_NAME_BYTES = 255  # NAME_MAX, per path component
+MAX_XATTR_NAME_BYTES = 255  # XATTR_NAME_MAX
+MAX_XATTR_VALUE_BYTES = 65536  # XATTR_SIZE_MAX
+MAX_XATTR_LIST_BYTES = 65536  # XATTR_LIST_MAX: all of a file's names, each with its NUL
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+_DIGITS = re.compile(r"[0-9]+")
+_POSITION_NUMBER = re.compile(r"[0-9]{1,19}")
+# JSON nodes per entry: an upstream or lazyfs entry has at most about 25 fields; the bound keeps
+# what json.loads can build from a hostile TOC near what honest entries of that count take.
+_VALUES_PER_ENTRY = 16
+_CONTAINERS_PER_ENTRY = 2  # the entry object and its xattrs object
+_DEFAULT_LIMITS = LimitsConfig()
 
 
 @dataclass(frozen=True)
@@ -137,18 +178,42 @@ class Toc:
         yield b"}"
 
     @classmethod
-    def parse(cls, data: bytes) -> Toc:
-        try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise TocError(f"TOC is not valid JSON: {exc}") from exc
-        if not isinstance(obj, dict) or not isinstance(obj.get("entries"), list):
-            raise TocError("TOC has no entries list")
+    def parse(
+        cls,
+        data: bytes,
+        *,
+        layer: str = "",
+        blob_size: int | None = None,
+        limits: LimitsConfig = _DEFAULT_LIMITS,
+        check_chunks: bool = True,
+    ) -> Toc:
+        """Parse and check a TOC; TocError (one line) for anything out of range.
+
+        ``layer`` names the layer in messages (its digest). ``blob_size`` is the blob's size,
+        or where its payload ends (the TOC's offset), when known: chunk ranges must lie within.
+        ``check_chunks=False`` checks fields only, for formats whose entries describe chunks
+        differently (eStargz checks them once converted, with :func:`file_problem`).
+        """
+        where = _prefix(layer)
+        obj = _load_toc_json(data, where, limits)
+        raw_entries = obj.get("entries")
+        if not isinstance(raw_entries, list):
+            raise TocError(f"{where}TOC has no entries list")
         version = obj.get("version")
-        if not isinstance(version, int) or isinstance(version, bool) or version != 1:
-            raise TocError(f"unsupported TOC version {obj.get('version')!r}")
-        entries = tuple(_entry_from_obj(raw) for raw in obj["entries"])
-        return cls(entries, _expect(obj, "tarSplitDigest", str, ""), 1)
+        if type(version) is not int or version != 1:
+            raise TocError(f"{where}unsupported TOC version {_shown(version)}")
+        if len(raw_entries) > limits.max_toc_entries:
+            raise TocError(
+                f"{where}TOC has {len(raw_entries)} entries, more than the limit of "
+                f"{limits.max_toc_entries}"
+            )
+        entries = tuple(_entry_from_obj(raw, index, where) for index, raw in enumerate(raw_entries))
+        tar_split_digest = _expect(obj, "tarSplitDigest", str, "", where)
+        if tar_split_digest and not _DIGEST_RE.fullmatch(tar_split_digest):
+            raise TocError(f"{where}TOC tarSplitDigest {_shown(tar_split_digest)} is no sha256")
+        if check_chunks:
+            _check_files(entries, where, blob_size, limits)
+        return cls(entries, tar_split_digest, 1)
 
 
 def _entry_to_obj(entry: TocEntry) -> dict[str, Any]:
@@ -163,52 +228,469 @@ def _entry_to_obj(entry: TocEntry) -> dict[str, Any]:
     return obj
 
 
-_FIELD_BY_KEY = {key: (attr, kind) for attr, key, kind in _FIELDS}
 _JSON_TYPE = {"int": int, "str": str, "str!": str}
 
 
-def _entry_from_obj(raw: object) -> TocEntry:
-    """One entry; only the keys present are looked at (mounts parse tens of thousands)."""
+def _entry_from_obj(raw: object, index: int, where: str) -> TocEntry:
+    """One entry, every field checked as it is read; only the keys present are looked at
+    (mounts parse hundreds of thousands, so numbers are checked inline)."""
     if not isinstance(raw, dict):
-        raise TocError("TOC entry is not an object")
+        raise TocError(f"{where}TOC entry {index} is not an object")
     values: dict[str, Any] = {"type": "", "name": ""}
-    for key, value in raw.items():
-        field_kind = _FIELD_BY_KEY.get(key)
-        if field_kind is None or value is None:
-            continue  # unknown fields are ignored, as Go's encoding/json does
-        attr, kind = field_kind
-        if kind == "xattrs":
-            values[attr] = _decode_xattrs(value)
-        elif type(value) is _JSON_TYPE[kind]:  # exact: a JSON true is no int
+    try:
+        for key, value in raw.items():
+            spec = _PARSE_SPECS.get(key)
+            if spec is None or value is None:
+                continue  # unknown fields are ignored, as Go's encoding/json does
+            attr, json_type, largest, pattern, check = spec
+            if json_type is dict:
+                value = _decode_xattrs(value)
+            elif type(value) is not json_type:  # exact: a JSON true is no int
+                raise _Problem(f"{key} is {_json_type(value)}, not {json_type.__name__}")
+            if largest and not 0 <= value <= largest:
+                raise _Problem(f"{key} {_shown(value)} out of range 0..{largest}")
+            if pattern is not None and not pattern.fullmatch(value):
+                raise _Problem(f"{key} {_shown(value)} is not sha256:<64 hex digits>")
+            if check is not None:
+                check(value)
             values[attr] = value
-        else:
-            raise TocError(f"TOC field {key!r} has the wrong type")
-    entry = TocEntry(**values)
-    if entry.type not in ENTRY_TYPES:
-        raise TocError(f"TOC entry {entry.name!r} has unknown type {entry.type!r}")
+        entry = TocEntry(**values)
+        _check_entry_shape(entry)
+    except _Problem as exc:
+        raise TocError(f"{_entry_where(where, index, raw.get('name'))}{exc}") from None
     return entry
 
 
-def _expect(obj: Mapping[str, object], key: str, kind: type, default: Any) -> Any:
+def _expect(obj: Mapping[str, object], key: str, kind: type, default: Any, where: str) -> Any:
     value = obj.get(key, default)
     if value is None:
         return default
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise TocError(f"TOC field {key!r} has the wrong type")
+        raise TocError(f"{where}TOC field {key!r} is {_json_type(value)}, not {kind.__name__}")
     return value
 
 
 def _decode_xattrs(raw: object) -> dict[str, bytes]:
-    if raw is None:
-        return {}
     if not isinstance(raw, dict):
-        raise TocError("TOC xattrs is not an object")
-    if not all(isinstance(v, str) for v in raw.values()):
-        raise TocError("TOC xattr values must be base64 strings")
+        raise _Problem(f"xattrs is {_json_type(raw)}, not an object")
+    decoded: dict[str, bytes] = {}
+    for name, value in raw.items():
+        if not isinstance(value, str):
+            raise _Problem(f"xattr {_shown(name)} is {_json_type(value)}, not base64 text")
+        try:
+            decoded[name] = base64.b64decode(value, validate=True)
+        except (ValueError, binascii.Error):
+            raise _Problem(f"xattr {_shown(name)} is not valid base64") from None
+    return decoded
+
+
+# --- loading the JSON within bounds ---------------------------------------------------------------
+
+
+def _load_toc_json(data: bytes, where: str, limits: LimitsConfig) -> dict[str, Any]:
+    """The TOC's top-level object, parsed only once its size and shape are within ``limits``."""
+    if len(data) > limits.max_toc_bytes:
+        raise TocError(
+            f"{where}TOC is {len(data)} bytes, more than the limit of {limits.max_toc_bytes}"
+        )
+    _check_json_shape(data, where, limits)
     try:
-        return {str(k): base64.b64decode(v, validate=True) for k, v in raw.items()}
-    except ValueError as exc:
-        raise TocError(f"TOC xattr value is not base64: {exc}") from exc
+        text = data.decode("utf-8")  # Go writes UTF-8 only; no BOM, no UTF-16
+        obj = json.loads(
+            text, object_pairs_hook=_refuse_duplicate_keys, parse_constant=_refuse_constant
+        )
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise TocError(f"{where}TOC is not valid JSON: {_one_line(str(exc))}") from exc
+    if not isinstance(obj, dict):
+        raise TocError(f"{where}TOC is {_json_type(obj)}, not an object")
+    return obj
+
+
+def _check_json_shape(data: bytes, where: str, limits: LimitsConfig) -> None:
+    """Refuse JSON that would build far more objects than ``max_toc_entries`` entries need.
+
+    json.loads builds everything before any count can be checked, and small nodes cost much
+    more than their text (``{},`` is 3 bytes and an 88-byte dict). Counting brackets and commas
+    (an upper bound on objects, arrays and values: brackets and commas inside strings only
+    over-count) bounds that memory at C speed, before parsing.
+    """
+    containers = data.count(b"{") + data.count(b"[")
+    max_containers = _CONTAINERS_PER_ENTRY * limits.max_toc_entries + 16
+    if containers > max_containers:
+        raise TocError(
+            f"{where}TOC has {containers} JSON objects and arrays, more than "
+            f"{limits.max_toc_entries} entries may hold"
+        )
+    values = data.count(b",")
+    if values > _VALUES_PER_ENTRY * limits.max_toc_entries + 4096:
+        raise TocError(
+            f"{where}TOC has {values} JSON values, more than {limits.max_toc_entries} entries "
+            f"may hold"
+        )
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        # Parsers disagree on which duplicate wins, so such a TOC means two things.
+        raise ValueError(f"duplicate key {_first_duplicate(pairs)!r} in an object")
+    return result
+
+
+def _first_duplicate(pairs: list[tuple[str, object]]) -> str:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    raise AssertionError("no duplicate")
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")  # Python accepts NaN and Infinity; Go does not
+
+
+# --- checking the entries -------------------------------------------------------------------------
+
+
+class _Problem(Exception):
+    """Internal: what is wrong with one entry; the caller says which entry."""
+
+
+def check_entries(
+    entries: Sequence[TocEntry],
+    *,
+    layer: str = "",
+    blob_size: int | None = None,
+    limits: LimitsConfig = _DEFAULT_LIMITS,
+) -> None:
+    """Check every entry of a zstd:chunked TOC against its real range, and each regular file's
+    chunks against its size, ``blob_size`` and ``limits``; TocError (one line) otherwise.
+
+    :meth:`Toc.parse` runs it; run it on TOCs built some other way (a local conversion) before
+    mounting them.
+    """
+    where = _prefix(layer)
+    if len(entries) > limits.max_toc_entries:
+        raise TocError(
+            f"{where}TOC has {len(entries)} entries, more than the limit of "
+            f"{limits.max_toc_entries}"
+        )
+    _check_each_entry(entries, where)
+    _check_files(entries, where, blob_size, limits)
+
+
+def _check_files(
+    entries: Sequence[TocEntry], where: str, blob_size: int | None, limits: LimitsConfig
+) -> None:
+    for index, group in _indexed_groups(entries, where):
+        problem = file_problem(group, blob_size, limits)
+        if problem is not None:
+            raise TocError(f"{_entry_where(where, index, group[0].name)}{problem}")
+
+
+def _check_each_entry(entries: Iterable[TocEntry], where: str) -> None:
+    for index, entry in enumerate(entries):
+        try:
+            _check_fields(entry)
+        except _Problem as exc:
+            raise TocError(f"{_entry_where(where, index, entry.name)}{exc}") from None
+
+
+def _check_fields(entry: TocEntry) -> None:
+    """The checks :func:`_entry_from_obj` makes as it reads JSON, on a built entry."""
+    for attr, key, _ in _FIELDS:
+        value = getattr(entry, attr)
+        if value or key in ("type", "name"):
+            _FIELD_CHECKS[key](value)
+    _check_entry_shape(entry)
+
+
+def _check_entry_shape(entry: TocEntry) -> None:
+    """What concerns several fields: a link has a target; only a directory is the root."""
+    _check_type(entry.type)  # also when the key is missing
+    if entry.type in ("symlink", "hardlink") and not entry.link_name:
+        raise _Problem(f"a {entry.type} needs a linkName")
+    if entry.type != "dir" and entry.type != "chunk" and _names_root(entry.name):
+        raise _Problem(f"a {entry.type} cannot be the root directory")
+
+
+def _names_root(name: str) -> bool:
+    """True if the merged tree resolves ``name`` to the root (``..`` stops at the root)."""
+    if ".." not in name:
+        return not name.strip("/.")  # only "/" and "." components (".x" is a name)
+    return posixpath.normpath("/" + name) == "/"
+
+
+def _range_check(key: str, largest: int) -> Callable[[Any], None]:
+    def check(value: int) -> None:
+        if not 0 <= value <= largest:
+            raise _Problem(f"{key} {_shown(value)} out of range 0..{largest}")
+
+    return check
+
+
+def _check_mode(mode: int) -> None:
+    if not 0 <= mode <= MAX_MODE or stat.S_IFMT(mode) not in _MODE_TYPE_BITS:
+        raise _Problem(f"mode {mode:#o} is not permission bits (0..0o7777) and a file type")
+
+
+def _check_type(kind: str) -> None:
+    if kind not in ENTRY_TYPES:
+        raise _Problem(f"unknown type {_shown(kind)}")
+
+
+def _path_check(key: str) -> Callable[[Any], None]:
+    def check(text: str) -> None:
+        """NUL-free and within PATH_MAX and NAME_MAX, counted in the bytes the kernel sees."""
+        if "\x00" in text:
+            raise _Problem(f"{key} holds a NUL byte")
+        size = len(text) if text.isascii() else len(name_bytes(text))
+        if size > MAX_PATH_BYTES:
+            raise _Problem(f"{key} is {size} bytes, more than PATH_MAX allows ({MAX_PATH_BYTES})")
+        if size > MAX_NAME_BYTES:
+            longest = max(len(name_bytes(part)) for part in text.split("/"))
+            if longest > MAX_NAME_BYTES:
+                raise _Problem(f"{key} has a {longest}-byte component, more than NAME_MAX (255)")
+
+    return check
+
+
+def _time_check(key: str) -> Callable[[Any], None]:
+    def check(text: str) -> None:
+        try:
+            parse_rfc3339_ns(text)
+        except TocError:
+            raise _Problem(f"{key} {_shown(text)} is not an RFC 3339 time") from None
+
+    return check
+
+
+def _digest_check(key: str) -> Callable[[Any], None]:
+    def check(digest: str) -> None:
+        if digest and not _DIGEST_RE.fullmatch(digest):
+            raise _Problem(f"{key} {_shown(digest)} is not sha256:<64 hex digits>")
+
+    return check
+
+
+def _check_chunk_type(chunk_type: str) -> None:
+    if chunk_type not in CHUNK_TYPES:
+        raise _Problem(f"unknown chunkType {_shown(chunk_type)}")
+
+
+def name_bytes(text: str) -> bytes:
+    """TOC text as the bytes the kernel sees, as the merged tree encodes it: tar's non-UTF-8
+    bytes (surrogate escapes) come back as they were; a lone surrogate from a JSON escape is
+    kept as its 3-byte form."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _check_xattrs(xattrs: Mapping[str, bytes]) -> None:
+    listed = 0
+    for name, value in xattrs.items():
+        encoded = name_bytes(name)
+        if not encoded or b"\x00" in encoded or len(encoded) > MAX_XATTR_NAME_BYTES:
+            raise _Problem(f"xattr name {_shown(name)} is empty, holds NUL or exceeds 255 bytes")
+        if len(value) > MAX_XATTR_VALUE_BYTES:
+            raise _Problem(
+                f"xattr {_shown(name)} is {len(value)} bytes, more than {MAX_XATTR_VALUE_BYTES}"
+            )
+        listed += len(encoded) + 1
+    if listed > MAX_XATTR_LIST_BYTES:
+        raise _Problem(f"xattr names take {listed} bytes, more than {MAX_XATTR_LIST_BYTES}")
+
+
+# The largest value of each number with a plain range; every one of them starts at 0.
+_NUMBER_RANGES: dict[str, int] = {
+    "size": MAX_INT64,
+    "uid": MAX_ID,
+    "gid": MAX_ID,
+    "devMajor": MAX_DEV_MAJOR,
+    "devMinor": MAX_DEV_MINOR,
+    "offset": MAX_INT64,
+    "endOffset": MAX_INT64,
+    "chunkSize": MAX_INT64,
+    "chunkOffset": MAX_INT64,
+    "innerOffset": MAX_INT64,
+    "lazyfsPrefetch": MAX_INT64,
+}
+
+# The check of each field, by JSON key.
+_FIELD_CHECKS: dict[str, Callable[[Any], None]] = {
+    "type": _check_type,
+    "name": _path_check("name"),
+    "linkName": _path_check("linkName"),
+    "mode": _check_mode,
+    **{key: _range_check(key, largest) for key, largest in _NUMBER_RANGES.items()},
+    "modtime": _time_check("modtime"),
+    "accesstime": _time_check("accesstime"),
+    "changetime": _time_check("changetime"),
+    "xattrs": _check_xattrs,
+    "digest": _digest_check("digest"),
+    "chunkDigest": _digest_check("chunkDigest"),
+    "chunkType": _check_chunk_type,
+    "lazyfsVerity": _digest_check("lazyfsVerity"),
+    "lazyfsChunkVerity": _digest_check("lazyfsChunkVerity"),
+}
+assert set(_FIELD_CHECKS) == {key for _, key, _ in _FIELDS}
+
+# Per JSON key, for parsing, the checks inlined where they are cheap: (attribute, JSON type,
+# largest value of a plain range or 0, the pattern of a digest or None, the check of anything
+# else or None). The entry's type is checked with its shape, once it is built.
+_DIGEST_KEYS = frozenset({"digest", "chunkDigest", "lazyfsVerity", "lazyfsChunkVerity"})
+_OPTIONAL_DIGEST_RE = re.compile(rf"(?:{_DIGEST_RE.pattern})?")
+_PARSE_SPECS: dict[str, tuple[str, type, int, re.Pattern[str] | None, Callable[[Any], None] | None]]
+_PARSE_SPECS = {
+    key: (
+        attr,
+        dict if kind == "xattrs" else _JSON_TYPE[kind],
+        _NUMBER_RANGES.get(key, 0),
+        _OPTIONAL_DIGEST_RE if key in _DIGEST_KEYS else None,
+        None if key in _NUMBER_RANGES.keys() | _DIGEST_KEYS | {"type"} else _FIELD_CHECKS[key],
+    )
+    for attr, key, kind in _FIELDS
+}
+
+
+def _indexed_groups(
+    entries: Sequence[TocEntry], where: str
+) -> Iterator[tuple[int, list[TocEntry]]]:
+    """Like :func:`group_file_entries`, with the index of each group's first entry."""
+    start = 0
+    for index, entry in enumerate(entries):
+        if entry.type != "chunk":
+            if index > start:
+                yield start, list(entries[start:index])
+            start = index
+        elif entries[start].type != "reg" or entries[start].name != entry.name:
+            problem = "chunk entry does not follow its file's reg entry"
+            raise TocError(f"{_entry_where(where, index, entry.name)}{problem}")
+    if len(entries) > start:
+        yield start, list(entries[start:])
+
+
+def file_problem(
+    group: Sequence[TocEntry], blob_size: int | None, limits: LimitsConfig = _DEFAULT_LIMITS
+) -> str | None:
+    """What is wrong with one entry and the chunk entries after it, or None: a regular file's
+    chunks must tile it, lie within ``blob_size`` and keep within ``limits``."""
+    head = group[0]
+    if head.type != "reg":
+        return None
+    if head.size == 0:
+        return "an empty file has chunk entries" if len(group) > 1 else None
+    try:
+        if len(group) == 1:  # most files: one chunk, checked without building it
+            _check_range(0, head.size, head.offset, head.end_offset, False, 0)
+            _check_within(0, head.size, head.offset, head.end_offset, False, head.inner_offset,
+                          blob_size, limits)  # fmt: skip
+            return None
+        for chunk in _chunk_refs(list(group)):
+            _check_within(chunk.file_offset, chunk.size, chunk.blob_offset, chunk.blob_end,
+                          chunk.zeros, chunk.inner_offset, blob_size, limits)  # fmt: skip
+    except _Problem as exc:
+        return str(exc)
+    return None
+
+
+def _check_within(
+    file_offset: int,
+    size: int,
+    blob_offset: int,
+    blob_end: int,
+    zeros: bool,
+    inner_offset: int,
+    blob_size: int | None,
+    limits: LimitsConfig,
+) -> None:
+    """One chunk's range within the blob, and its sizes within ``limits``."""
+    at = f"chunk at {file_offset}"
+    if blob_size is not None and blob_end > blob_size:
+        raise _Problem(f"{at} ends at byte {blob_end}, past the blob's {blob_size}")
+    if zeros:
+        return  # never fetched or decompressed
+    if inner_offset + size > limits.max_chunk_bytes:
+        raise _Problem(
+            f"{at} is {inner_offset + size} bytes uncompressed, more than the limit of "
+            f"{limits.max_chunk_bytes}"
+        )
+    if blob_end - blob_offset > 2 * limits.max_chunk_bytes:
+        raise _Problem(
+            f"{at} takes {blob_end - blob_offset} compressed bytes, more than twice the limit "
+            f"of {limits.max_chunk_bytes}"
+        )
+
+
+# --- timestamps -----------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)  # the files of an image share few distinct mtimes
+def parse_rfc3339_ns(text: str) -> int:
+    """``2023-01-02T03:04:05.123Z`` (or with an offset) -> nanoseconds since the epoch.
+
+    The same rules as the merged tree's (lazyfs/mount/tree.py), so a time this accepts is one
+    the tree accepts: years 1 to 9999 (datetime's range), a fraction of ASCII digits.
+    """
+    if not text:
+        return 0
+    main, fraction, zone = _split_timestamp(text)
+    try:
+        seconds = int(datetime.fromisoformat(main + zone).timestamp())
+    except (ValueError, OverflowError) as exc:
+        raise TocError(f"invalid timestamp {_shown(text)}") from exc
+    if fraction and not _DIGITS.fullmatch(fraction):
+        raise TocError(f"invalid timestamp {_shown(text)}")
+    return seconds * 1_000_000_000 + int((fraction + "000000000")[:9])
+
+
+def _split_timestamp(text: str) -> tuple[str, str, str]:
+    zone = "+00:00"
+    body = text
+    if body.endswith(("Z", "z")):
+        body = body[:-1]
+    elif len(body) > 6 and body[-6] in "+-" and body[-3] == ":":
+        body, zone = body[:-6], body[-6:]
+    main, _, fraction = body.partition(".")
+    return main, fraction, zone
+
+
+# --- one-line messages ----------------------------------------------------------------------------
+
+_SHOWN_CHARS = 80
+
+
+def _prefix(layer: str) -> str:
+    return f"layer {layer}: " if layer else ""
+
+
+def _entry_where(where: str, index: int, name: object) -> str:
+    shown = _shown_name(name) if isinstance(name, str) else "?"
+    return f"{where}TOC entry {index} ({shown}): "
+
+
+def _shown_name(name: str) -> str:
+    """A name as it may appear in a one-line message: plain if printable, else its repr."""
+    text = name if name.isprintable() and name.strip() == name and name else repr(name)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 1] + "…"
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 1] + "…"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _json_type(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    names |= {list: "an array", dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _go_json(value: object) -> bytes:
@@ -234,16 +716,75 @@ class BlobSection:
         return self.offset + self.length
 
 
-def parse_toc_position(value: str) -> BlobSection:
-    """Parse ``offset:length:uncompressedLength:1`` from the manifest-position annotation."""
+def parse_toc_position(
+    value: str,
+    *,
+    layer: str = "",
+    blob_size: int | None = None,
+    limits: LimitsConfig = _DEFAULT_LIMITS,
+) -> BlobSection:
+    """Parse ``offset:length:uncompressedLength:1`` from the manifest-position annotation.
+
+    The section must lie within ``blob_size`` (the layer descriptor's size) when it is given,
+    and its lengths within ``limits``: it says how much to fetch and to decompress.
+    """
+    where = f"{_prefix(layer)}TOC position annotation {_shown(value)}"
+    numbers = _position_numbers(value, 4, where)
+    if numbers[3] != MANIFEST_TYPE_CRFS:
+        raise TocError(f"{where}: unsupported manifest type {numbers[3]}")
+    section = BlobSection(numbers[0], numbers[1], numbers[2])
+    _check_section(section, where, blob_size, limits.max_toc_compressed_bytes, limits.max_toc_bytes)
+    return section
+
+
+def parse_tarsplit_position(
+    value: str,
+    *,
+    layer: str = "",
+    blob_size: int | None = None,
+    limits: LimitsConfig = _DEFAULT_LIMITS,
+) -> BlobSection:
+    """Parse ``offset:length:uncompressedLength`` from the tarsplit-position annotation."""
+    where = f"{_prefix(layer)}tar-split position annotation {_shown(value)}"
+    numbers = _position_numbers(value, 3, where)
+    section = BlobSection(numbers[0], numbers[1], numbers[2])
+    limit = limits.max_tar_split_bytes
+    _check_section(section, where, blob_size, limit, limit)
+    return section
+
+
+def _position_numbers(value: str, count: int, where: str) -> list[int]:
+    """``count`` decimal numbers separated by colons; ASCII digits only (``int()`` would also
+    take signs, spaces, underscores and other scripts' digits)."""
     parts = value.split(":")
-    try:
-        numbers = [int(p) for p in parts]
-    except ValueError as exc:
-        raise TocError(f"malformed TOC position annotation {value!r}") from exc
-    if len(numbers) != 4 or numbers[3] != MANIFEST_TYPE_CRFS or min(numbers) < 0:
-        raise TocError(f"malformed TOC position annotation {value!r}")
-    return BlobSection(numbers[0], numbers[1], numbers[2])
+    if len(parts) != count or not all(_POSITION_NUMBER.fullmatch(part) for part in parts):
+        raise TocError(f"{where}: expected {count} decimal numbers separated by ':'")
+    numbers = [int(part) for part in parts]
+    if max(numbers) > MAX_INT64:
+        raise TocError(f"{where}: a number is out of range 0..{MAX_INT64}")
+    return numbers
+
+
+def _check_section(
+    section: BlobSection,
+    where: str,
+    blob_size: int | None,
+    max_compressed_bytes: int,
+    max_uncompressed_bytes: int,
+) -> None:
+    if section.length == 0:
+        raise TocError(f"{where}: the section is empty")
+    if blob_size is not None and section.end > blob_size:
+        raise TocError(f"{where}: the section ends past the {blob_size}-byte blob")
+    if section.length > max_compressed_bytes:
+        raise TocError(
+            f"{where}: {section.length} bytes, more than the limit of {max_compressed_bytes}"
+        )
+    if section.uncompressed_length > max_uncompressed_bytes:
+        raise TocError(
+            f"{where}: {section.uncompressed_length} bytes uncompressed, more than the limit "
+            f"of {max_uncompressed_bytes}"
+        )
 
 
 def format_toc_position(section: BlobSection) -> str:
@@ -314,9 +855,16 @@ class ChunkRef:
 
 def file_chunks(entries: tuple[TocEntry, ...] | list[TocEntry]) -> list[ChunkRef]:
     """Chunks of one regular file, from its ``reg`` entry followed by its ``chunk`` entries."""
+    try:
+        return _chunk_refs(entries)
+    except _Problem as exc:
+        raise TocError(f"TOC entry {_shown(entries[0].name)}: {exc}") from None
+
+
+def _chunk_refs(entries: tuple[TocEntry, ...] | list[TocEntry]) -> list[ChunkRef]:
     head = entries[0]
     if head.size < 0:
-        raise TocError(f"TOC entry {head.name!r} has a negative size")
+        raise _Problem("negative size")
     if head.size == 0:
         return []
     if len(entries) == 1:
@@ -336,8 +884,9 @@ def file_chunks(entries: tuple[TocEntry, ...] | list[TocEntry]) -> list[ChunkRef
         _check_chunks_cover(head, [single])
         return [single]
     chunks = []
+    ends = _chunk_ends(entries, head.end_offset)
     for index, entry in enumerate(entries):
-        end = _chunk_end(entries, index, head.end_offset)
+        end = ends[index]
         size = entry.chunk_size or _implied_chunk_size(entries, index, head.size)
         chunks.append(
             ChunkRef(
@@ -356,14 +905,16 @@ def file_chunks(entries: tuple[TocEntry, ...] | list[TocEntry]) -> list[ChunkRef
     return chunks
 
 
-def _chunk_end(entries: tuple[TocEntry, ...] | list[TocEntry], i: int, file_end: int) -> int:
-    """Where chunk ``i``'s compressed bytes end: where the next chunk's start, unless that
-    chunk shares the same (eStargz) gzip member, which an ``innerOffset`` says."""
-    start = entries[i].offset
-    for following in entries[i + 1 :]:
-        if following.offset != start or following.inner_offset == 0:
-            return following.offset
-    return file_end
+def _chunk_ends(entries: tuple[TocEntry, ...] | list[TocEntry], file_end: int) -> list[int]:
+    """Where each chunk's compressed bytes end: where the next chunk's start, unless that chunk
+    shares the same (eStargz) gzip member, which an ``innerOffset`` says; then where that one's
+    end. One pass from the last chunk back, so a file of many chunks costs linear time."""
+    ends = [file_end] * len(entries)
+    for i in range(len(entries) - 2, -1, -1):
+        following = entries[i + 1]
+        shares_member = following.offset == entries[i].offset and following.inner_offset != 0
+        ends[i] = ends[i + 1] if shares_member else following.offset
+    return ends
 
 
 def _implied_chunk_size(entries: tuple[TocEntry, ...] | list[TocEntry], i: int, size: int) -> int:
@@ -374,15 +925,29 @@ def _implied_chunk_size(entries: tuple[TocEntry, ...] | list[TocEntry], i: int, 
 def _check_chunks_cover(head: TocEntry, chunks: list[ChunkRef]) -> None:
     position = 0
     for chunk in chunks:
-        if chunk.file_offset != position or chunk.size <= 0:
-            raise TocError(f"TOC chunks of {head.name!r} do not tile the file")
-        if chunk.blob_end < chunk.blob_offset or (
-            not chunk.zeros and chunk.blob_end == chunk.blob_offset
-        ):
-            raise TocError(f"TOC chunk of {head.name!r} has an empty byte range")
+        _check_range(
+            position,
+            chunk.size,
+            chunk.blob_offset,
+            chunk.blob_end,
+            chunk.zeros,
+            chunk.file_offset,
+        )
         position += chunk.size
     if position != head.size:
-        raise TocError(f"TOC chunks of {head.name!r} cover {position} of {head.size} bytes")
+        raise _Problem(f"chunks cover {position} of {head.size} bytes")
+
+
+def _check_range(
+    position: int, size: int, blob_offset: int, blob_end: int, zeros: bool, file_offset: int
+) -> None:
+    """A chunk that starts where the one before ended, and has bytes in the blob."""
+    if file_offset != position or size <= 0:
+        raise _Problem(f"chunks do not tile the file (chunk at {file_offset})")
+    if blob_end < blob_offset or (not zeros and blob_end == blob_offset):
+        raise _Problem(
+            f"chunk at {file_offset} has an empty byte range [{blob_offset}, {blob_end})"
+        )
 
 
 def group_file_entries(entries: tuple[TocEntry, ...]) -> Iterator[list[TocEntry]]:

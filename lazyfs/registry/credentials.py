@@ -1,0 +1,228 @@
+"""Registry credentials: ``--creds``, and the auth files podman, skopeo and docker use.
+
+Auth files hold ``auths`` (inline, base64 ``user:password``), ``credHelpers`` and ``credsStore``
+(run as ``docker-credential-NAME get``). No network and no httpx here: ``lazyfs mount`` as a
+client looks its credentials up with this module, as the user it runs as, and sends them to
+the service over the control socket. Secrets never reach logs, reprs or exception messages.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from lazyfs.config import Credentials
+from lazyfs.errors import AuthError, UsageError
+
+log = logging.getLogger(__name__)
+
+_HELPER_TIMEOUT_S = 30.0
+_HELPER_NOT_FOUND = "credentials not found"
+# Docker Hub's names: helpers and config files key it by the legacy index URL.
+_DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+_DOCKER_HUB_SERVER_URL = "https://index.docker.io/v1/"
+# A helper answering with this user name hands out an OAuth identity token instead.
+_IDENTITY_TOKEN_USER = "<token>"
+
+
+class CredentialSource(Protocol):
+    """Finds the credentials for a registry (``docker.io``, ``host:port``); may block."""
+
+    def lookup(self, registry: str) -> Credentials | None: ...
+
+
+@dataclass(frozen=True)
+class StaticCredentials:
+    """The same credentials for every registry (``--creds``)."""
+
+    credentials: Credentials
+
+    def lookup(self, registry: str) -> Credentials | None:
+        return self.credentials
+
+
+def parse_creds(text: str) -> Credentials:
+    """Parse ``--creds user[:password]``; a missing password is empty."""
+    username, _, password = text.partition(":")
+    if not username:
+        raise UsageError("--creds needs a user name: USER[:PASSWORD]")
+    return Credentials(username, password)
+
+
+def auth_file_paths(authfile: Path | None, environ: Mapping[str, str]) -> list[Path]:
+    """The auth files to search, in podman/skopeo order."""
+    if authfile is not None:
+        return [authfile]
+    if environ.get("REGISTRY_AUTH_FILE"):
+        return [Path(environ["REGISTRY_AUTH_FILE"])]
+    home = Path(environ.get("HOME") or Path.home())
+    paths = []
+    if environ.get("XDG_RUNTIME_DIR"):
+        paths.append(Path(environ["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
+    config_home = Path(environ.get("XDG_CONFIG_HOME") or home / ".config")
+    paths.append(config_home / "containers" / "auth.json")
+    docker_dir = (
+        Path(environ["DOCKER_CONFIG"]) if environ.get("DOCKER_CONFIG") else home / ".docker"
+    )
+    paths.append(docker_dir / "config.json")
+    return paths
+
+
+class DockerConfigCredentials:
+    """Credentials from ``--creds``, else from the first auth file that knows the registry."""
+
+    def __init__(
+        self,
+        authfile: Path | None = None,
+        *,
+        creds: Credentials | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        if authfile is not None and not authfile.is_file():
+            raise UsageError(f"auth file {authfile} does not exist")
+        self._explicit = creds
+        self._paths = auth_file_paths(authfile, os.environ if environ is None else environ)
+
+    def __repr__(self) -> str:
+        return (
+            f"DockerConfigCredentials(paths={self._paths}, explicit={self._explicit is not None})"
+        )
+
+    def lookup(self, registry: str) -> Credentials | None:
+        if self._explicit is not None:
+            return self._explicit
+        for path in self._paths:
+            found = _lookup_in_file(path, registry)
+            if found is not None:
+                log.debug("credentials for %s from %s", registry, path)
+                return found
+        return None
+
+
+def _lookup_in_file(path: Path, registry: str) -> Credentials | None:
+    config = _load_auth_file(path)
+    if config is None:
+        return None
+    helper = _entry_for(config.get("credHelpers"), registry)
+    if isinstance(helper, str) and helper:
+        return run_credential_helper(helper, registry)
+    inline = _inline_credentials(_entry_for(config.get("auths"), registry), path, registry)
+    if inline is not None:
+        return inline
+    store = config.get("credsStore")
+    if isinstance(store, str) and store:
+        return run_credential_helper(store, registry)
+    return None
+
+
+def _load_auth_file(path: Path) -> dict[str, Any] | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise AuthError(f"cannot read auth file {path}: {exc.strerror}") from exc
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise AuthError(f"auth file {path} is not valid JSON") from exc
+    if not isinstance(document, dict):
+        raise AuthError(f"auth file {path} is not a JSON object")
+    return document
+
+
+def _normalize_registry(key: str) -> str:
+    """``https://index.docker.io/v1/`` -> ``docker.io``; ``http://host:5000/`` -> ``host:5000``."""
+    host = key.split("://", 1)[-1].split("/", 1)[0].lower()
+    return "docker.io" if host in _DOCKER_HUB_ALIASES else host
+
+
+def _entry_for(section: Any, registry: str) -> Any:
+    if not isinstance(section, dict):
+        return None
+    wanted = _normalize_registry(registry)
+    for key, value in section.items():
+        if isinstance(key, str) and _normalize_registry(key) == wanted:
+            return value
+    return None
+
+
+def _inline_credentials(entry: Any, path: Path, registry: str) -> Credentials | None:
+    if not isinstance(entry, dict):
+        return None
+    encoded = entry.get("auth")
+    if isinstance(encoded, str) and encoded:
+        return _decode_auth_field(encoded, path, registry)
+    username, password = entry.get("username"), entry.get("password")
+    if isinstance(username, str) and username and isinstance(password, str):
+        return Credentials(username, password)
+    return None
+
+
+def _decode_auth_field(encoded: str, path: Path, registry: str) -> Credentials:
+    try:
+        decoded = base64.b64decode(encoded, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise AuthError(f"auth file {path}: malformed auth entry for {registry}") from exc
+    username, colon, password = decoded.partition(":")
+    if not colon or not username:
+        raise AuthError(f"auth file {path}: auth entry for {registry} is not user:password")
+    return Credentials(username, password)
+
+
+def helper_server_url(registry: str) -> str:
+    """What to hand a credential helper: docker keys Docker Hub by its legacy index URL."""
+    return _DOCKER_HUB_SERVER_URL if _normalize_registry(registry) == "docker.io" else registry
+
+
+def run_credential_helper(name: str, registry: str) -> Credentials | None:
+    """Run ``docker-credential-NAME get`` with the server on stdin; None if it has no entry."""
+    program = f"docker-credential-{name}"
+    try:
+        result = subprocess.run(
+            [program, "get"],
+            input=helper_server_url(registry).encode(),
+            capture_output=True,
+            timeout=_HELPER_TIMEOUT_S,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise AuthError(f"credential helper {program} not found on PATH") from exc
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AuthError(f"credential helper {program} failed to run for {registry}") from exc
+    return _parse_helper_answer(program, registry, result)
+
+
+def _parse_helper_answer(
+    program: str, registry: str, result: subprocess.CompletedProcess[bytes]
+) -> Credentials | None:
+    # The helper's output may hold a secret, so it never goes into a message.
+    if result.returncode != 0:
+        if _HELPER_NOT_FOUND in (result.stdout + result.stderr).decode(errors="replace").lower():
+            return None
+        raise AuthError(
+            f"credential helper {program} failed for {registry} (exit {result.returncode})"
+        )
+    try:
+        answer = json.loads(result.stdout)
+        username, secret = answer["Username"], answer["Secret"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AuthError(
+            f"credential helper {program} gave a malformed answer for {registry}"
+        ) from exc
+    if not isinstance(username, str) or not isinstance(secret, str):
+        raise AuthError(f"credential helper {program} gave a malformed answer for {registry}")
+    if username == _IDENTITY_TOKEN_USER:
+        log.warning(
+            "%s: identity tokens from %s are not supported; going anonymous", registry, program
+        )
+        return None
+    return Credentials(username, secret)
