@@ -35,6 +35,11 @@ class RegistryConfig:
     monolithic_upload_max_bytes: int = 64 << 20
     upload_chunk_bytes: int = 16 << 20
     retry: RetryConfig = field(default_factory=RetryConfig)
+    # A body stalls when fewer than stall_min_bytes arrive within stall_timeout_s (a trickle
+    # counts as a stall); the attempt then fails as transient and is retried. httpx's timeouts
+    # (fetch_timeout_s) apply to each socket read, so a trickling body never meets them.
+    stall_timeout_s: float = 30.0
+    stall_min_bytes: int = 16 << 10
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,9 @@ class ChunkingConfig:
     avg_chunk_bytes: int = 64 << 10
     max_chunk_bytes: int = 256 << 10
     zstd_level: int = 3
+    # Processes that compress and hash a layer; 0: one per CPU this process may run on. The blob
+    # is the same for any number (docs/chunking.md, "Convert throughput").
+    workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,3 +100,29 @@ class CacheConfig:
     size_limit_bytes: int = 10 << 30
     # Re-hash chunks read back from the cache. Off by default; see docs/benchmarks.md.
     verify_reads: bool = False
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """What one image may make a node parse and hold; beyond these it is refused.
+
+    Whoever publishes an image controls its manifest, TOCs and blobs, so sizes and counts in
+    them are claims, not facts. The defaults, measured in docs/reliability.md: a lazyfs TOC
+    takes about 455 bytes of JSON and 1.5 KB of parsed memory per entry, so 256 MiB of JSON
+    holds about 590,000 files, and a million entries parse into about 1.5 GiB.
+    """
+
+    # One layer's TOC JSON (zstd:chunked, eStargz), uncompressed and as fetched.
+    max_toc_bytes: int = 256 << 20
+    max_toc_compressed_bytes: int = 128 << 20
+    max_toc_entries: int = 1_000_000
+    # One layer's tar-split, uncompressed: about 1.2 KB per tar member (measured), so 900,000.
+    max_tar_split_bytes: int = 1 << 30
+    # One chunk, uncompressed; its compressed range may be twice this. Runs of zeros
+    # (chunkType "zeros", never fetched) are exempt. eStargz chunks are 4 MiB by default,
+    # lazyfs's at most 256 KiB, containers/storage's about 64 KiB on average.
+    max_chunk_bytes: int = 64 << 20
+    # Layers of one image manifest (overlayfs stacks at most about 500 lower directories).
+    max_image_layers: int = 500
+    # An image config blob (configs with a long history are a few hundred KiB).
+    max_config_bytes: int = 16 << 20

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from oracles import require_tool
 
 from lazyfs.config import ChunkingConfig
-from lazyfs.errors import TocError
+from lazyfs.errors import CacheError, LayoutError, TocError
 from lazyfs.formats.chunked.tarsplit import parse_tar_split, reassemble_tar
 from lazyfs.formats.chunked.toc import (
     FOOTER_BYTES,
@@ -689,3 +689,20 @@ def test_any_files_round_trip(contents: list[bytes], tar_format: int) -> None:
             assert group[0].verity == verity(data)
     assert reassemble_from_blob(conv) == conv.tar
     assert conv.layer.stats.payload_bytes == sum(map(len, contents))
+
+
+# --- local file errors are lazyfs errors ---------------------------------------------------------
+
+
+def test_unreadable_tar_is_a_layout_error(tmp_path: Path) -> None:
+    with pytest.raises(LayoutError, match="cannot read the layer tar"):
+        write_chunked_layer(tmp_path / "missing.tar", tmp_path / "out.zst", SMALL)
+    with pytest.raises(LayoutError, match="cannot read the layer tar"):
+        write_chunked_layer(tmp_path, tmp_path / "out.zst", SMALL, Digest("sha256", "0" * 64))
+
+
+def test_unwritable_blob_is_a_cache_error(tmp_path: Path) -> None:
+    tar = tmp_path / "layer.tar"
+    tar.write_bytes(tar_of(feature_items(tarfile.PAX_FORMAT), tarfile.PAX_FORMAT))
+    with pytest.raises(CacheError, match="cannot write the layer blob"):
+        write_chunked_layer(tar, tmp_path / "no" / "such" / "dir.zst", SMALL)

@@ -50,12 +50,30 @@ def add_parser(commands: Any) -> None:
     chunking.add_argument("--chunk-max", type=parse_size, default=defaults.max_chunk_bytes)
     chunking.add_argument("--compression-level", type=int, default=defaults.zstd_level)
     chunking.add_argument("--work-dir", type=Path, help="scratch directory for layer data")
+    chunking.add_argument(
+        "-j",
+        "--jobs",
+        type=_jobs,
+        default=defaults.workers,
+        metavar="N",
+        help="processes that compress and hash (default: one per CPU; the output is the same)",
+    )
     add_registry_flags(parser, directional=True)
     parser.set_defaults(handler=lambda args: run_trio(lambda: run_convert(args)))
 
 
+def _jobs(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1024:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of processes from 1 to 1024, got {text!r}"
+        )
+    return int(text)
+
+
 def chunking_config(args: argparse.Namespace) -> ChunkingConfig:
-    config = ChunkingConfig(args.chunk_min, args.chunk_avg, args.chunk_max, args.compression_level)
+    config = ChunkingConfig(
+        args.chunk_min, args.chunk_avg, args.chunk_max, args.compression_level, args.jobs
+    )
     if not 0 < config.min_chunk_bytes <= config.avg_chunk_bytes <= config.max_chunk_bytes:
         raise UsageError("chunk sizes must satisfy 0 < --chunk-min <= --chunk-avg <= --chunk-max")
     if not 1 <= config.zstd_level <= 19:

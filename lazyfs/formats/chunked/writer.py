@@ -8,32 +8,44 @@ decompresses to exactly the input tar and its diff_id does not change. Layout of
   fetch and decompress just that chunk;
 - then three skippable frames: the TOC, the tar-split, and the 64-byte footer.
 
-Hashing and compression run on a small thread pool (hashlib and zstandard release the GIL);
-results are consumed in order, so the output is byte-identical on every run.
-See docs/format.md for the canonical choices.
+How the work is shared: this process reads the tar headers (``members``), finds the chunk
+boundaries (``chunker``) and groups the frames and digests to compute into batches of about
+4 MiB of tar; the batches run in worker processes, one per CPU (``frames``, ``workers``), and
+their results are placed in the blob in tar order. The blob depends only on the tar and on the
+chunking and level settings, never on the number of workers. See docs/format.md for the
+canonical choices and docs/chunking.md for the measurements.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import mmap
-import tarfile
-import threading
+import os
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import BinaryIO
 
-import fastcdc
 import zstandard
 
 from lazyfs.config import ChunkingConfig
-from lazyfs.errors import TocError
+from lazyfs.errors import CacheError, LayoutError
+from lazyfs.formats.chunked.chunker import WINDOW_BYTES, cut_points
+from lazyfs.formats.chunked.frames import (
+    CHUNK,
+    FILE,
+    RAW,
+    SOLE_CHUNK,
+    Batch,
+    BatchResult,
+    ChunkDigests,
+    FileDigests,
+    Op,
+    read_exact,
+    read_into,
+)
+from lazyfs.formats.chunked.members import entry_for, iter_members, raw_name
 from lazyfs.formats.chunked.ranks import mark_entries
 from lazyfs.formats.chunked.tarsplit import Crc64, TarSplitWriter, trailer_segments
 from lazyfs.formats.chunked.toc import (
@@ -50,25 +62,20 @@ from lazyfs.formats.chunked.toc import (
     format_tarsplit_position,
     format_toc_position,
     skippable_frame,
-    with_chunk_fields,
 )
+from lazyfs.formats.chunked.workers import BatchRunner
 from lazyfs.model.digest import Digest
 from lazyfs.model.profiles import AccessProfile
-from lazyfs.model.verity import VerityHasher, format_verity, fsverity_digest
 
-_TAR_TYPES = {
-    tarfile.REGTYPE: "reg",
-    tarfile.AREGTYPE: "reg",
-    tarfile.CONTTYPE: "reg",
-    tarfile.LNKTYPE: "hardlink",
-    tarfile.SYMTYPE: "symlink",
-    tarfile.CHRTYPE: "char",
-    tarfile.BLKTYPE: "block",
-    tarfile.DIRTYPE: "dir",
-    tarfile.FIFOTYPE: "fifo",
-}
-_WORKERS = 2
-_MAX_IN_FLIGHT = 64
+# About this much tar per batch: large enough that a batch's trip to a worker (~0.2 ms) is
+# noise, small enough that the batches in flight stay a few tens of MiB.
+BATCH_BYTES = 4 << 20
+# ... and at most this many ops, so that a batch of tiny files stays a small message.
+_MAX_BATCH_OPS = 512
+# A worker costs ~40 ms to start, what converting ~4 MB costs: small layers get fewer.
+BYTES_PER_WORKER = 8 << 20
+_BLOCK_BYTES = 512
+_EMPTY_CRC64 = Crc64().digest()
 
 
 @dataclass
@@ -106,50 +113,40 @@ class ChunkedLayer:
     stats: LayerStats
 
 
-@dataclass
-class _SplitItem:
-    """A tar-split entry: a segment (raw bytes) or a file (name, size, CRC)."""
+# slots, and not frozen: a layer makes tens of thousands of these, and frozen inits are slow.
+@dataclass(slots=True)
+class _Member:
+    """A tar member until its TOC entries and tar-split lines are written, in tar order."""
 
-    is_file: bool
-    name: bytes = b""
-    size: int = 0
-    raw: bytes = b""
-    crc64: bytes = b""
+    entry: TocEntry
+    headers: bytes  # the tar bytes before its payload: one tar-split segment
+    name: bytes  # its raw name, for the tar-split
+    size: int  # of its payload (regular files only)
+    chunks: list[ChunkRef] = field(default_factory=list)
+    digests: FileDigests | None = None
+    end_offset: int = 0  # in the blob, after the frame of its last chunk
+    placed_bytes: int = 0  # of its payload, in chunks whose frames are in the blob
 
-
-def _tar_split_json(items: list[_SplitItem]) -> bytes:
-    writer = TarSplitWriter()
-    for item in items:
-        if item.is_file:
-            writer.add_file(item.name, item.size, item.crc64 or Crc64().digest())
-        else:
-            writer.add_segment(item.raw)
-    return writer.getvalue()
+    @property
+    def complete(self) -> bool:
+        return self.placed_bytes == self.size
 
 
-def _raw_name(member: tarfile.TarInfo, view: memoryview) -> bytes:
-    """The member name as its header spells it; tarfile drops a directory's trailing slash."""
-    name = member.name.encode("utf-8", "surrogateescape")
-    if member.isdir() and not name.endswith(b"/"):
-        header = bytes(view[member.offset_data - 512 : member.offset_data - 412]).rstrip(b"\0")
-        if header.endswith(b"/") or member.pax_headers.get("path", "").endswith("/"):
-            name += b"/"
-    return name
+@dataclass(slots=True)
+class _ChunkTarget:
+    member: _Member
+    start: int  # in the file
+    size: int
 
 
-@dataclass(frozen=True)
-class _ChunkResult:
-    frame: bytes
-    sha256: str
-    verity: str
-    zeros: bool
+# What each op of a batch is for: None for a RAW op, the member for a FILE op.
+_Target = _ChunkTarget | _Member | None
 
 
-@dataclass(frozen=True)
-class _FileResult:
-    sha256: str
-    verity: str
-    crc64: bytes
+@dataclass(slots=True)
+class _BatchTag:
+    targets: list[_Target]
+    end: int  # tar bytes done once this batch is placed
 
 
 class _BlobOutput:
@@ -162,7 +159,11 @@ class _BlobOutput:
 
     def write(self, data: bytes) -> tuple[int, int]:
         start = self.offset
-        self._out.write(data)
+        try:
+            self._out.write(data)
+        except OSError as exc:
+            name = getattr(self._out, "name", "")
+            raise CacheError(f"cannot write the layer blob {name}: {exc.strerror}") from exc
         self._hash.update(data)
         self.offset += len(data)
         return start, self.offset
@@ -171,186 +172,203 @@ class _BlobOutput:
         return Digest("sha256", self._hash.hexdigest())
 
 
-class _Jobs:
-    """Ordered results from a thread pool with a bounded number of jobs in flight."""
+class _BatchPlan:
+    """Collects ops in tar order and cuts them into batches for ``submit``."""
 
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
-        self._pool = pool
-        self._queue: deque[tuple[Future[object], Callable[[object], None]]] = deque()
+    def __init__(
+        self,
+        tar_path: str,
+        zstd_level: int,
+        batch_bytes: int,
+        submit: Callable[[Batch, _BatchTag], None],
+    ) -> None:
+        self._tar_path = tar_path
+        self._level = zstd_level
+        self._batch_bytes = batch_bytes
+        self._submit = submit
+        self._ops: list[Op] = []
+        self._targets: list[_Target] = []
+        self._start: int | None = None
+        self._end = 0
 
-    def submit(self, work: Callable[[], object], then: Callable[[object], None]) -> None:
-        self._queue.append((self._pool.submit(work), then))
-        while len(self._queue) > _MAX_IN_FLIGHT:
-            self._finish_one()
+    def add(self, kind: int, offset: int, length: int, target: _Target) -> None:
+        self._ops.append((kind, offset, length))
+        self._targets.append(target)
+        if kind != FILE:  # RAW and CHUNK ops tile the batch's range of the tar
+            if self._start is None:
+                self._start = offset
+            self._end = offset + length
+            if self._end - self._start >= self._batch_bytes:
+                self.flush()
+                return
+        if len(self._ops) >= _MAX_BATCH_OPS:
+            self.flush()
 
-    def drain(self) -> None:
-        while self._queue:
-            self._finish_one()
-
-    def abandon(self) -> None:
-        """Wait for every job and drop it, results and all (after a failure)."""
-        while self._queue:
-            future, _then = self._queue.popleft()
-            future.exception()
-
-    def _finish_one(self) -> None:
-        future, then = self._queue.popleft()
-        then(future.result())
+    def flush(self) -> None:
+        if not self._ops:
+            return
+        start = self._end if self._start is None else self._start
+        batch = Batch(self._tar_path, start, self._end, tuple(self._ops), self._level)
+        tag = _BatchTag(self._targets, self._end)
+        self._ops, self._targets, self._start = [], [], None
+        self._submit(batch, tag)
 
 
 class LayerWriter:
-    """Converts one tar (already decompressed, on disk) into a zstd:chunked blob."""
+    """Converts one tar (already decompressed, on disk) into a zstd:chunked blob.
+
+    ``batch_bytes`` and ``bytes_per_worker`` tune how work is shared (tests make them small);
+    they never change the blob.
+    """
 
     def __init__(
         self,
         config: ChunkingConfig,
         on_progress: Callable[[int], None] | None,
         prefetch: AccessProfile | None = None,
+        *,
+        batch_bytes: int = BATCH_BYTES,
+        bytes_per_worker: int = BYTES_PER_WORKER,
     ) -> None:
         self._config = config
         self._prefetch = prefetch
         self._on_progress = on_progress or (lambda _done: None)
-        self._compressors: dict[int, zstandard.ZstdCompressor] = {}
+        self._batch_bytes = batch_bytes
+        self._bytes_per_worker = bytes_per_worker
         self.stats = LayerStats()
-        # One slot per tar member, in tar order; a file's slot is filled when its hash job ends.
-        self._entries: list[list[TocEntry]] = []
-        # tar-split items in tar order; a file's CRC is filled in when its hash job finishes.
-        self._split_items: list[_SplitItem] = []
+        # Members whose entries are not final yet, oldest first; then what they became. Both
+        # are written as results arrive, so that little is left for the end.
+        self._unfinished: deque[_Member] = deque()
+        self._entries: list[TocEntry] = []
+        self._tar_split = TarSplitWriter()
+        self._trailer: list[bytes] = []
+        self._window = bytearray()  # payload bytes read to find chunk boundaries
+        self._done = 0
+
+    def worker_count(self, tar_bytes: int) -> int:
+        """Processes a tar of ``tar_bytes`` is converted with (1: this one alone)."""
+        wanted = self._config.workers or available_cpus()
+        return max(1, min(wanted, tar_bytes // max(1, self._bytes_per_worker)))
 
     def write(self, tar_path: Path, out: BinaryIO, diff_id: Digest) -> ChunkedLayer:
         blob = _BlobOutput(out)
-        with (
-            tar_path.open("rb") as tar_file,
-            _map_file(tar_file) as tar_bytes,
-            ThreadPoolExecutor(_WORKERS, thread_name_prefix="lazyfs-convert") as pool,
-        ):
-            view = memoryview(tar_bytes)
-            jobs = _Jobs(pool)
-            try:
-                self._write_payloads(tar_path, view, blob, jobs)
-            finally:
-                jobs.abandon()  # on failure: no job may still hold a slice of the mapping
-                view.release()
-            self.stats.tar_bytes = len(tar_bytes)
+        try:
+            fd = os.open(tar_path, os.O_RDONLY)
+        except OSError as exc:
+            raise LayoutError(f"cannot read the layer tar {tar_path}: {exc.strerror}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            with BatchRunner[_BatchTag](self.worker_count(size)) as runner:
+
+                def submit(batch: Batch, tag: _BatchTag) -> None:
+                    for done_tag, result in runner.submit(batch, tag):
+                        self._place(done_tag, result, blob)
+
+                plan = _BatchPlan(str(tar_path), self._config.zstd_level, self._batch_bytes, submit)
+                self._scan(tar_path, fd, size, plan)
+                plan.flush()
+                for done_tag, result in runner.drain():
+                    self._place(done_tag, result, blob)
+        except OSError as exc:  # the blob's own write errors are CacheErrors already
+            raise LayoutError(f"cannot read the layer tar {tar_path}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+        self._finish_members()
+        self.stats.tar_bytes = size
+        self._on_progress(size)
         return self._finish(blob, diff_id)
 
-    def _write_payloads(
-        self, tar_path: Path, view: memoryview, blob: _BlobOutput, jobs: _Jobs
-    ) -> None:
+    def _scan(self, tar_path: Path, fd: int, size: int, plan: _BatchPlan) -> None:
+        """Plan every op of the tar, member by member."""
         position = padding = 0
-        for member in _iter_members(tar_path):
-            entry = _entry_for(member)
-            self._split_items.append(
-                _SplitItem(False, raw=bytes(view[position : member.offset_data]))
-            )
-            self._submit_raw(view[position : member.offset_data], blob, jobs)
-            payload_size = member.size if entry.type == "reg" else 0
-            end = member.offset_data + payload_size
-            split_file = _SplitItem(True, _raw_name(member, view), payload_size)
-            self._split_items.append(split_file)
-            self._submit_file(entry, split_file, view[member.offset_data : end], blob, jobs)
-            position, padding = end, -payload_size % 512
-            self._on_progress(position)
-        for piece in trailer_segments(bytes(view[position:]), padding):
-            self._split_items.append(_SplitItem(False, raw=piece))
-        self._submit_raw(view[position:], blob, jobs)
-        jobs.drain()
-        self._on_progress(len(view))
+        readahead = _Readahead(fd)
+        for info in iter_members(tar_path):
+            readahead.reach(info.offset_data + info.size)
+            entry = entry_for(info)
+            headers = read_exact(fd, position, info.offset_data - position)
+            if headers:
+                plan.add(RAW, position, len(headers), None)
+            payload_size = entry.size if entry.type == "reg" else 0
+            member = _Member(entry, headers, raw_name(info, headers), payload_size)
+            self._unfinished.append(member)
+            if entry.type == "reg":
+                self.stats.file_count += 1
+                self._plan_file(member, fd, info.offset_data, plan)
+            position = info.offset_data + payload_size
+            padding = -payload_size % _BLOCK_BYTES
+        rest = read_exact(fd, position, size - position)
+        self._trailer = trailer_segments(rest, padding)
+        if rest:
+            plan.add(RAW, position, len(rest), None)
 
-    def _submit_raw(self, raw: memoryview, blob: _BlobOutput, jobs: _Jobs) -> None:
-        if len(raw):
-            jobs.submit(
-                lambda: self._compress(raw), lambda frame: _discard(blob.write(_as_bytes(frame)))
-            )
+    def _plan_file(self, member: _Member, fd: int, offset: int, plan: _BatchPlan) -> None:
+        def read(start: int, length: int) -> memoryview:
+            if len(self._window) < length:
+                self._window = bytearray(max(length, WINDOW_BYTES))
+            view = memoryview(self._window)[:length]
+            read_into(fd, view, offset + start)
+            return view
 
-    def _submit_file(
-        self,
-        entry: TocEntry,
-        split: _SplitItem,
-        payload: memoryview,
-        blob: _BlobOutput,
-        jobs: _Jobs,
-    ) -> None:
-        slot = [entry]
-        self._entries.append(slot)
-        if entry.type != "reg":
+        size = member.size
+        cuts = cut_points(size, read, self._config)
+        first = next(cuts, None)
+        if first is None:
+            return  # an empty file: no chunk, no digests
+        if first[1] == size:  # one chunk: its digests are the file's, hashed once
+            plan.add(SOLE_CHUNK, offset, size, _ChunkTarget(member, 0, size))
             return
-        self.stats.file_count += 1
-        pieces = list(self._split(payload))
-        chunks: list[ChunkRef] = []
-        for start, piece in pieces:
-            self._submit_chunk(start, piece, chunks, blob, jobs)
-        # A one-chunk file's digests are its chunk's: hash it once, not twice.
-        whole_file = len(pieces) > 1
-        jobs.submit(
-            lambda: _file_job(payload, whole_file),
-            lambda result: self._fill_slot(slot, split, _as_file(result), chunks, blob.offset),
+        plan.add(FILE, offset, size, member)
+        plan.add(CHUNK, offset, first[1], _ChunkTarget(member, 0, first[1]))
+        for start, length in cuts:
+            plan.add(CHUNK, offset + start, length, _ChunkTarget(member, start, length))
+
+    def _place(self, tag: _BatchTag, result: BatchResult, blob: _BlobOutput) -> None:
+        """Write a batch's frames, in tar order, and record what they hold."""
+        offset, _ = blob.write(result.frames)
+        sizes = iter(result.frame_sizes)
+        for target, digests in zip(tag.targets, result.digests, strict=True):
+            if target is None:
+                offset += next(sizes)
+            elif isinstance(target, _Member):
+                assert isinstance(digests, FileDigests)
+                target.digests = digests
+            else:
+                assert isinstance(digests, ChunkDigests)
+                end = offset + next(sizes)
+                self._place_chunk(target, digests, offset, end)
+                offset = end
+        self._finish_members()
+        self._done = max(self._done, tag.end)
+        self._on_progress(self._done)
+
+    def _place_chunk(self, target: _ChunkTarget, chunk: ChunkDigests, start: int, end: int) -> None:
+        member = target.member
+        ref = ChunkRef(
+            target.start, target.size, start, end, chunk.sha256, chunk.verity, chunk.zeros
         )
+        member.chunks.append(ref)
+        member.end_offset = end
+        member.placed_bytes += target.size
+        if chunk.crc64:  # a one-chunk file
+            member.digests = FileDigests(chunk.sha256, chunk.verity, chunk.crc64)
+        self.stats.add_chunk(chunk.verity, target.size)
 
-    def _submit_chunk(
-        self, start: int, piece: memoryview, chunks: list[ChunkRef], blob: _BlobOutput, jobs: _Jobs
-    ) -> None:
-        def place(result: object) -> None:
-            chunks.append(self._place_chunk(_as_chunk(result), start, len(piece), blob))
-
-        jobs.submit(lambda: self._chunk_job(piece), place)
-
-    def _split(self, payload: memoryview) -> Iterator[tuple[int, memoryview]]:
-        if len(payload) <= self._config.min_chunk_bytes:
-            if len(payload):
-                yield 0, payload
-            return
-        cfg = self._config
-        for chunk in fastcdc.fastcdc(
-            payload, cfg.min_chunk_bytes, cfg.avg_chunk_bytes, cfg.max_chunk_bytes
-        ):
-            yield chunk.offset, payload[chunk.offset : chunk.offset + chunk.length]
-
-    def _chunk_job(self, piece: memoryview) -> _ChunkResult:
-        zeros = _all_zero(piece)
-        return _ChunkResult(
-            frame=self._compress(piece),
-            sha256="sha256:" + hashlib.sha256(piece).hexdigest(),
-            verity=format_verity(fsverity_digest(piece)),
-            zeros=zeros,
-        )
-
-    def _place_chunk(
-        self, result: _ChunkResult, start: int, size: int, blob: _BlobOutput
-    ) -> ChunkRef:
-        blob_start, blob_end = blob.write(result.frame)
-        self.stats.add_chunk(result.verity, size)
-        return ChunkRef(
-            start, size, blob_start, blob_end, result.sha256, result.verity, result.zeros
-        )
-
-    def _fill_slot(
-        self,
-        slot: list[TocEntry],
-        split: _SplitItem,
-        file: _FileResult,
-        chunks: list[ChunkRef],
-        end_offset: int,
-    ) -> None:
-        split.crc64 = file.crc64
-        if chunks and not file.sha256:  # one chunk: the file's digests are the chunk's
-            file = _FileResult(chunks[0].sha256, chunks[0].verity, file.crc64)
-        slot[:] = _file_entries(slot[0], file, chunks, end_offset)
-
-    def _compress(self, data: memoryview | bytes) -> bytes:
-        # ZstdCompressor objects are not thread-safe: one per worker thread.
-        key = threading.get_ident()
-        compressor = self._compressors.get(key)
-        if compressor is None:
-            compressor = zstandard.ZstdCompressor(level=self._config.zstd_level)
-            self._compressors[key] = compressor
-        return compressor.compress(data)
+    def _finish_members(self) -> None:
+        """Write the entries and tar-split lines of the oldest members that are complete."""
+        while self._unfinished and self._unfinished[0].complete:
+            member = self._unfinished.popleft()
+            self._entries.extend(_member_entries(member))
+            crc64 = member.digests.crc64 if member.digests else _EMPTY_CRC64
+            self._tar_split.add_segment(member.headers)
+            self._tar_split.add_file(member.name, member.size, crc64)
 
     def _finish(self, blob: _BlobOutput, diff_id: Digest) -> ChunkedLayer:
         level = self._config.zstd_level
-        tar_split_json = _tar_split_json(self._split_items)
+        for piece in self._trailer:
+            self._tar_split.add_segment(piece)
+        tar_split_json = self._tar_split.getvalue()
         tar_split = zstandard.ZstdCompressor(level=level).compress(tar_split_json)
-        entries = tuple(entry for slot in self._entries for entry in slot)
+        entries = tuple(self._entries)
         if self._prefetch is not None:
             entries = mark_entries(entries, self._prefetch)
         toc = Toc(entries, "sha256:" + hashlib.sha256(tar_split).hexdigest())
@@ -370,6 +388,28 @@ class LayerWriter:
         return ChunkedLayer(blob.digest(), blob.offset, diff_id, annotations, toc, self.stats)
 
 
+class _Readahead:
+    """Asks the kernel to read the tar ahead of the scan, so that header reads (tarfile's, one
+    small read per member) and the batches' reads find it cached. A tar just written may not
+    be: this machine, for one, drops clean page cache within seconds."""
+
+    _AHEAD_BYTES = 32 << 20
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._asked = 0
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def reach(self, offset: int) -> None:
+        """The scan will soon read up to ``offset``."""
+        if offset + self._AHEAD_BYTES // 2 <= self._asked:
+            return
+        start, self._asked = self._asked, offset + self._AHEAD_BYTES
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._fd, start, self._asked - start, os.POSIX_FADV_WILLNEED)
+
+
 def write_chunked_layer(
     tar_path: Path,
     out_path: Path,
@@ -384,166 +424,79 @@ def write_chunked_layer(
     ``prefetch``: an access profile whose ranks go into the TOC.
     """
     diff_id = diff_id or _sha256_file(tar_path)
-    with out_path.open("wb") as out:
+    try:
+        out = out_path.open("wb")
+    except OSError as exc:
+        raise CacheError(f"cannot write the layer blob {out_path}: {exc.strerror}") from exc
+    with out:
         return LayerWriter(config, on_progress, prefetch).write(tar_path, out, diff_id)
 
 
-def _file_job(payload: memoryview, whole_file: bool) -> _FileResult:
-    """The tar-split CRC; and the whole-file digests when the file has several chunks."""
-    crc = Crc64()
-    crc.update(payload)
-    if not whole_file:
-        return _FileResult(sha256="", verity="", crc64=crc.digest())
-    hasher = VerityHasher()
-    hasher.update(payload)
-    return _FileResult(
-        sha256="sha256:" + hashlib.sha256(payload).hexdigest(),
-        verity=format_verity(hasher.digest()),
-        crc64=crc.digest(),
-    )
-
-
-def _iter_members(tar_path: Path) -> Iterator[tarfile.TarInfo]:
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as ``taskset`` sets it)."""
     try:
-        with tarfile.open(tar_path, mode="r:", errors="surrogateescape") as archive:
-            yield from archive
-    except tarfile.TarError as exc:
-        raise TocError(f"layer is not a valid tar stream: {exc}") from exc
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
-def _entry_for(member: tarfile.TarInfo) -> TocEntry:
-    if member.type == tarfile.GNUTYPE_SPARSE or member.issparse():
-        raise TocError(f"sparse file {member.name!r} is not supported")
-    kind = _TAR_TYPES.get(member.type)
-    if kind is None:
-        raise TocError(f"unsupported tar entry type {member.type!r} for {member.name!r}")
-    pax = member.pax_headers
-    return TocEntry(
-        type=kind,
-        name=_text(member.name),
-        link_name=_text(member.linkname) if kind in ("symlink", "hardlink") else "",
-        mode=member.mode,
-        size=member.size if kind == "reg" else 0,
-        uid=member.uid,
-        gid=member.gid,
-        modtime=_rfc3339(pax.get("mtime"), member.mtime),
-        accesstime=_rfc3339(pax.get("atime"), None),
-        changetime=_rfc3339(pax.get("ctime"), None),
-        dev_major=member.devmajor if kind in ("char", "block") else 0,
-        dev_minor=member.devminor if kind in ("char", "block") else 0,
-        xattrs=_xattrs(pax),
-    )
+def _member_entries(member: _Member) -> list[TocEntry]:
+    """A member's TOC entries: for a file, its reg entry and chunk entries, upstream's layout.
 
-
-def _text(name: str) -> str:
-    # Names that are not UTF-8 arrive with surrogate escapes; JSON needs real text.
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _file_entries(
-    entry: TocEntry, file: _FileResult, chunks: list[ChunkRef], end_offset: int
-) -> list[TocEntry]:
-    """The reg entry (and chunk entries) of a file, in the upstream layout."""
-    if not chunks:
+    Each entry is built in one go (dataclasses.replace costs ~7 µs, a layer has 10^4 entries).
+    """
+    entry, chunks, digests = member.entry, member.chunks, member.digests
+    if not chunks or digests is None:
         return [entry]
+    first = chunks[0]
+    if len(chunks) == 1:
+        return [
+            replace(
+                entry,
+                digest=digests.sha256,
+                verity=digests.verity,
+                offset=first.blob_offset,
+                end_offset=member.end_offset,
+                chunk_verity=first.verity,
+            )
+        ]
     head = replace(
         entry,
-        digest=file.sha256,
-        verity=file.verity,
-        offset=chunks[0].blob_offset,
-        end_offset=end_offset,
+        digest=digests.sha256,
+        verity=digests.verity,
+        offset=first.blob_offset,
+        end_offset=member.end_offset,
+        chunk_size=first.size,
+        chunk_offset=first.file_offset,
+        chunk_digest=first.sha256,
+        chunk_type=_chunk_type(first),
+        chunk_verity=first.verity,
     )
-    if len(chunks) == 1:
-        return [replace(head, chunk_verity=chunks[0].verity)]
-    entries = [with_chunk_fields(head, chunks[0], _chunk_type(chunks[0]))]
-    for chunk in chunks[1:]:
-        bare = TocEntry(type="chunk", name=entry.name)
-        entries.append(with_chunk_fields(bare, chunk, _chunk_type(chunk)))
-    return entries
-
-
-def _discard(_value: object) -> None:
-    return None
-
-
-def _xattrs(pax: Mapping[str, str]) -> dict[str, bytes]:
-    prefix = "SCHILY.xattr."
-    return {
-        _text(key[len(prefix) :]): value.encode("utf-8", "surrogateescape")
-        for key, value in pax.items()
-        if key.startswith(prefix)
-    }
-
-
-def _rfc3339(exact: str | None, fallback: float | None) -> str:
-    """Format a tar timestamp as Go's RFC3339Nano in UTC."""
-    try:
-        seconds = Decimal(exact) if exact is not None else None
-    except InvalidOperation:
-        seconds = None
-    if seconds is None:
-        if fallback is None:
-            return ""
-        seconds = Decimal(int(fallback))
-    try:
-        whole = int(seconds.to_integral_value(rounding="ROUND_FLOOR"))
-        nanos = int((seconds - whole) * 1_000_000_000)
-        stamp = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    except (ValueError, OverflowError, ArithmeticError) as exc:
-        raise TocError(f"tar timestamp {exact or fallback!r} is out of range") from exc
-    fraction = f".{nanos:09d}".rstrip("0") if nanos else ""
-    return f"{stamp}{fraction}Z"
+    return [head] + [
+        TocEntry(
+            type="chunk",
+            name=entry.name,
+            offset=chunk.blob_offset,
+            chunk_size=chunk.size,
+            chunk_offset=chunk.file_offset,
+            chunk_digest=chunk.sha256,
+            chunk_type=_chunk_type(chunk),
+            chunk_verity=chunk.verity,
+        )
+        for chunk in chunks[1:]
+    ]
 
 
 def _chunk_type(chunk: ChunkRef) -> str:
     return "zeros" if chunk.zeros else ""
 
 
-def _all_zero(piece: memoryview) -> bool:
-    if piece[0] != 0 or piece[-1] != 0:  # the common case, decided without a copy
-        return False
-    return bool(piece == bytes(len(piece)))
-
-
-def _as_bytes(value: object) -> bytes:
-    assert isinstance(value, bytes)
-    return value
-
-
-def _as_chunk(value: object) -> _ChunkResult:
-    assert isinstance(value, _ChunkResult)
-    return value
-
-
-def _as_file(value: object) -> _FileResult:
-    assert isinstance(value, _FileResult)
-    return value
-
-
 def _sha256_file(path: Path) -> Digest:
     hasher = hashlib.sha256()
-    with path.open("rb") as source:
-        while block := source.read(1 << 20):
-            hasher.update(block)
+    try:
+        with path.open("rb") as source:
+            while block := source.read(1 << 20):
+                hasher.update(block)
+    except OSError as exc:
+        raise LayoutError(f"cannot read the layer tar {path}: {exc.strerror}") from exc
     return Digest("sha256", hasher.hexdigest())
-
-
-class _map_file:
-    """mmap a file read-only; an empty file maps to b''."""
-
-    def __init__(self, file: BinaryIO) -> None:
-        self._file = file
-        self._map: mmap.mmap | None = None
-
-    def __enter__(self) -> bytes | mmap.mmap:
-        if self._file.seek(0, 2) == 0:
-            return b""
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._map
-
-    def __exit__(self, *_exc: object) -> None:
-        if self._map is None:
-            return
-        # A traceback may still hold a slice; then the map closes when it is collected.
-        with contextlib.suppress(BufferError):
-            self._map.close()

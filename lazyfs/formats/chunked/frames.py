@@ -1,0 +1,185 @@
+"""The compute-heavy half of writing a layer: zstd frames and digests of ranges of the tar.
+
+A :class:`Batch` names ranges of the tar file; :func:`compute_batch` reads them and returns
+their frames and digests. It depends on nothing but the tar's bytes and the batch, so it runs
+the same in the writer's process or in a worker process (``workers.py``), and the blob is the
+same whichever process computed which batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import zstandard
+
+from lazyfs.errors import LayoutError, TocError
+from lazyfs.formats.chunked.tarsplit import Crc64
+from lazyfs.model.verity import VerityHasher, format_verity, fsverity_digest
+
+# What an op asks for. Ops are plain (kind, tar offset, length) tuples: batches cross a pipe.
+RAW = 0  # a frame only: headers, padding, trailer
+CHUNK = 1  # a frame, and the chunk's sha256, fs-verity digest and all-zero flag
+SOLE_CHUNK = 2  # as CHUNK, for a file that is one chunk: also the file's CRC64
+FILE = 3  # no frame: sha256, fs-verity digest and CRC64 of a whole multi-chunk file
+
+Op = tuple[int, int, int]
+
+_STREAM_BYTES = 4 << 20  # a FILE op outside the batch's range is read in pieces of this size
+
+
+class ChunkDigests(NamedTuple):
+    sha256: str  # "sha256:<hex>"
+    verity: str  # "sha256:<hex>" of the fs-verity digest
+    zeros: bool
+    crc64: bytes  # the file's tar-split CRC64 for SOLE_CHUNK ops, else b""
+
+
+class FileDigests(NamedTuple):
+    sha256: str
+    verity: str
+    crc64: bytes
+
+
+Digests = ChunkDigests | FileDigests | None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Ops on one range of the tar. RAW and CHUNK ops tile ``[start, end)``, read at once."""
+
+    tar_path: str
+    start: int
+    end: int
+    ops: tuple[Op, ...]
+    zstd_level: int
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """The frames of the RAW and CHUNK ops, in op order; one ``digests`` item per op."""
+
+    frames: bytes
+    frame_sizes: tuple[int, ...]
+    digests: tuple[Digests, ...]
+
+
+def compute_batch(batch: Batch) -> BatchResult:
+    """Read the batch's ranges of the tar and compute every op; LayoutError if it is unreadable."""
+    try:
+        fd = os.open(batch.tar_path, os.O_RDONLY)
+    except OSError as exc:
+        raise LayoutError(f"cannot read the layer tar {batch.tar_path}: {exc.strerror}") from exc
+    try:
+        return _compute(fd, batch)
+    except OSError as exc:
+        raise LayoutError(f"cannot read the layer tar {batch.tar_path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+def _compute(fd: int, batch: Batch) -> BatchResult:
+    data = memoryview(read_exact(fd, batch.start, batch.end - batch.start))
+    compress = _compressor(batch.zstd_level).compress
+    frames: list[bytes] = []
+    digests: list[Digests] = []
+    for kind, offset, length in batch.ops:
+        if kind == FILE:
+            if batch.start <= offset and offset + length <= batch.end:
+                start = offset - batch.start
+                digests.append(_file_digests([data[start : start + length]]))
+            else:
+                digests.append(_file_digests(_read_pieces(fd, offset, length)))
+            continue
+        start = offset - batch.start
+        piece = data[start : start + length]
+        frames.append(compress(piece))
+        if kind == RAW:
+            digests.append(None)
+        else:
+            crc64 = _crc64(piece) if kind == SOLE_CHUNK else b""
+            digests.append(_chunk_digests(piece, crc64))
+    sizes = tuple(len(frame) for frame in frames)
+    return BatchResult(b"".join(frames), sizes, tuple(digests))
+
+
+def read_exact(fd: int, offset: int, length: int) -> bytes:
+    """``length`` bytes of ``fd`` at ``offset``; TocError if the file ends before."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    buffer = bytearray(length)  # a short read: finish it in a buffer
+    buffer[: len(data)] = data
+    read_into(fd, memoryview(buffer)[len(data) :], offset + len(data))
+    return bytes(buffer)
+
+
+def read_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``; TocError if the file ends before."""
+    done = 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if not count:
+            raise TocError(f"layer tar ends at {offset + done}, before {offset + len(view)}")
+        done += count
+
+
+def _read_pieces(fd: int, offset: int, length: int) -> Iterator[memoryview]:
+    """A long range of the file in reads of a bounded size, into one reused buffer."""
+    buffer = memoryview(bytearray(min(_STREAM_BYTES, length)))
+    end = offset + length
+    while offset < end:
+        view = buffer[: min(len(buffer), end - offset)]
+        read_into(fd, view, offset)
+        yield view
+        offset += len(view)
+
+
+def _chunk_digests(piece: memoryview, crc64: bytes) -> ChunkDigests:
+    return ChunkDigests(
+        "sha256:" + hashlib.sha256(piece).hexdigest(),
+        format_verity(fsverity_digest(piece)),
+        _all_zero(piece),
+        crc64,
+    )
+
+
+def _file_digests(pieces: Iterable[memoryview]) -> FileDigests:
+    sha256 = hashlib.sha256()
+    verity = VerityHasher()
+    crc = Crc64()
+    for piece in pieces:
+        sha256.update(piece)
+        verity.update(piece)
+        crc.update(piece)
+    return FileDigests("sha256:" + sha256.hexdigest(), format_verity(verity.digest()), crc.digest())
+
+
+def _crc64(piece: memoryview) -> bytes:
+    crc = Crc64()
+    crc.update(piece)
+    return crc.digest()
+
+
+def _all_zero(piece: memoryview) -> bool:
+    if piece[0] != 0 or piece[-1] != 0:  # the common case, decided without a copy
+        return False
+    return bool(piece == bytes(len(piece)))
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # ZstdCompressor objects are not thread-safe: one per thread (and level).
+    compressors: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "zstd", None)
+    if compressors is None:
+        compressors = _local.zstd = {}
+    compressor = compressors.get(level)
+    if compressor is None:
+        compressor = compressors[level] = zstandard.ZstdCompressor(level=level)
+    return compressor
