@@ -24,6 +24,8 @@ the CLI prints ``str(exc)`` as a one-line error.
     │   └── RegistryProtocolError     an answer that breaks the distribution spec
     ├── LayoutError                an OCI image layout on disk is missing or malformed
     ├── CacheError                 the local chunk cache failed
+    ├── ServiceError               the mount service refused a request, or failed it
+    │   └── ServiceUnavailableError   no service listens on the socket (or it cannot be opened)
     └── FetchDeadlineError         a read could not be satisfied within its deadline
 """
 
@@ -102,6 +104,14 @@ class LayoutError(LazyfsError):
 
 class CacheError(LazyfsError):
     """The local chunk cache failed."""
+
+
+class ServiceError(LazyfsError):
+    """The mount service (``lazyfs serve``) could not do what a client asked."""
+
+
+class ServiceUnavailableError(ServiceError):
+    """No service answers on the control socket, or the socket cannot be opened."""
 
 
 class FetchDeadlineError(LazyfsError):

@@ -27,11 +27,13 @@ class AtomicFile:
     a write failure (default: the destination).
     """
 
-    def __init__(self, dest: Path, what: str | None = None) -> None:
+    def __init__(self, dest: Path, what: str | None = None, *, mode: int | None = None) -> None:
         self.dest = dest
         self._what = what or str(dest)
         self._temp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
         self._file: IO[bytes] | None = _open_for_writing(self._temp)
+        if mode is not None:  # before any byte is written: a secret is never readable
+            os.fchmod(self._file.fileno(), mode)
 
     def __enter__(self) -> Self:
         return self

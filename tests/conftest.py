@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from lazyfs.registry.localserver import LocalRegistry
+
+# Mount services that `lazyfs mount` starts on demand exit this soon after their last image:
+# tests that unmount and check that nothing is left running need not wait the default 5 s.
+os.environ.setdefault("LAZYFS_SERVICE_IDLE_EXIT_S", "0.3")
 
 
 @pytest.fixture

@@ -32,8 +32,11 @@ ALLOWED: dict[str, set[str]] = {
     "registry": LEAVES | {"model", "localfiles", "__init__"},
     "convert": LEAVES | {"model", "localfiles", "formats", "registry"},
     "mount": LEAVES | {"model", "localfiles", "formats", "cache", "registry", "convert"},
-    "bench": LEAVES
+    "service": LEAVES
     | {"model", "localfiles", "formats", "cache", "registry", "convert", "mount", "__init__"},
+    "bench": LEAVES
+    | {"model", "localfiles", "formats", "cache", "registry", "convert", "mount", "service"}
+    | {"__init__"},
     "cli": set(),  # the top: it may import anything (checked separately below)
     "__main__": {"cli"},
 }

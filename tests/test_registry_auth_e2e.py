@@ -21,6 +21,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -214,18 +215,32 @@ class Lazyfs:
             env=env,
         )
         assert result.returncode == 1, f"expected exit 1, got {result.returncode}:\n{result.stderr}"
-        lines = result.stderr.strip().splitlines()
+        # The notice that a mount service was started on demand is not part of the error.
+        lines = [
+            line
+            for line in result.stderr.strip().splitlines()
+            if not line.startswith("lazyfs: started a mount service")
+        ]
         if log_level == "warning":
             assert len(lines) == 1, f"expected one line of error, got:\n{result.stderr}"
         assert lines[-1].startswith("lazyfs: error: "), result.stderr
         assert not is_mounted(mountpoint)
-        assert _daemons_serving(mountpoint) == [], "a mount daemon was left running"
+        _wait_no_service(cache_dir)
         self.watch.assert_logs_clean(cache_dir)
         return lines[-1]
 
 
-def _daemons_serving(mountpoint: Path) -> list[int]:
-    """PIDs of processes whose command line is a lazyfs daemon for ``mountpoint``."""
+def _wait_no_service(cache_dir: Path, timeout_s: float = 10.0) -> None:
+    """The service a failed mount started on demand exits once idle: nothing is left running."""
+    deadline = time.monotonic() + timeout_s
+    while _services_of(cache_dir):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"a mount service of {cache_dir} was left running")
+        time.sleep(0.05)
+
+
+def _services_of(cache_dir: Path) -> list[int]:
+    """PIDs of ``lazyfs serve`` processes for ``cache_dir``."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -234,7 +249,7 @@ def _daemons_serving(mountpoint: Path) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"--foreground" in argv and os.fsencode(mountpoint) in argv:
+        if b"serve" in argv and os.fsencode(cache_dir) in argv:
             found.append(int(entry.name))
     return found
 

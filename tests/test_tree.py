@@ -34,10 +34,10 @@ from lazyfs.convert.imagebuild import (
     with_parent_dirs,
 )
 from lazyfs.errors import TocError
-from lazyfs.formats.chunked.toc import Toc, TocEntry, file_chunks
+from lazyfs.formats.chunked.toc import Toc, TocEntry, file_chunks, parse_rfc3339_ns
 from lazyfs.formats.chunked.writer import write_chunked_layer
 from lazyfs.model.verity import format_verity, fsverity_digest
-from lazyfs.mount.tree import ROOT_INODE, LayerChunk, Node, Tree, build_tree, parse_rfc3339_ns
+from lazyfs.mount.tree import ROOT_INODE, LayerChunk, Node, Tree, build_tree
 
 NS = 1_000_000_000
 _TYPES = {

@@ -7,7 +7,9 @@ CACHE_DIR/
   layers/    whole blobs by digest: plain layers converted locally, and whole blobs a
              pull-through proxy sent for a Range request (blobs.py)
     staging/ scratch space of a conversion in progress, on the same file system as layers/
-  logs/      one log file per mount daemon
+  logs/      the log of the mount service that owns this cache (and of older daemons)
+  service.json  where that service listens (socket, root, pid): how clients find it
+  service.lock  flock held by that service for its whole life: one service per cache
 ```
 """
 
@@ -41,7 +43,14 @@ class CacheLayout:
     def logs_dir(self) -> Path:
         return self.root / "logs"
 
-    def mount_log(self, mountpoint: Path) -> Path:
-        """The log file of the daemon serving ``mountpoint``."""
-        name = str(mountpoint).strip("/").replace("/", "_") or "root"
-        return self.logs_dir / f"mount-{name}.log"
+    @property
+    def service_log(self) -> Path:
+        return self.logs_dir / "service.log"
+
+    @property
+    def service_record(self) -> Path:
+        return self.root / "service.json"
+
+    @property
+    def service_lock(self) -> Path:
+        return self.root / "service.lock"

@@ -34,17 +34,20 @@ class ChunkCache:
     """Verified chunk bytes keyed by their fs-verity digest (``sha256:<hex>``)."""
 
     def __init__(
-        self, directory: Path, size_limit_bytes: int, *, verify_reads: bool = False
+        self, directory: Path, size_limit_bytes: int | None, *, verify_reads: bool = False
     ) -> None:
+        """``size_limit_bytes`` None keeps the bound stored with the cache (diskcache keeps
+        its settings in the cache's own database)."""
         self.directory = directory
         self.layout = CacheLayout(directory)
         self.blobs = LocalBlobs(self.layout.blobs_dir, self.layout.staging_dir)
         self._verify_reads = verify_reads
         try:
             directory.mkdir(parents=True, exist_ok=True)
+            bound = {} if size_limit_bytes is None else {"size_limit": size_limit_bytes}
             self._chunks = diskcache.Cache(
                 str(self.layout.chunks_dir),
-                size_limit=size_limit_bytes,
+                **bound,
                 eviction_policy="least-recently-used",
                 cull_limit=10,
                 disk_min_file_size=1 << 15,
@@ -127,6 +130,39 @@ class ChunkCache:
     @property
     def chunk_bytes(self) -> int:
         return int(self._chunks.volume())
+
+    @property
+    def size_limit_bytes(self) -> int:
+        return int(self._chunks.size_limit)
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self._chunks)
+
+    @property
+    def meta_bytes(self) -> int:
+        return int(self._meta.volume())
+
+    def drop_chunk(self, verity: str) -> None:
+        try:
+            self._chunks.delete(verity)
+        except (OSError, diskcache.Timeout) as exc:
+            raise CacheError(f"cannot drop chunk {verity}: {exc}") from exc
+
+    def evict_to_bound(self) -> int:
+        """Evict least recently used chunks until the bound holds; the number evicted."""
+        try:
+            return int(self._chunks.cull())
+        except (OSError, diskcache.Timeout) as exc:
+            raise CacheError(f"cannot evict chunks: {exc}") from exc
+
+    def clear(self) -> None:
+        """Drop every chunk and every piece of metadata."""
+        try:
+            self._chunks.clear()
+            self._meta.clear()
+        except (OSError, diskcache.Timeout) as exc:
+            raise CacheError(f"cannot clear the cache: {exc}") from exc
 
     def close(self) -> None:
         self._chunks.close()

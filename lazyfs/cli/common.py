@@ -1,8 +1,8 @@
 """Helpers shared by the command modules: argument types, registry flags, output.
 
 Command modules import only light leaves at the top and the heavy parts (httpx, trio, pyfuse3,
-the converter) when their command runs: ``lazyfs mount`` starts two interpreters (the front end
-and its daemon), and each import the front end does not need costs its mount time.
+the converter) when their command runs: ``lazyfs mount`` is a client of the mount service, and
+every import it does not need costs its mount time.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from lazyfs.errors import UsageError
 from lazyfs.model.platform import Platform
 
 if TYPE_CHECKING:
-    from lazyfs.registry.auth import DockerConfigCredentials
+    from lazyfs.registry.credentials import DockerConfigCredentials
 
 
 def parse_bool(text: str) -> bool:
@@ -43,9 +43,22 @@ def parse_size(text: str) -> int:
         value = float(number) * units[unit]
     except (ValueError, KeyError):
         raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}")
+    if not 0 < value < 1 << 63:  # refuses nan, inf and 1e400 too
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be positive and finite")
     return int(value)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds: a finite, positive number (``nan``, ``inf`` and ``-1`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}") from None
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: must be a positive, finite number of seconds"
+        )
+    return value
 
 
 def parse_platform(text: str) -> Platform:
@@ -64,7 +77,8 @@ def add_registry_flags(parser: argparse.ArgumentParser, *, directional: bool) ->
         type=parse_bool,
         default=None,
         metavar="BOOL",
-        help="verify TLS (default: true; loopback registries use plain HTTP)",
+        help="verify TLS: --tls-verify, --tls-verify=false (default: true; loopback registries "
+        "use plain HTTP)",
     )
     group.add_argument("--cert-dir", type=Path, help="directory of CA certificates (*.crt)")
     if directional:
@@ -83,10 +97,29 @@ def registry_config(args: argparse.Namespace, direction: str | None = None) -> R
 
 
 def credentials(args: argparse.Namespace, direction: str | None = None) -> DockerConfigCredentials:
-    from lazyfs.registry.auth import DockerConfigCredentials, parse_creds  # see module docstring
+    from lazyfs.registry.credentials import DockerConfigCredentials, parse_creds
 
     creds = (getattr(args, f"{direction}_creds", None) if direction else None) or args.creds
-    return DockerConfigCredentials(args.authfile, creds=parse_creds(creds) if creds else None)
+    return DockerConfigCredentials(
+        args.authfile, creds=parse_creds(with_password(creds)) if creds else None
+    )
+
+
+def with_password(creds: str) -> str:
+    """``USER[:PASSWORD]``; with no password, ask for one on the terminal, as podman does."""
+    if ":" in creds:
+        return creds
+    if not sys.stdin.isatty():
+        raise UsageError(
+            f"--creds {creds}: no password given, and no terminal to ask for one "
+            "(use --creds USER:PASSWORD or --authfile)"
+        )
+    import getpass
+
+    try:
+        return f"{creds}:{getpass.getpass(f'Password for {creds}: ')}"
+    except (EOFError, KeyboardInterrupt):
+        raise UsageError("--creds: no password given") from None
 
 
 def run_trio(main: Callable[[], Awaitable[int]]) -> int:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from lazyfs import __version__
-from lazyfs.cli import bench, convert, demo, mount
+from lazyfs.cli import bench, cache, convert, demo, mount, serve
 from lazyfs.errors import LazyfsError, UsageError
 
 
@@ -31,13 +31,30 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     convert.add_parser(commands)
     mount.add_parsers(commands)
+    serve.add_parser(commands)
+    cache.add_parser(commands)
     demo.add_parser(commands)
     bench.add_parser(commands)
     return parser
 
 
+# Boolean flags written as podman and skopeo take them: bare means true, a value only with "="
+# (``--tls-verify=false``), so a bare flag never swallows the argument that follows it.
+BOOLEAN_FLAGS = frozenset({"--tls-verify", "--src-tls-verify", "--dest-tls-verify"})
+
+
+def _with_boolean_values(argv: Sequence[str]) -> list[str]:
+    words: list[str] = []
+    for word in argv:
+        if word == "--":
+            words.extend(argv[len(words) :])
+            break
+        words.append(f"{word}=true" if word in BOOLEAN_FLAGS else word)
+    return words
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    raw_argv = list(sys.argv[1:] if argv is None else argv)
+    raw_argv = _with_boolean_values(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(raw_argv)
     args.raw_argv = raw_argv
     logging.basicConfig(
@@ -50,6 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except LazyfsError as exc:
         print(f"lazyfs: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the system refused something lazyfs did not expect it to
+        print(
+            f"lazyfs: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("lazyfs: interrupted", file=sys.stderr)

@@ -1,204 +1,180 @@
-"""``lazyfs mount``, ``lazyfs umount`` and ``lazyfs stats``.
+"""``lazyfs mount``, ``lazyfs umount`` and ``lazyfs stats``: clients of the mount service.
 
-``mount`` without ``--foreground`` starts the daemon as a new session (a fresh interpreter, not
-a fork, so no trio state is inherited) and waits on a pipe until the daemon says the mount is
-ready, or why it failed; then it returns and the daemon keeps serving.
+``mount`` asks the service (lazyfs/service/, docs/service.md) to open the image and bind it at
+the mountpoint; with no ``--socket`` (or ``LAZYFS_SOCKET``) it uses the service that owns its
+cache directory, and starts one if none runs. It imports only what talking to the socket needs:
+the service has paid for everything else once. Credentials are looked up here, as the user
+who runs the command, and travel over the socket only.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from lazyfs.cache.layout import CacheLayout
 from lazyfs.cli.common import (
     add_registry_flags,
-    credentials,
+    parse_duration,
     parse_platform,
     parse_size,
     print_json,
-    registry_config,
-    run_trio,
+    with_password,
 )
-from lazyfs.config import STATS_XATTR, CacheConfig, ResolverConfig
-from lazyfs.errors import LazyfsError, UsageError
-from lazyfs.model.platform import Platform
+from lazyfs.config import STATS_XATTR, Credentials
+from lazyfs.errors import ServiceUnavailableError, UsageError
 from lazyfs.model.reference import Reference
-from lazyfs.mount.mountinfo import is_mounted
-from lazyfs.registry.mirrors import MirrorConfig
-
-if TYPE_CHECKING:
-    from lazyfs.model.profiles import AccessProfile
-    from lazyfs.mount.session import MountService
+from lazyfs.mount import mountinfo
+from lazyfs.service import client, launcher
+from lazyfs.service.paths import default_cache_dir
 
 log = logging.getLogger("lazyfs")
 
-_READY = b"ready\n"
-CREDS_ENV = "LAZYFS_MOUNT_CREDS"
-_MOUNT_TIMEOUT_S = 300.0
-_UMOUNT_WAIT_S = 30.0
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "lazyfs"
+SOCKET_ENV = "LAZYFS_SOCKET"
+IDLE_EXIT_ENV = "LAZYFS_SERVICE_IDLE_EXIT_S"
+DEFAULT_IDLE_EXIT_S = 5.0
+_OPEN_ATTEMPTS = 3
+LAZYFS_FSTYPE = "fuse.lazyfs"
 
 
 def run_mount(args: argparse.Namespace) -> int:
-    if args.creds is None:  # a daemon started by `lazyfs mount` gets them this way
-        args.creds = os.environ.pop(CREDS_ENV, None)
     mountpoint = _check_mountpoint(args.mountpoint)
-    reference = Reference.parse(args.reference)
-    profile = _prefetch_profile(args)  # in the front end too, to fail before daemonising
-    if not args.foreground:
-        return _start_daemon(args, mountpoint)
-    from lazyfs.mount.session import MountOptions, MountService, PrefetchOptions  # see common.py
-
-    mirrors = MirrorConfig.load(args.config) if args.config else MirrorConfig()
-    options = MountOptions(
-        reference=reference,
-        mountpoint=mountpoint,
-        cache=CacheConfig(args.cache_dir, args.cache_size, args.verify_cache_reads),
-        platform=args.platform or Platform.host(),
-        registry=replace(registry_config(args), insecure_registries=mirrors.insecure_hosts()),
-        mirrors=mirrors,
-        resolver=ResolverConfig(read_deadline_s=args.read_timeout),
-        allow_other=args.allow_other,
-        prefetch=PrefetchOptions(not args.no_prefetch, profile, args.record_profile),
+    reference = Reference.parse(args.reference.removeprefix("docker://"))
+    request = {
+        "reference": str(reference),
+        "mountpoint": str(mountpoint),
+        "platform": str(args.platform) if args.platform else None,
+        "tls_verify": args.tls_verify,
+        "cert_dir": str(args.cert_dir.absolute()) if args.cert_dir else None,
+        "mirrors": _read_text(args.config, "--config") if args.config else None,
+        "read_timeout_s": args.read_timeout,
+        **_prefetch_arguments(args),
+    }
+    request["credentials"] = _credentials(args, reference, request["mirrors"])
+    answer = _open(args, request)
+    print(
+        f"mounted {reference} at {mountpoint} (service pid {answer['pid']}, image "
+        f"{answer['image'][:19]}{', offline' if answer.get('offline') else ''})",
+        file=sys.stderr,
     )
-    service = MountService(options, credentials(args))
-    ready_fd: int | None = args.ready_fd
-    try:
-        return run_trio(lambda: _serve(service, ready_fd))
-    except LazyfsError as exc:
-        _tell_parent(ready_fd, f"error: {exc}\n".encode())
-        raise
-
-
-async def _serve(service: MountService, ready_fd: int | None) -> int:
-    def ready() -> None:
-        log.info("mounted")
-        _tell_parent(ready_fd, _READY)
-
-    await service.run(ready)
     return 0
 
 
-def _prefetch_profile(args: argparse.Namespace) -> AccessProfile | None:
+def _open(args: argparse.Namespace, request: dict[str, Any]) -> Any:
+    """The open request, sent to the service; once more to a new one if that one was stopping
+    (an on-demand service whose idle time ran out just then)."""
+    for attempt in range(_OPEN_ATTEMPTS):
+        try:
+            return client.call(_socket(args, start=True), "open", **request)
+        except ServiceUnavailableError:
+            if attempt == _OPEN_ATTEMPTS - 1 or args.socket or os.environ.get(SOCKET_ENV):
+                raise
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
+
+
+def _socket(args: argparse.Namespace, *, start: bool) -> Path:
+    """The service to talk to: --socket, LAZYFS_SOCKET, or the cache's (started if asked)."""
+    explicit = args.socket or (Path(os.environ[SOCKET_ENV]) if os.environ.get(SOCKET_ENV) else None)
+    if explicit is not None:
+        return Path(explicit)
+    cache_dir = args.cache_dir.absolute()
+    socket = launcher.socket_for_cache(cache_dir)
+    if not start or client.is_listening(socket):
+        return socket
+    settings = launcher.ServiceSettings(
+        cache_dir,
+        args.cache_size,
+        args.service_idle_exit,
+        args.verify_cache_reads,
+        args.log_level,
+    )
+    socket, pid = launcher.start_service(settings)
+    print(
+        f"lazyfs: started a mount service for {cache_dir} (pid {pid}, socket {socket}); "
+        f"it exits {settings.idle_exit_s:g} s after its last image is released",
+        file=sys.stderr,
+    )
+    return socket
+
+
+def _prefetch_arguments(args: argparse.Namespace) -> dict[str, Any]:
     if args.prefetch is not None and args.no_prefetch:
         raise UsageError("--prefetch and --no-prefetch exclude each other")
-    record = args.record_profile
-    if record is not None:
-        args.record_profile = record = record.absolute()
-        if not record.parent.is_dir():
-            raise UsageError(f"--record-profile: directory {record.parent} does not exist")
-    if args.prefetch is None:
-        return None
-    from lazyfs.model.profiles import AccessProfile
+    record = args.record_profile.absolute() if args.record_profile else None
+    if record is not None and not record.parent.is_dir():
+        raise UsageError(f"--record-profile: directory {record.parent} does not exist")
+    profile = None
+    if args.prefetch is not None:
+        from lazyfs.model.profiles import AccessProfile
 
-    return AccessProfile.load(args.prefetch)
+        profile = json.loads(AccessProfile.load(args.prefetch).to_json())
+    return {
+        "prefetch": not args.no_prefetch,
+        "profile": profile,
+        "record_profile": str(record) if record else None,
+    }
 
 
-def _tell_parent(fd: int | None, message: bytes) -> None:
-    if fd is None:
-        return
+def _credentials(
+    args: argparse.Namespace, reference: Reference, mirrors: str | None
+) -> dict[str, list[str]]:
+    """The credentials of every registry the request may use, looked up as this user."""
+    from lazyfs.registry.credentials import DockerConfigCredentials, parse_creds
+    from lazyfs.registry.mirrors import MirrorConfig
+
+    explicit: Credentials | None = parse_creds(with_password(args.creds)) if args.creds else None
+    source = DockerConfigCredentials(args.authfile, creds=explicit)
+    config = MirrorConfig.loads(mirrors, "--config") if mirrors else MirrorConfig()
+    registries = {reference.registry} | {e.registry for e in config.endpoints(reference)}
+    found = {}
+    for registry in sorted(registries):
+        credentials = source.lookup(registry)
+        if credentials is not None:
+            found[registry] = [credentials.username, credentials.password]
+    return found
+
+
+def _read_text(path: Path, flag: str) -> str:
     try:
-        os.write(fd, message)
-        os.close(fd)
-    except OSError:
-        pass  # the parent is gone or already told
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{flag}: cannot read {path}: {exc}") from exc
 
 
 def _check_mountpoint(path: Path) -> Path:
-    resolved = path.resolve()
-    if not resolved.is_dir():
+    """An existing directory, or a dead lazyfs mount (which the service replaces)."""
+    resolved = Path(os.path.realpath(path))
+    if _is_dead_lazyfs_mount(resolved):
+        return resolved
+    try:
+        is_dir = resolved.is_dir()
+    except OSError as exc:
+        raise UsageError(f"mountpoint {path}: {exc.strerror}") from exc
+    if not is_dir:
         raise UsageError(f"mountpoint {path} is not a directory")
-    if is_mounted(resolved):
+    if mountinfo.is_mounted(resolved):
         raise UsageError(f"{path} is already a mountpoint")
     return resolved
 
 
-def _start_daemon(args: argparse.Namespace, mountpoint: Path) -> int:
-    log_path = _log_path(args.cache_dir, mountpoint)
-    read_fd, write_fd = os.pipe()
-    argv = [
-        sys.executable,
-        "-m",
-        "lazyfs",
-        *_without_creds(args.raw_argv),
-        "--foreground",
-        "--ready-fd",
-        str(write_fd),
-    ]
-    # Credentials go through the environment (readable by this user only), never the command
-    # line, which every user can read in /proc for as long as the daemon runs.
-    environment = dict(os.environ)
-    if args.creds:
-        environment[CREDS_ENV] = args.creds
-    with log_path.open("ab") as log_file:
-        daemon = subprocess.Popen(
-            argv,
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-            pass_fds=(write_fd,),
-            start_new_session=True,
-        )
-    os.close(write_fd)
-    answer = _read_answer(read_fd)
-    if answer == _READY:
-        print(
-            f"mounted {args.reference} at {mountpoint} (daemon pid {daemon.pid}, log {log_path})",
-            file=sys.stderr,
-        )
-        return 0
-    daemon.wait(timeout=10)
-    message = answer.decode(errors="replace").strip().removeprefix("error: ")
-    raise LazyfsError(
-        message or f"the mount daemon exited with status {daemon.returncode}; see {log_path}"
-    )
+def _lazyfs_mount_at(path: Path) -> bool:
+    return any(e.mountpoint == path and e.fstype == LAZYFS_FSTYPE for e in mountinfo.mounts())
 
 
-def _without_creds(argv: list[str]) -> list[str]:
-    kept: list[str] = []
-    skip_next = False
-    for word in argv:
-        if skip_next:
-            skip_next = False
-        elif word == "--creds":
-            skip_next = True
-        elif not word.startswith("--creds="):
-            kept.append(word)
-    return kept
-
-
-def _read_answer(fd: int) -> bytes:
-    deadline = time.monotonic() + _MOUNT_TIMEOUT_S
-    answer = b""
-    with os.fdopen(fd, "rb") as pipe:
-        while time.monotonic() < deadline:
-            data = pipe.read1(4096)
-            if not data:
-                break
-            answer += data
-            if answer.endswith(b"\n"):
-                break
-    return answer
-
-
-def _log_path(cache_dir: Path, mountpoint: Path) -> Path:
-    path = CacheLayout(cache_dir).mount_log(mountpoint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+def _is_dead_lazyfs_mount(path: Path) -> bool:
+    """statfs, not stat: the kernel answers stat from its cache even for a dead mount."""
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN and _lazyfs_mount_at(path)
+    return False
 
 
 def read_stats(mountpoint: Path) -> dict[str, Any]:
@@ -211,65 +187,91 @@ def read_stats(mountpoint: Path) -> dict[str, Any]:
 
 
 def run_umount(args: argparse.Namespace) -> int:
-    mountpoint = args.mountpoint.resolve()
-    pid = int(read_stats(mountpoint)["pid"])
-    command = ["fusermount3", "-u", *(["-z"] if args.lazy else []), str(mountpoint)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise LazyfsError(
-            f"cannot unmount {mountpoint}: {result.stderr.strip() or 'fusermount3 failed'}"
+    mountpoint = Path(os.path.realpath(args.mountpoint))
+    if not _lazyfs_mount_at(mountpoint):
+        raise UsageError(f"{mountpoint} is not a lazyfs mount")
+    if _is_dead_lazyfs_mount(mountpoint):
+        _clear_dead_mount(mountpoint)
+        return 0
+    try:
+        client.call(
+            _owning_socket(args, mountpoint), "release", mountpoint=str(mountpoint), lazy=args.lazy
         )
-    _wait_for_exit(pid)
+    except ServiceUnavailableError:  # the service is gone: the mount is dead or dying
+        _clear_dead_mount(mountpoint)
     return 0
 
 
-def _wait_for_exit(pid: int) -> None:
-    deadline = time.monotonic() + _UMOUNT_WAIT_S
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    raise LazyfsError(f"unmounted, but daemon {pid} is still running after {_UMOUNT_WAIT_S} s")
+def _owning_socket(args: argparse.Namespace, mountpoint: Path) -> Path:
+    """--socket or LAZYFS_SOCKET, else the service whose pid the mount's stats name."""
+    if args.socket or os.environ.get(SOCKET_ENV):
+        return _socket(args, start=False)
+    stats = read_stats(mountpoint)
+    return Path(stats.get("socket") or launcher.socket_for_cache(args.cache_dir.absolute()))
+
+
+def _clear_dead_mount(mountpoint: Path) -> None:
+    from lazyfs.service import bindmounts
+
+    bindmounts.unmount(mountpoint, lazy=True)
+    print(f"lazyfs: cleared the dead mount at {mountpoint}", file=sys.stderr)
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    stats = read_stats(args.mountpoint.resolve())
+    if args.mountpoint is None:
+        stats = client.call(_socket(args, start=False), "stats")
+        stats.pop("ok", None)
+    else:
+        stats = read_stats(Path(os.path.realpath(args.mountpoint)))
     if args.json:
         print_json(stats)
         return 0
     for key, value in stats.items():
-        if key != "layers":
+        if key not in ("layers", "image_list", "read_latency", "fetch_latency"):
             print(f"{key:<24} {value}")
-    for layer in stats["layers"]:
+    for layer in stats.get("layers", ()):
         kind = "lazy" if layer["lazy"] else "full"
         print(
             f"layer {layer['digest'][7:19]} {kind} {layer['bytes_fetched']:>12} / "
             f"{layer['size']:>12} bytes ({layer['fetched_percent']:.2f}%)"
         )
+    for image in stats.get("image_list", ()):
+        print(f"image {image['reference']} at {', '.join(image['mountpoints'])}")
     return 0
+
+
+def _add_service_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("mount service")
+    group.add_argument(
+        "--socket",
+        type=Path,
+        help=f"the service's control socket (default: ${SOCKET_ENV}, "
+        "else the service that owns --cache-dir)",
+    )
+    group.add_argument("--cache-dir", type=Path, default=default_cache_dir())
 
 
 def add_parsers(commands: Any) -> None:
     mount = commands.add_parser("mount", help="mount an image lazily (read-only)")
     mount.add_argument("reference", metavar="REF")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
-    mount.add_argument("--cache-dir", type=Path, default=default_cache_dir())
-    mount.add_argument("--cache-size", type=parse_size, default=10 << 30, help="e.g. 10G (default)")
+    _add_service_flags(mount)
+    mount.add_argument(
+        "--cache-size", type=parse_size, default=10 << 30, help="for a service it starts (10G)"
+    )
+    mount.add_argument(
+        "--service-idle-exit",
+        type=parse_duration,
+        default=float(os.environ.get(IDLE_EXIT_ENV) or DEFAULT_IDLE_EXIT_S),
+        metavar="SECONDS",
+        help=f"a service it starts exits this long after its last image ({DEFAULT_IDLE_EXIT_S:g})",
+    )
     mount.add_argument("--platform", type=parse_platform, help="os/arch[/variant] (default: host)")
-    mount.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     mount.add_argument(
-        "--foreground", action="store_true", help="stay attached; serve until unmounted"
+        "--read-timeout", type=parse_duration, help="seconds before a read fails with EIO (120)"
     )
     mount.add_argument(
-        "--read-timeout",
-        type=float,
-        default=ResolverConfig().read_deadline_s,
-        help="seconds before a read fails with EIO",
-    )
-    mount.add_argument(
-        "--verify-cache-reads", action="store_true", help="re-hash chunks read from the cache"
+        "--verify-cache-reads", action="store_true", help="for a service it starts: re-hash reads"
     )
     mount.add_argument(
         "--config",
@@ -292,16 +294,17 @@ def add_parsers(commands: Any) -> None:
         metavar="PATH",
         help="write the reads of this mount, in order, to PATH at unmount",
     )
-    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     add_registry_flags(mount, directional=False)
     mount.set_defaults(handler=run_mount)
 
-    umount = commands.add_parser("umount", help="unmount a lazyfs mount and stop its daemon")
+    umount = commands.add_parser("umount", help="unmount a lazyfs mount (a dead one too)")
     umount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     umount.add_argument("-z", "--lazy", action="store_true", help="lazy unmount (detach now)")
+    _add_service_flags(umount)
     umount.set_defaults(handler=run_umount)
 
-    stats = commands.add_parser("stats", help="show what a live mount has fetched")
-    stats.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    stats = commands.add_parser("stats", help="show what a mount, or the service, has fetched")
+    stats.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?")
     stats.add_argument("--json", action="store_true")
+    _add_service_flags(stats)
     stats.set_defaults(handler=run_stats)

@@ -67,7 +67,8 @@ class MetadataFetcher:
         await self.remember(key, fetched.data)
         return fetched.data
 
-    async def blob(self, ref: Reference, digest: Digest) -> bytes:
+    async def blob(self, ref: Reference, digest: Digest, size: int | None = None) -> bytes:
+        """A blob (a config), verified; ``size`` (its descriptor's) bounds what is read."""
         key = keys.blob_key(digest)
         cached = await self.get(key)
         if cached is not None:
@@ -75,7 +76,7 @@ class MetadataFetcher:
             return cached
         if self.offline:
             raise RegistryUnreachableError(f"blob {digest} is not cached and the registry is down")
-        data = await self.failover.first(ref, lambda r: self.client.get_blob(r, digest))
+        data = await self.failover.first(ref, lambda r: self.client.get_blob(r, digest, size))
         await self.remember(key, data)
         return data
 

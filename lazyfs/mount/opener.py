@@ -20,7 +20,6 @@ from pathlib import Path
 
 import anyio
 import anyio.to_thread
-import zstandard
 
 from lazyfs.cache import keys
 from lazyfs.cache.store import ChunkCache
@@ -31,10 +30,10 @@ from lazyfs.errors import (
     LazyfsError,
     ManifestError,
     RegistryUnreachableError,
-    TocError,
     UnsupportedMediaTypeError,
 )
 from lazyfs.formats import estargz
+from lazyfs.formats.bounded import zstd_exact
 from lazyfs.formats.chunked.toc import (
     LEGACY_TOC_CHECKSUM_ANNOTATION,
     LEGACY_TOC_POSITION_ANNOTATION,
@@ -43,6 +42,7 @@ from lazyfs.formats.chunked.toc import (
     VERITY_ANNOTATION,
     Toc,
     TocEntry,
+    check_entries,
     parse_toc_position,
 )
 from lazyfs.formats.chunked.writer import ChunkedLayer
@@ -104,7 +104,7 @@ async def _index_layers(
 
     try:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(fetcher.blob, ref, manifest.config.digest)
+            tasks.start_soon(fetcher.blob, ref, manifest.config.digest, manifest.config.size)
             for position, layer in enumerate(manifest.layers):
                 tasks.start_soon(index, position, layer)
     except ExceptionGroup as group:  # report one clear error, as a sequential fetch would
@@ -152,7 +152,7 @@ async def _estargz_entries(
     if actual != expected:
         raise IntegrityError(f"eStargz TOC of layer {layer.digest}", expected, actual)
     await fetcher.remember(key, cached)
-    return estargz.toc_entries(toc_json, int(offset_line))
+    return estargz.toc_entries(toc_json, int(offset_line), layer=str(layer.digest))
 
 
 def _is_zstd_chunked(layer: Descriptor) -> bool:
@@ -180,6 +180,8 @@ async def _localize_plain_layer(
         "layer %s is a plain %s layer: fetching it whole (not lazy)", layer.digest, layer.media_type
     )
     chunked = await _convert_locally(fetcher, ref, layer)
+    # Written here, never parsed: checked as a fetched TOC would be (a remount parses it).
+    check_entries(chunked.toc.entries, layer=str(layer.digest), blob_size=chunked.size)
     await fetcher.remember(keys.local_toc_key(chunked.digest), chunked.toc.to_json())
     await fetcher.remember(key, str(chunked.digest).encode())
     return chunked.toc, _local_blob(chunked.digest, layer, fetched=True)
@@ -229,21 +231,11 @@ async def _layer_toc(fetcher: MetadataFetcher, ref: Reference, layer: Descriptor
             f"layer {layer.digest} ({layer.media_type}) is not zstd:chunked; "
             "convert the image with `lazyfs convert` first"
         )
-    section = parse_toc_position(position)
+    section = parse_toc_position(position, layer=str(layer.digest), blob_size=layer.size)
     compressed = await fetcher.toc(ref, layer, section, Digest.parse(checksum))
-    return Toc.parse(_decompress_toc(compressed, section.uncompressed_length))
-
-
-def _decompress_toc(compressed: bytes, uncompressed_length: int) -> bytes:
-    try:
-        data = zstandard.ZstdDecompressor().decompress(
-            compressed, max_output_size=uncompressed_length
-        )
-    except zstandard.ZstdError as exc:
-        raise TocError(f"TOC does not decompress: {exc}") from exc
-    if len(data) != uncompressed_length:
-        raise TocError(f"TOC is {len(data)} bytes, the annotation says {uncompressed_length}")
-    return data
+    what = f"layer {layer.digest}: TOC"
+    data = zstd_exact(compressed, section.uncompressed_length, what)
+    return Toc.parse(data, layer=str(layer.digest), blob_size=section.offset)
 
 
 def _layer_blob(layer: Descriptor) -> LayerBlob:

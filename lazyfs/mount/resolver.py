@@ -18,7 +18,6 @@ import bisect
 import hashlib
 import logging
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,14 +25,15 @@ from typing import Literal
 
 import anyio
 import anyio.to_thread
-import zstandard
 from anyio.abc import TaskGroup
 
 from lazyfs.cache.store import ChunkCache
 from lazyfs.config import ResolverConfig
 from lazyfs.errors import CacheError, FetchDeadlineError, IntegrityError, LazyfsError
+from lazyfs.formats.bounded import chunk_bytes
 from lazyfs.model.bytesource import ByteSource
 from lazyfs.model.digest import Digest
+from lazyfs.model.histogram import LatencyHistogram
 from lazyfs.model.ranges import ByteRange
 from lazyfs.model.verity import format_verity, fsverity_digest
 from lazyfs.mount.prefetch import ProfileRecorder
@@ -75,7 +75,10 @@ class ResolverStats:
     readahead_used_bytes: int = 0  # of those, the bytes of chunks that reads then asked for
     prefetch_chunks: int = 0  # fetched by the prefetch of an access profile (prefetch.py)
     memory_hits: int = 0  # chunks served from the recently used ones in memory
+    internal_errors: int = 0  # bugs contained: the requests they hit failed with EIO
     layer_bytes_fetched: dict[int, int] = field(default_factory=dict)
+    read_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # file reads
+    fetch_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # range requests
 
 
 class RecentChunks:
@@ -141,7 +144,25 @@ class _Request:
     chunks: tuple[tuple[_Wanted, ...], ...]  # per range, in blob order
 
 
+class SharedChunks:
+    """What every image of one service shares, so that a chunk two images hold is fetched once
+    even when both read it at the same moment: the chunk cache, the recently used verified
+    chunks in memory, the singleflight table (keyed by content: fs-verity digest, or sha256
+    where a layer has no fs-verity digests), the bound on concurrent fetches, and the task
+    group that owns fetches. Event loop only (docs/concurrency.md)."""
+
+    def __init__(self, cache: ChunkCache, config: ResolverConfig, task_group: TaskGroup) -> None:
+        self.cache = cache
+        self.recent = RecentChunks(config.memory_cache_bytes)
+        self.flights: dict[str, _Flight] = {}
+        self.limiter = anyio.CapacityLimiter(config.max_concurrent_fetches)
+        self.task_group = task_group
+
+
 class ChunkResolver:
+    """Reads of one image: its layers, byte source, read-ahead state and statistics. Without
+    ``shared`` it has cache, memory and flights of its own (one image per process)."""
+
     def __init__(
         self,
         source: ByteSource,
@@ -151,19 +172,21 @@ class ChunkResolver:
         task_group: TaskGroup,
         blob_index: BlobIndex | None = None,
         recorder: ProfileRecorder | None = None,
+        shared: SharedChunks | None = None,
     ) -> None:
+        shared = shared or SharedChunks(cache, config, task_group)
         self._source = source
         self._recorder = recorder
         self._blob_index = blob_index
         self._link = LinkEstimate()
         self._budget = ReadaheadBudget()
-        self._recent = RecentChunks(config.memory_cache_bytes)
-        self._cache = cache
+        self._recent = shared.recent
+        self._cache = shared.cache
         self._layers = list(layers)
         self._config = config
-        self._task_group = task_group
-        self._limiter = anyio.CapacityLimiter(config.max_concurrent_fetches)
-        self._flights: dict[str, _Flight] = {}
+        self._task_group = shared.task_group
+        self._limiter = shared.limiter
+        self._flights = shared.flights
         self._starts: dict[int, list[int]] = {}
         self.stats = ResolverStats()
 
@@ -172,6 +195,7 @@ class ChunkResolver:
         end = min(offset + size, node.size)
         if offset >= end:
             return b""
+        started = time.monotonic()
         chunks = self._covering(node, offset, end)
         if self._recorder is not None:
             self._recorder.record(node, chunks)
@@ -182,8 +206,9 @@ class ChunkResolver:
             raise FetchDeadlineError(
                 f"{node.path}: read not satisfied within {self._config.read_deadline_s} s"
             ) from exc
-        first = chunks[0].ref.file_offset
-        return b"".join(pieces)[offset - first : end - first]
+        finally:
+            self.stats.read_latency.observe(time.monotonic() - started)
+        return b"".join(_clipped(chunks, pieces, offset, end))
 
     def _wanted(self, node: Node, chunk: LayerChunk) -> _Wanted:
         return _Wanted(node, chunk, _key(chunk, self._layers[chunk.layer].check))
@@ -196,8 +221,9 @@ class ChunkResolver:
         high = bisect.bisect_left(starts, end)
         return list(node.chunks[max(low, 0) : high])
 
-    async def _load(self, wanted: list[_Wanted]) -> list[bytes]:
-        """Each wanted chunk's bytes: zeros, or from the flight that owns its key.
+    async def _load(self, wanted: list[_Wanted]) -> list[bytes | None]:
+        """Each wanted chunk's bytes (None for a run of zeros), from memory or from the flight
+        that owns its key.
 
         Each read keeps references to its flights, which hold their result after they leave
         ``_flights``."""
@@ -213,10 +239,10 @@ class ChunkResolver:
         owned = self._claim([w for w in wanted if w.key not in recent], flights)
         if owned:
             self._task_group.start_soon(self._resolve, owned)
-        pieces = []
+        pieces: list[bytes | None] = []
         for item in wanted:
             if item.chunk.ref.zeros:  # the verified TOC says so: nothing to fetch
-                pieces.append(bytes(item.chunk.ref.size))
+                pieces.append(None)
             elif item.key in recent:
                 pieces.append(recent[item.key])
             else:
@@ -246,7 +272,16 @@ class ChunkResolver:
         return owned
 
     async def _resolve(self, owned: list[_Wanted]) -> None:
-        """Background task: serve new flights from the cache, fetch the rest."""
+        """Background task: serve new flights from the cache, fetch the rest. Nothing escapes
+        it: a bug fails the reads waiting on these flights, not every image of the service."""
+        try:
+            await self._serve_or_fetch(owned)
+        except Exception as exc:
+            log.exception("resolving %d chunks crashed", len(owned))
+            self.stats.internal_errors += 1
+            self._finish(owned, [LazyfsError(f"internal error: {exc!r}")] * len(owned))
+
+    async def _serve_or_fetch(self, owned: list[_Wanted]) -> None:
         missing = await self._serve_from_cache(owned)
         self.stats.cache_hits += len(owned) - len(missing)
         self.stats.cache_misses += len(missing)
@@ -384,8 +419,10 @@ class ChunkResolver:
                 blob = self._layers[request.layer]
                 started = time.monotonic()
                 bodies = await self._source.read_ranges(blob.digest, request.ranges)
+                elapsed = time.monotonic() - started
                 if blob.lazy:
-                    self._link.record(sum(len(b) for b in bodies), time.monotonic() - started)
+                    self._link.record(sum(len(b) for b in bodies), elapsed)
+                    self.stats.fetch_latency.observe(elapsed)
             self._count_fetch(request, bodies)
             frames = _cut_frames(request, bodies)
             verified = await anyio.to_thread.run_sync(_verify_frames, blob, frames)
@@ -483,6 +520,17 @@ def _key(chunk: LayerChunk, check: ChunkCheck) -> str:
     return chunk.ref.verity if check == "verity" else _SHA256_KEY + chunk.ref.sha256
 
 
+def _clipped(
+    chunks: Sequence[LayerChunk], pieces: Sequence[bytes | None], offset: int, end: int
+) -> Iterator[bytes]:
+    """The parts of each chunk that fall in [offset, end): only those bytes are copied, and a
+    run of zeros (which may be gigabytes in a sparse file) is made only as long as the read."""
+    for chunk, piece in zip(chunks, pieces, strict=True):
+        start = chunk.ref.file_offset
+        low, high = max(offset, start) - start, min(end, start + chunk.ref.size) - start
+        yield bytes(high - low) if piece is None else piece[low:high]
+
+
 def _compressed_size(item: _Wanted) -> int:
     return item.chunk.ref.blob_end - item.chunk.ref.blob_offset
 
@@ -513,42 +561,16 @@ def _cut_frames(request: _Request, bodies: list[bytes]) -> list[tuple[_Wanted, b
 
 
 def _verified(item: _Wanted, blob: LayerBlob, frame: bytes) -> tuple[str, bytes]:
-    """Decompress and check one chunk; its fs-verity digest and bytes."""
+    """Decompress (never past the size the verified TOC gives) and check one chunk; its
+    fs-verity digest and bytes."""
     ref = item.chunk.ref
-    try:
-        data = _decompress(frame, blob.compression, ref.size, ref.inner_offset)
-    except (zstandard.ZstdError, zlib.error) as exc:
-        expected = ref.verity if blob.check == "verity" else ref.sha256
-        raise IntegrityError(_describe(item, blob), expected, f"undecodable data ({exc})") from exc
+    data = chunk_bytes(frame, blob.compression, ref.size, ref.inner_offset, _describe(item, blob))
     return _check(item, blob, data), data
-
-
-def _decompress(frame: bytes, compression: str, size: int, inner_offset: int = 0) -> bytes:
-    """At most ``size + 1`` bytes of zstd (enough to tell a chunk that is too long)."""
-    if compression == "zstd":
-        return zstandard.ZstdDecompressor().decompress(frame, max_output_size=size + 1)
-    return _gunzip_slice(frame, inner_offset, size)
 
 
 def _describe(item: _Wanted, blob: LayerBlob) -> str:
     ref = item.chunk.ref
     return f"chunk at offset {ref.file_offset} of {item.node.path} (layer {blob.digest})"
-
-
-def _gunzip_slice(frame: bytes, skip: int, size: int) -> bytes:
-    """Bytes [skip, skip+size) of the concatenated gzip members in ``frame``; fewer if it ends.
-
-    An eStargz member may hold other files' bytes before the chunk (``innerOffset``)."""
-    want = skip + size
-    out = bytearray()
-    rest = frame
-    while rest and len(out) < want:
-        member = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        out += member.decompress(rest, want - len(out))
-        if not member.eof:  # enough bytes, or a truncated member
-            break
-        rest = member.unused_data
-    return bytes(out[skip:want])
 
 
 def _check(item: _Wanted, blob: LayerBlob, data: bytes) -> str:

@@ -12,19 +12,22 @@ FUSE handlers can use it without locks. Semantics follow the OCI image-spec laye
 
 from __future__ import annotations
 
-import functools
 import posixpath
-import re
 import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from lazyfs.errors import TocError
-from lazyfs.formats.chunked.toc import ChunkRef, TocEntry, file_chunks, group_file_entries
+from lazyfs.formats.chunked.toc import (
+    ChunkRef,
+    TocEntry,
+    file_chunks,
+    group_file_entries,
+    name_bytes,
+    parse_rfc3339_ns,
+)
 
 ROOT_INODE = 1
-_DIGITS = re.compile(r"[0-9]+")
 WHITEOUT_PREFIX = ".wh."
 _WHITEOUT_PREFIX_BYTES = WHITEOUT_PREFIX.encode()
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -114,7 +117,10 @@ def build_tree(layers: Sequence[Iterable[TocEntry]]) -> Tree:
     """Apply layers bottom to top and number the inodes."""
     root = Node(kind="dir", mode=0o755, children={})
     for index, entries in enumerate(layers):
-        _apply_layer(root, index, list(entries))
+        try:
+            _apply_layer(root, index, list(entries))
+        except TocError as exc:  # name the layer: the image may have many
+            raise TocError(f"layer {index}: {exc}") from exc
     return _finish(root)
 
 
@@ -139,16 +145,8 @@ def _split(name: str) -> list[bytes]:
     try:  # the whole name at once: the common case, and several times faster
         parts = clean.encode("utf-8", "surrogateescape").split(b"/")
     except UnicodeEncodeError:
-        parts = [encode_name(part) for part in clean.split("/")]
+        parts = [name_bytes(part) for part in clean.split("/")]
     return [part for part in parts if part and part != b"."]
-
-
-def encode_name(text: str) -> bytes:
-    """TOC text as the bytes the kernel sees; tar's non-UTF-8 bytes come back as they were."""
-    try:
-        return text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate from a JSON escape: keep it, never crash
-        return text.encode("utf-8", "surrogatepass")
 
 
 def _apply_whiteout(root: Node, parts: list[bytes]) -> None:
@@ -228,7 +226,7 @@ def _new_node(head: TocEntry, group: list[TocEntry], layer: int) -> Node:
         node.verity = head.verity
         node.chunks = tuple(LayerChunk(layer, ref) for ref in file_chunks(group))
     elif head.type == "symlink":
-        node.target = encode_name(head.link_name)
+        node.target = name_bytes(head.link_name)
     elif head.type in ("char", "block"):
         node.rdev = _makedev(head.dev_major, head.dev_minor)
     return node
@@ -239,7 +237,7 @@ def _set_metadata(node: Node, entry: TocEntry, layer: int) -> None:
     node.uid = entry.uid
     node.gid = entry.gid
     node.mtime_ns = parse_rfc3339_ns(entry.modtime)
-    node.xattrs = {encode_name(k): v for k, v in entry.xattrs.items()} if entry.xattrs else {}
+    node.xattrs = {name_bytes(k): v for k, v in entry.xattrs.items()} if entry.xattrs else {}
     node.layer = layer
 
 
@@ -248,32 +246,6 @@ def _makedev(major: int, minor: int) -> int:
     return (
         ((major & 0xFFF) << 8) | (minor & 0xFF) | ((minor & ~0xFF) << 12) | ((major & ~0xFFF) << 32)
     )
-
-
-@functools.lru_cache(maxsize=4096)  # the files of an image share few distinct mtimes
-def parse_rfc3339_ns(text: str) -> int:
-    """``2023-01-02T03:04:05.123Z`` (or with an offset) -> nanoseconds since the epoch."""
-    if not text:
-        return 0
-    main, fraction, zone = _split_timestamp(text)
-    try:
-        seconds = int(datetime.fromisoformat(main + zone).timestamp())
-    except ValueError as exc:
-        raise TocError(f"invalid timestamp {text!r}") from exc
-    if fraction and not _DIGITS.fullmatch(fraction):
-        raise TocError(f"invalid timestamp {text!r}")
-    return seconds * 1_000_000_000 + int((fraction + "000000000")[:9])
-
-
-def _split_timestamp(text: str) -> tuple[str, str, str]:
-    zone = "+00:00"
-    body = text
-    if body.endswith(("Z", "z")):
-        body = body[:-1]
-    elif len(body) > 6 and body[-6] in "+-" and body[-3] == ":":
-        body, zone = body[:-6], body[-6:]
-    main, _, fraction = body.partition(".")
-    return main, fraction, zone
 
 
 def _finish(root: Node) -> Tree:

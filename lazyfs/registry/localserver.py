@@ -116,9 +116,11 @@ class LocalRegistry:
             )
         self.root_dir.mkdir(parents=True, exist_ok=True)
         self.storage_dir.mkdir(exist_ok=True)
-        attempts = 1 if self._requested_port is not None else _PORT_ATTEMPTS
+        # A restart keeps the address: references to its images stay valid.
+        wanted = self._requested_port or self._port or None
+        attempts = 1 if wanted is not None else _PORT_ATTEMPTS
         for attempt in range(1, attempts + 1):
-            self._port = self._requested_port or _free_loopback_port()
+            self._port = wanted or _free_loopback_port()
             self._spawn(binary)
             if self._wait_until_ready() or attempt == attempts:
                 break

@@ -50,13 +50,22 @@ class MirrorConfig:
     @classmethod
     def load(cls, path: Path) -> MirrorConfig:
         try:
-            document = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read config {path}: {exc}") from exc
+        return cls.loads(text, str(path))
+
+    @classmethod
+    def loads(cls, text: str, source: str) -> MirrorConfig:
+        """Parse the TOML ``text``; ``source`` names it in messages."""
+        try:
+            document = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"cannot read config {source}: {exc}") from exc
         tables = document.get("registry", [])
         if not isinstance(tables, list):
-            raise UsageError(f"{path}: [[registry]] must be an array of tables")
-        return cls(tuple(_rule(table, path) for table in tables))
+            raise UsageError(f"{source}: [[registry]] must be an array of tables")
+        return cls(tuple(_rule(table, source) for table in tables))
 
     def endpoints(self, ref: Reference) -> list[Reference]:
         """Where to pull ``ref`` from, in order: each mirror, then the origin."""
@@ -74,7 +83,7 @@ class MirrorConfig:
         return max(matching, key=lambda rule: len(rule.prefix), default=None)
 
 
-def _rule(table: Any, path: Path) -> RegistryRule:
+def _rule(table: Any, path: str) -> RegistryRule:
     if not isinstance(table, dict):
         raise UsageError(f"{path}: each [[registry]] must be a table")
     location = _text(table, "location", path) or _text(table, "prefix", path)
@@ -88,13 +97,13 @@ def _rule(table: Any, path: Path) -> RegistryRule:
     return RegistryRule(_normalize(prefix), origin, tuple(_endpoint(m, path) for m in mirrors))
 
 
-def _endpoint(table: Any, path: Path) -> Endpoint:
+def _endpoint(table: Any, path: str) -> Endpoint:
     if not isinstance(table, dict) or not _text(table, "location", path):
         raise UsageError(f"{path}: each [[registry.mirror]] needs a location")
     return Endpoint(_text(table, "location", path), bool(table.get("insecure", False)))
 
 
-def _text(table: dict[str, Any], key: str, path: Path) -> str:
+def _text(table: dict[str, Any], key: str, path: str) -> str:
     value = table.get(key, "")
     if not isinstance(value, str):
         raise UsageError(f"{path}: {key} must be a string")

@@ -1,0 +1,75 @@
+"""``lazyfs cache du|gc|verify|clear``: look after a cache directory (cache/maintenance.py)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from lazyfs.cli.common import print_json
+from lazyfs.errors import UsageError
+from lazyfs.service.paths import default_cache_dir
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from lazyfs.cache import maintenance  # diskcache: only when the command runs
+    from lazyfs.cache.store import ChunkCache
+
+    directory: Path = args.cache_dir
+    if not (directory / "chunks").is_dir():
+        raise UsageError(f"{directory} is not a lazyfs cache directory")
+    cache = ChunkCache(directory, None)
+    try:
+        result: dict[str, Any]
+        if args.action == "du":
+            result = asdict(maintenance.usage(cache))
+            text = _usage_text(result)
+        elif args.action == "verify":
+            result = asdict(maintenance.verify(cache))
+            text = (
+                f"checked {result['chunks_checked']} chunks and {result['blobs_checked']} local "
+                f"blobs; dropped {result['chunks_dropped']} chunks and "
+                f"{result['blobs_dropped']} blobs that did not match their digests"
+            )
+        elif args.action == "gc":
+            evicted, removed = maintenance.gc(cache)
+            result = {"chunks_evicted": evicted, "scratch_entries_removed": removed}
+            text = f"evicted {evicted} chunks; removed {removed} scratch entries"
+        else:
+            maintenance.clear(cache)
+            result, text = {"cleared": str(directory)}, f"cleared {directory}"
+    finally:
+        cache.close()
+    if args.json:
+        print_json(result)
+    else:
+        print(text)
+    return 0
+
+
+def _usage_text(usage: dict[str, Any]) -> str:
+    from lazyfs.cli.progress import human_bytes  # it loads the converter: only when needed
+
+    return "\n".join(
+        [
+            f"chunks        {usage['chunks']:>10}  {human_bytes(usage['chunk_bytes'])}"
+            f" of {human_bytes(usage['size_limit_bytes'])}",
+            f"metadata      {'':>10}  {human_bytes(usage['metadata_bytes'])}",
+            f"local blobs   {usage['local_blobs']:>10}  {human_bytes(usage['local_blob_bytes'])}",
+            f"on disk       {'':>10}  {human_bytes(usage['disk_bytes'])}",
+        ]
+    )
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser("cache", help="show, check, trim or clear a cache directory")
+    parser.add_argument(
+        "action",
+        choices=["du", "verify", "gc", "clear"],
+        help="du: usage; verify: re-hash and drop what fails; gc: trim to the bound and remove "
+        "scratch; clear: drop everything",
+    )
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(handler=run_cache)

@@ -1,0 +1,109 @@
+"""``lazyfs serve``: the long-running mount service (lazyfs/service/, docs/service.md)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from lazyfs.cli.common import parse_duration, parse_size, run_trio
+from lazyfs.config import CacheConfig, ResolverConfig
+from lazyfs.service.paths import ServicePaths, default_cache_dir, run_base, run_dir_name
+
+log = logging.getLogger("lazyfs")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from lazyfs.service.server import serve_control  # heavy: see lazyfs/cli/common.py
+    from lazyfs.service.service import Service, ServiceConfig
+
+    cache_dir = args.cache_dir.absolute()
+    run_dir = (args.run_dir or run_base() / run_dir_name(cache_dir)).absolute()
+    paths = ServicePaths.in_run_dir(
+        run_dir, args.socket and args.socket.absolute(), args.root and args.root.absolute()
+    )
+    resolver = ResolverConfig()
+    if args.max_fetches is not None:
+        resolver = ResolverConfig(max_concurrent_fetches=args.max_fetches)
+    config = ServiceConfig(
+        cache=CacheConfig(cache_dir, args.cache_size, args.verify_cache_reads),
+        paths=paths,
+        resolver=resolver,
+        socket_group=args.socket_group,
+        metrics_addr=args.metrics_addr,
+        idle_exit_s=args.idle_exit,
+        allow_other=args.allow_other,
+        lock_wait_s=args.lock_wait,
+    )
+
+    def ready() -> None:
+        print(f"lazyfs: serving at {paths.root}, socket {paths.socket}", file=sys.stderr)
+
+    async def main() -> int:
+        if args.worker_threads is not None:
+            import anyio.to_thread
+
+            anyio.to_thread.current_default_thread_limiter().total_tokens = args.worker_threads
+        await Service(config).run(ready, serve_control)
+        return 0
+
+    return run_trio(main)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def add_parser(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="run the mount service that serves every image")
+    serve.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    serve.add_argument("--cache-size", type=parse_size, default=10 << 30, help="default 10G")
+    serve.add_argument(
+        "--run-dir",
+        type=Path,
+        help=f"where socket, root and state live (default under {run_base()})",
+    )
+    serve.add_argument("--root", type=Path, help="the store root (default RUN_DIR/root)")
+    serve.add_argument(
+        "--socket", type=Path, help="the control socket (default RUN_DIR/control.sock)"
+    )
+    serve.add_argument("--socket-group", metavar="GROUP", help="make the socket 0660 for GROUP")
+    serve.add_argument(
+        "--metrics-addr", type=parse_address, metavar="HOST:PORT", help="Prometheus /metrics"
+    )
+    serve.add_argument(
+        "--idle-exit",
+        type=parse_duration,
+        metavar="SECONDS",
+        help="exit this long after the last image is released (default: serve until stopped)",
+    )
+    serve.add_argument(
+        "--lock-wait",
+        type=parse_duration,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for a stopping service that owns the cache (default: fail at once)",
+    )
+    serve.add_argument("--max-fetches", type=_positive_int, help="range requests in flight (8)")
+    serve.add_argument("--worker-threads", type=_positive_int, help="worker threads (40)")
+    serve.add_argument(
+        "--verify-cache-reads", action="store_true", help="re-hash chunks read from the cache"
+    )
+    serve.add_argument(
+        "--allow-other",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let every user read the mounts, file modes permitting (default: on)",
+    )
+    serve.set_defaults(handler=run_serve)

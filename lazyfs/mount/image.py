@@ -1,0 +1,203 @@
+"""One image a service serves: opened, verified, with its resolver, prefetch and statistics.
+
+Opening fetches only metadata (mount/opener.py); the image's chunks come through the
+resolver, which shares the service's cache, memory and singleflight table (SharedChunks) with
+every other image. Runs on the event loop (docs/concurrency.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from lazyfs.config import ResolverConfig
+from lazyfs.errors import LazyfsError
+from lazyfs.model.platform import Platform
+from lazyfs.model.profiles import AccessProfile
+from lazyfs.model.reference import Reference
+from lazyfs.mount.images import ServedImage
+from lazyfs.mount.opener import OpenedImage, open_image
+from lazyfs.mount.prefetch import ProfileRecorder, embedded_order, profile_order
+from lazyfs.mount.readahead import BlobIndex
+from lazyfs.mount.resolver import ChunkResolver, SharedChunks
+from lazyfs.mount.sources import RoutingByteSource
+from lazyfs.registry.client import RegistryClient
+from lazyfs.registry.failover import Failover
+from lazyfs.registry.sources import MirroredByteSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrefetchOptions:
+    """Access profiles (mount/prefetch.py): which to prefetch, and whether to record one."""
+
+    enabled: bool = True  # prefetch what the image's TOC ranks, or ``profile``
+    profile: AccessProfile | None = None  # a local profile, used instead of the TOC's ranks
+    record: bool = False  # record the reads of this image, in order (an access profile)
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """What an open request asks for, beyond the registry client it goes through."""
+
+    reference: Reference
+    platform: Platform = field(default_factory=Platform.host)
+    resolver: ResolverConfig = field(default_factory=ResolverConfig)
+    prefetch: PrefetchOptions = field(default_factory=PrefetchOptions)
+
+
+def image_name(reference: Reference) -> str:
+    """The directory of an image under the service root: its manifest digest."""
+    assert reference.digest is not None
+    return f"{reference.digest.algorithm}-{reference.digest.hex}"
+
+
+class MountedImage:
+    def __init__(
+        self,
+        opened: OpenedImage,
+        resolver: ChunkResolver,
+        client: RegistryClient,
+        recorder: ProfileRecorder | None,
+        options: ImageOptions,
+    ) -> None:
+        self.opened = opened
+        self.name = image_name(opened.reference)
+        self.resolver = resolver
+        self.options = options
+        self._client = client
+        self._recorder = recorder
+        self._started = time.monotonic()
+        self._prefetch_scope = anyio.CancelScope()
+        self.mountpoints: list[Path] = []
+
+    @classmethod
+    async def open(
+        cls,
+        client: RegistryClient,
+        shared: SharedChunks,
+        failover: Failover,
+        options: ImageOptions,
+    ) -> MountedImage:
+        with _collector_paused():
+            opened = await open_image(
+                client, shared.cache, options.reference, options.platform, failover
+            )
+            index = await anyio.to_thread.run_sync(BlobIndex.of_tree, opened.tree)
+        remote = MirroredByteSource(client, opened.reference, failover)
+        recorder = ProfileRecorder() if options.prefetch.record else None
+        resolver = ChunkResolver(
+            RoutingByteSource(shared.cache.blobs, remote),
+            shared.cache,
+            opened.layers,
+            options.resolver,
+            shared.task_group,
+            index,
+            recorder,
+            shared,
+        )
+        return cls(opened, resolver, client, recorder, options)
+
+    def served(self) -> ServedImage:
+        return ServedImage(self.name, self.opened.tree, self.resolver, self.stats)
+
+    async def prefetch(self) -> None:
+        """Fetch what the access profile says a start reads. A background task: nothing
+        escapes it, and closing the image cancels it."""
+        with self._prefetch_scope:
+            try:
+                await self._prefetch()
+            except LazyfsError as exc:
+                log.warning("%s: prefetch failed: %s", self.opened.reference, exc)
+            except Exception:
+                self.resolver.stats.internal_errors += 1
+                log.exception("%s: prefetch crashed", self.opened.reference)
+
+    async def _prefetch(self) -> None:
+        settings, tree = self.options.prefetch, self.opened.tree
+        if not settings.enabled:
+            return
+        if settings.profile is not None:
+            profile = settings.profile
+            order = await anyio.to_thread.run_sync(lambda: profile_order(tree, profile))
+        else:
+            order = await anyio.to_thread.run_sync(embedded_order, tree)
+        if order:
+            log.info("prefetching %d chunks of the access profile", len(order))
+            await self.resolver.prefetch(order)
+
+    def close(self) -> None:
+        self._prefetch_scope.cancel()
+
+    def recorded_profile(self) -> AccessProfile | None:
+        if self._recorder is None:
+            return None
+        return self._recorder.profile(str(self.opened.reference.digest or ""))
+
+    def stats(self) -> dict[str, Any]:
+        """What ``lazyfs stats MOUNTPOINT`` shows; called on the event loop."""
+        image, resolver = self.opened, self.resolver
+        counters = asdict(resolver.stats)
+        per_layer = counters.pop("layer_bytes_fetched")
+        for index, layer in enumerate(image.layers):
+            if not layer.lazy:
+                per_layer[index] = layer.fetched_whole_bytes
+        counters["bytes_fetched"] += sum(layer.fetched_whole_bytes for layer in image.layers)
+        counters["plain_layers"] = sum(1 for layer in image.layers if not layer.lazy)
+        counters["network_bytes_received"] = self._client.stats.bytes_received
+        return {
+            "pid": os.getpid(),
+            "reference": str(image.reference),
+            "mountpoint": str(self.mountpoints[0]) if self.mountpoints else "",
+            "mountpoints": [str(m) for m in self.mountpoints],
+            "offline": image.offline,
+            "uptime_s": round(time.monotonic() - self._started, 3),
+            **counters,
+            "layers": [
+                {
+                    "digest": str(layer.source_digest or layer.digest),
+                    "size": layer.size,
+                    "lazy": layer.lazy,
+                    "bytes_fetched": per_layer.get(index, 0),
+                    "fetched_percent": round(
+                        100.0 * per_layer.get(index, 0) / max(layer.size, 1), 3
+                    ),
+                }
+                for index, layer in enumerate(image.layers)
+            ],
+        }
+
+    def summary(self) -> str:
+        s = self.resolver.stats
+        return (
+            f"fetched {s.bytes_fetched} bytes in {s.range_requests} range requests "
+            f"({s.chunks_fetched} chunks), cache hits {s.cache_hits}, misses {s.cache_misses}, "
+            f"verification failures {s.verification_failures}"
+        )
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No garbage collection while a tree is built, then freeze what exists.
+
+    Building the tree allocates a few objects per TOC entry and none of them is garbage, so
+    collections in between only scan them (a quarter of the build time). Frozen, the tree
+    (which lives as long as the image is served) is never scanned again by the collections
+    that reads trigger."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.freeze()
