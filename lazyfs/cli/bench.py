@@ -34,7 +34,7 @@ _MAX_RUNS = 100
 _HOSTPORT = re.compile(r"^[A-Za-z0-9.-]+:[0-9]{1,5}$")
 
 
-def add_parser(commands: Any) -> None:
+def add_parsers(commands: Any) -> None:
     parser = commands.add_parser(
         "bench",
         help="measure container cold start: full pull vs lazy mounts, over emulated links",

@@ -62,7 +62,7 @@ def _usage_text(usage: dict[str, Any]) -> str:
     )
 
 
-def add_parser(commands: Any) -> None:
+def add_parsers(commands: Any) -> None:
     parser = commands.add_parser("cache", help="show, check, trim or clear a cache directory")
     parser.add_argument(
         "action",

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # imported when the command runs (see lazyfs/cli/common.py)
     from lazyfs.convert.stores import ImageStore, Location
 
 
-def add_parser(commands: Any) -> None:
+def add_parsers(commands: Any) -> None:
     parser = commands.add_parser(
         "convert",
         help="convert an image to zstd:chunked with fs-verity digests",

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from lazyfs.registry.localserver import LocalRegistry
 
 
-def add_parser(commands: Any) -> None:
+def add_parsers(commands: Any) -> None:
     parser = commands.add_parser(
         "demo", help="start a local registry, convert a sample image and mount it lazily"
     )

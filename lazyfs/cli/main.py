@@ -7,14 +7,28 @@ usage, 1 for everything else.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from lazyfs import __version__
-from lazyfs.cli import bench, cache, convert, demo, mount, serve
 from lazyfs.errors import LazyfsError, UsageError
+
+# Command -> the module that adds its parser (``add_parsers``). Only the module of the command
+# being run is imported: ``lazyfs mount`` is a client whose start-up is its mount time.
+COMMAND_MODULES = {
+    "convert": "lazyfs.cli.convert",
+    "mount": "lazyfs.cli.mount",
+    "umount": "lazyfs.cli.mount",
+    "stats": "lazyfs.cli.mount",
+    "serve": "lazyfs.cli.serve",
+    "cache": "lazyfs.cli.cache",
+    "demo": "lazyfs.cli.demo",
+    "bench": "lazyfs.cli.bench",
+}
+_GLOBAL_OPTIONS_WITH_VALUES = frozenset({"--log-level"})
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -22,20 +36,30 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"lazyfs: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or only of ``command`` (and the others it shares a
+    module with)."""
     parser = _ArgumentParser(prog="lazyfs", description="Mount OCI images lazily.")
     parser.add_argument("--version", action="version", version=f"lazyfs {__version__}")
     parser.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    convert.add_parser(commands)
-    mount.add_parsers(commands)
-    serve.add_parser(commands)
-    cache.add_parser(commands)
-    demo.add_parser(commands)
-    bench.add_parser(commands)
+    wanted = [COMMAND_MODULES[command]] if command in COMMAND_MODULES else COMMAND_MODULES.values()
+    for name in dict.fromkeys(wanted):
+        importlib.import_module(name).add_parsers(commands)
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command word of ``argv``: the first word that is not a global option."""
+    words = iter(argv)
+    for word in words:
+        if word in _GLOBAL_OPTIONS_WITH_VALUES:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 # Boolean flags written as podman and skopeo take them: bare means true, a value only with "="
@@ -55,7 +79,7 @@ def _with_boolean_values(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     raw_argv = _with_boolean_values(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(raw_argv)
+    args = build_parser(_command_of(raw_argv)).parse_args(raw_argv)
     args.raw_argv = raw_argv
     logging.basicConfig(
         level=args.log_level.upper(), format="lazyfs: %(asctime)s %(levelname)s: %(message)s"

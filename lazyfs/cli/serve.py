@@ -65,7 +65,7 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def add_parser(commands: Any) -> None:
+def add_parsers(commands: Any) -> None:
     serve = commands.add_parser("serve", help="run the mount service that serves every image")
     serve.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     serve.add_argument("--cache-size", type=parse_size, default=10 << 30, help="default 10G")
