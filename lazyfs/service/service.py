@@ -223,6 +223,9 @@ class Service:
                 log.exception("the mount watcher failed")
 
     async def _watch_once(self) -> None:
+        # Mounts bound while the table is being read are not in it yet: judge only the ones
+        # that existed before the read began.
+        known = dict(self._mounts)
         try:
             present = await anyio.to_thread.run_sync(_mounted_paths)
             self._cache_chunk_bytes = await anyio.to_thread.run_sync(
@@ -231,8 +234,8 @@ class Service:
         except (OSError, LazyfsError) as exc:
             log.warning("cannot read the mount table: %s", exc)
             return
-        for mountpoint, mount in list(self._mounts.items()):
-            if mountpoint not in present:
+        for mountpoint, mount in known.items():
+            if mountpoint not in present and self._mounts.get(mountpoint) is mount:
                 log.info("%s was unmounted from outside: releasing it", mountpoint)
                 self._forget_mount(mount, keep_record=False)
         await self._exit_if_idle()
