@@ -8,6 +8,10 @@ but ``cli``; nothing but ``cli`` imports it.
 - :mod:`lazyfs.bench.proxy`: the delay proxy process (holds segments RTT/2 each way, counts)
 - :mod:`lazyfs.bench.workload`: overlay + chroot runner with ready detection
 - :mod:`lazyfs.bench.modes`: full-pull, lazy-cold, lazy-prefetch, lazy-warm
+- :mod:`lazyfs.bench.mountservice`: the ``lazyfs serve`` each lazy mode starts, "service up",
+  mounts through it, no mount left behind
+- :mod:`lazyfs.bench.sharing`: N images in one service, read at once
+  (``python -m lazyfs.bench.sharing``)
 - :mod:`lazyfs.bench.images`: the python, gcc and busybox images (mmdebstrap, cached)
 - :mod:`lazyfs.bench.report`: table, JSON, PNG chart
 - :mod:`lazyfs.bench.runner`: orchestration

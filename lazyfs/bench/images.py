@@ -196,12 +196,12 @@ def _custom_image(
     if not _has_tag(built):
         shutil.rmtree(built, ignore_errors=True)
         built.parent.mkdir(parents=True, exist_ok=True)
-        _skopeo("copy", "--quiet", source, f"oci:{built}:{TAG}")
+        skopeo("copy", "--quiet", source, f"oci:{built}:{TAG}")
     chunked = _ensure_converted(f"oci:{built}:{TAG}", image_dir / name / "chunked", progress)
     return BenchImage(name, built, chunked, command, ready_line)
 
 
-def _skopeo(*args: str) -> None:
+def skopeo(*args: str) -> None:
     result = subprocess.run(["skopeo", *args], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]

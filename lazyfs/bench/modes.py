@@ -6,11 +6,16 @@
 - ``lazy-prefetch``: the same, with the image converted with an access profile of the workload
   (recorded once, on another mount, by :func:`record_profile`), so the mount prefetches what
   the workload will read (lazyfs/mount/prefetch.py);
-- ``lazy-warm``: the same as lazy-cold with a cache that already holds the whole image.
+- ``lazy-warm``: a new mount of an image the service holds in its cache, whole.
+
+The lazy modes run as a node would: a ``lazyfs serve`` for the mode's cache is started first
+(:mod:`lazyfs.bench.mountservice`; its start-up, *service up*, is a figure of its own), then
+the page cache is dropped, then the timed part: ``lazyfs mount --socket S`` and the workload.
+Daemon CPU is the service's over the timed part, peak RSS its high-water mark.
 
 Everything that fetches goes through the emulated link (``link.registry_host``). Each mode
-returns a :class:`RunMetrics`; times are seconds from the start of the mode (after the page
-cache was dropped), bytes and requests are what the link's proxy saw.
+returns a :class:`RunMetrics`; times are seconds from the start of the timed part (just after
+the page cache was dropped), bytes and requests are what the link's proxy saw.
 """
 
 from __future__ import annotations
@@ -29,12 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from lazyfs.bench import FULL_PULL, LAZY_COLD, LAZY_PREFETCH, LAZY_WARM
-from lazyfs.bench.command import lazyfs_command
 from lazyfs.bench.images import TAG, BenchImage
 from lazyfs.bench.links import EmulatedLink
+from lazyfs.bench.mountservice import RunningService, mount_service, service_mount
 from lazyfs.bench.workload import WorkloadResult, WorkloadSpec, run_workload
 from lazyfs.errors import LazyfsError
-from lazyfs.mount.mountinfo import is_mounted
 
 CHUNKED_TAG = "chunked"
 PREFETCH_TAG = "prefetch"
@@ -44,6 +48,8 @@ _LAZYFS_READ_AHEAD_KB = "1024"
 _READ_BLOCK = 1 << 20
 _FILL_READERS = 8
 _REFERENCE_SAMPLES = 2
+_PROFILE_WAIT_S = 30.0
+_PROFILE_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class RunMetrics:
     workload_cpu_s: float
     lazyfs_bytes_fetched: int | None
     lazyfs_range_requests: int | None
+    service_up_s: float | None = None  # lazy modes: `lazyfs serve` spawned until it answered
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,6 +119,10 @@ class ProcessCost:
         self.cpu_s += other.cpu_s
         self.peak_rss_bytes = max(self.peak_rss_bytes, other.peak_rss_bytes)
 
+    def since(self, earlier: ProcessCost) -> ProcessCost:
+        """CPU spent after ``earlier`` was taken; the peak RSS as it is now."""
+        return ProcessCost(self.cpu_s - earlier.cpu_s, self.peak_rss_bytes)
+
 
 def drop_page_cache() -> None:
     os.sync()
@@ -147,7 +158,7 @@ def process_cost(pid: int) -> ProcessCost:
         stat = Path(f"/proc/{pid}/stat").read_text()
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError as exc:
-        raise LazyfsError(f"daemon {pid} is gone: {exc}") from exc
+        raise LazyfsError(f"process {pid} is gone: {exc}") from exc
     fields = stat.rpartition(")")[2].split()
     ticks = int(fields[11]) + int(fields[12])
     hwm = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")), "0")
@@ -162,37 +173,11 @@ def mount_stats(mountpoint: Path) -> dict[str, Any]:
     return stats
 
 
-@contextlib.contextmanager
-def lazy_mount(reference: str, mountpoint: Path, cache_dir: Path, *options: str) -> Iterator[int]:
-    """``lazyfs mount`` (a separate daemon); yields its pid; always unmounted afterwards."""
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    pid = -1
-    try:
-        lazyfs_command(
-            "mount",
-            "--cache-dir",
-            str(cache_dir),
-            "--tls-verify=false",
-            *options,
-            reference,
-            str(mountpoint),
-        )
-        pid = int(mount_stats(mountpoint)["pid"])
-        yield pid
-    finally:
-        # Also when interrupted between the daemon mounting and `lazyfs mount` returning.
-        if is_mounted(mountpoint):
-            unmount(mountpoint, pid)
-
-
-def unmount(mountpoint: Path, pid: int) -> None:
-    try:
-        lazyfs_command("umount", str(mountpoint))
-    except LazyfsError:
-        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
-        if pid > 0:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
+def _service(
+    ctx: ModeContext, cache_dir: Path
+) -> contextlib.AbstractContextManager[RunningService]:
+    """The mode's own ``lazyfs serve``, its run dir under the work dir."""
+    return mount_service(cache_dir, ctx.work / "service", scope=ctx.work)
 
 
 def _read_ahead_file(mountpoint: Path) -> Path:
@@ -245,6 +230,7 @@ def _metrics(
     traffic: tuple[dict[str, int], dict[str, int]],
     cost: ProcessCost,
     stats: dict[str, Any] | None,
+    service_up_s: float | None = None,
 ) -> RunMetrics:
     before, after = traffic
 
@@ -273,12 +259,14 @@ def _metrics(
         workload_cpu_s=result.workload_cpu_s,
         lazyfs_bytes_fetched=None if stats is None else int(stats["bytes_fetched"]),
         lazyfs_range_requests=None if stats is None else int(stats["range_requests"]),
+        service_up_s=None if service_up_s is None else round(service_up_s, 4),
     )
 
 
 def full_pull(ctx: ModeContext) -> RunMetrics:
     """skopeo copy + umoci unpack through the link, then the workload on the unpacked tree."""
     layout, bundle, log = ctx.work / "layout", ctx.work / "bundle", ctx.work / "full-pull.log"
+    drop_page_cache()
     before = ctx.link.counters()
     started = time.monotonic()
     cost = run_measured(
@@ -294,16 +282,21 @@ def full_pull(ctx: ModeContext) -> RunMetrics:
 
 
 def _lazy(ctx: ModeContext, mode: str, cache_dir: Path, tag: str = CHUNKED_TAG) -> RunMetrics:
+    """Service up first (not timed), then drop the page cache; timed: mount and workload."""
     mountpoint = ctx.work / "mnt"
-    before = ctx.link.counters()
-    started = time.monotonic()
-    with lazy_mount(ctx.reference(tag), mountpoint, cache_dir) as pid:
-        mounted = time.monotonic()
-        result = run_workload(ctx.spec(mountpoint))
-        after = ctx.link.counters()
-        stats = mount_stats(mountpoint)
-        cost = process_cost(pid)
-    return _metrics(ctx, mode, started, mounted, result, (before, after), cost, stats)
+    with _service(ctx, cache_dir) as service:
+        drop_page_cache()
+        idle = process_cost(service.pid)
+        before = ctx.link.counters()
+        started = time.monotonic()
+        with service_mount(service, ctx.reference(tag), mountpoint):
+            mounted = time.monotonic()
+            result = run_workload(ctx.spec(mountpoint))
+            after = ctx.link.counters()
+            stats = mount_stats(mountpoint)
+            cost = process_cost(service.pid).since(idle)
+    traffic = (before, after)
+    return _metrics(ctx, mode, started, mounted, result, traffic, cost, stats, service.up_s)
 
 
 def lazy_cold(ctx: ModeContext) -> RunMetrics:
@@ -327,11 +320,11 @@ RUNNERS: dict[str, Callable[[ModeContext], RunMetrics]] = {
 
 
 def run_mode(mode: str, ctx: ModeContext) -> RunMetrics:
-    """Drop the page cache, run ``mode`` in a fresh work directory, clean up after it."""
+    """Run ``mode`` in a fresh work directory (it drops the page cache just before its timed
+    part), clean up after it."""
     shutil.rmtree(ctx.work, ignore_errors=True)
     ctx.work.mkdir(parents=True)
     try:
-        drop_page_cache()
         return RUNNERS[mode](ctx)
     finally:
         shutil.rmtree(ctx.work, ignore_errors=True)
@@ -368,7 +361,10 @@ def reference_pass(ctx: ModeContext, samples: int = _REFERENCE_SAMPLES) -> Refer
     mountpoint = ctx.work / "reference-mnt"
     found = []
     try:
-        with lazy_mount(ctx.reference(CHUNKED_TAG), mountpoint, ctx.warm_cache):
+        with (
+            _service(ctx, ctx.warm_cache) as service,
+            service_mount(service, ctx.reference(CHUNKED_TAG), mountpoint),
+        ):
             set_read_ahead(mountpoint, 0, after_lazyfs=True)
             for _ in range(samples):
                 drop_page_cache()
@@ -385,18 +381,22 @@ def record_profile(ctx: ModeContext, profile: Path) -> None:
     """Record the workload's access profile: one start on a cold mount of the converted image,
     as a user would (``lazyfs mount --record-profile``, then unmount)."""
     ctx.work.mkdir(parents=True, exist_ok=True)
+    profile.unlink(missing_ok=True)
+    mountpoint = ctx.work / "profile-mnt"
+    options = ("--no-prefetch", "--record-profile", str(profile))
     try:
-        with lazy_mount(
-            ctx.reference(CHUNKED_TAG),
-            ctx.work / "profile-mnt",
-            ctx.work / "profile-cache",
-            "--no-prefetch",
-            "--record-profile",
-            str(profile),
-        ):
-            drop_page_cache()
-            run_workload(ctx.spec(ctx.work / "profile-mnt"))
+        with _service(ctx, ctx.work / "profile-cache") as service:
+            with service_mount(service, ctx.reference(CHUNKED_TAG), mountpoint, *options):
+                drop_page_cache()
+                run_workload(ctx.spec(mountpoint))
+            _wait_for_file(profile, _PROFILE_WAIT_S)  # the service writes it after the release
     finally:
         shutil.rmtree(ctx.work, ignore_errors=True)
     if not profile.is_file():
         raise LazyfsError(f"{ctx.image.name}: the mount wrote no access profile")
+
+
+def _wait_for_file(path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(_PROFILE_POLL_S)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lazyfs.bench import FULL_PULL, LAZY_COLD, LAZY_PREFETCH, MODES
+from lazyfs.bench import FULL_PULL, LAZY_COLD, LAZY_PREFETCH, LAZY_WARM, MODES
 from lazyfs.bench.links import LinkCheck, format_rate
 from lazyfs.bench.modes import RunMetrics
 from lazyfs.errors import LazyfsError
@@ -25,8 +25,12 @@ METRICS = (
     "daemon_cpu_s",
     "daemon_peak_rss_bytes",
 )
+OPTIONAL_METRICS = ("service_up_s",)  # None in modes without a service (full-pull)
 WAN_RATIO_GOAL = 0.3
 AMPLIFICATION_GOAL = 2.0
+MOUNT_BASE_GOAL_S = 0.10  # issue 9: `lazyfs mount` ready within 0.1 s + 2 RTT
+MOUNT_RTT_FACTOR = 2
+WARM_READY_GOAL_S = 0.3  # issue 9: warm start on loopback, mount and workload
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,20 @@ class ImageInfo:
         }
 
 
+@dataclass(frozen=True)
+class FailedAttempt:
+    """A start that failed and was tried again (lazyfs.bench.runner.ATTEMPTS)."""
+
+    image: str
+    profile: str
+    mode: str  # or the preparation step: reference-pass, record-profile
+    run: int
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class BenchResult:
     command: list[str]
@@ -64,6 +82,7 @@ class BenchResult:
     images: list[ImageInfo] = field(default_factory=list)
     links: list[LinkCheck] = field(default_factory=list)
     runs: list[RunMetrics] = field(default_factory=list)
+    failures: list[FailedAttempt] = field(default_factory=list)
     duration_s: float = 0.0
     chart: str | None = None
 
@@ -105,7 +124,12 @@ def groups(runs: Sequence[RunMetrics]) -> dict[tuple[str, str, str], list[RunMet
 def summary(runs: Sequence[RunMetrics]) -> list[dict[str, Any]]:
     out = []
     for (image, profile, mode), members in groups(runs).items():
-        metrics = {m: summarise([float(getattr(r, m)) for r in members]) for m in METRICS}
+        metrics: dict[str, dict[str, float] | None] = {
+            m: summarise([float(getattr(r, m)) for r in members]) for m in METRICS
+        }
+        for name in OPTIONAL_METRICS:
+            values = [float(v) for r in members if (v := getattr(r, name)) is not None]
+            metrics[name] = summarise(values) if values else None
         out.append(
             {"image": image, "profile": profile, "mode": mode, "runs": len(members), **metrics}
         )
@@ -136,13 +160,52 @@ def _ready(
     return [r.time_to_ready_s for r in grouped.get(key, [])]
 
 
-def goals(runs: Sequence[RunMetrics]) -> list[Goal]:
-    """The issue's goals, for each image and cold lazy mode whose runs can answer them."""
+def goals(runs: Sequence[RunMetrics], links: Sequence[LinkCheck] = ()) -> list[Goal]:
+    """The issues' goals, for each image and lazy mode whose runs can answer them; the mount
+    goals need the links (their configured RTT)."""
     grouped = groups(runs)
     out = []
     for image in dict.fromkeys(r.image for r in runs):
         for mode in (LAZY_COLD, LAZY_PREFETCH):
             out += _mode_goals(grouped, runs, image, mode)
+        out += _service_goals(grouped, image, links)
+    return out
+
+
+def _service_goals(
+    grouped: dict[tuple[str, str, str], list[RunMetrics]],
+    image: str,
+    links: Sequence[LinkCheck],
+) -> list[Goal]:
+    """Issue 9: ``lazyfs mount`` with the service running, and the warm start on loopback."""
+    out = []
+    for check in links:
+        limit = MOUNT_BASE_GOAL_S + MOUNT_RTT_FACTOR * check.profile.rtt_s
+        for mode in (LAZY_COLD, LAZY_PREFETCH, LAZY_WARM):
+            mounts = [r.time_to_mount_s for r in grouped.get((image, check.profile.name, mode), [])]
+            if mounts:
+                median = statistics.median(mounts)
+                out.append(
+                    Goal(
+                        image,
+                        f"{check.profile.name}: {mode} lazyfs mount (median)",
+                        f"<= {limit:.3f} s",
+                        f"{median:.3f} s",
+                        median <= limit,
+                    )
+                )
+    warm = _ready(grouped, (image, "loopback", LAZY_WARM))
+    if warm:
+        median = statistics.median(warm)
+        out.append(
+            Goal(
+                image,
+                "loopback: lazy-warm time to ready (median)",
+                f"<= {WARM_READY_GOAL_S} s",
+                f"{median:.3f} s",
+                median <= WARM_READY_GOAL_S,
+            )
+        )
     return out
 
 
@@ -224,8 +287,9 @@ def to_json(result: BenchResult) -> dict[str, Any]:
         "images": [image.to_json() for image in result.images],
         "links": [check.to_json() for check in result.links],
         "runs": [run.to_json() for run in result.runs],
+        "failed_attempts": [failure.to_json() for failure in result.failures],
         "summary": summary(result.runs),
-        "goals": [goal.to_json() for goal in goals(result.runs)],
+        "goals": [goal.to_json() for goal in goals(result.runs, result.links)],
         "chart": result.chart,
     }
 
@@ -253,6 +317,7 @@ _COLUMNS = (
     ("ampl.", "{:>6}"),
     ("cpu s", "{:>6}"),
     ("rss MB", "{:>7}"),
+    ("svc up s", "{:>9}"),
 )
 
 
@@ -261,7 +326,8 @@ def _row(cells: Sequence[str]) -> str:
 
 
 def table(result: BenchResult) -> str:
-    """Times as median/p95; the rest as medians."""
+    """Times as median/p95; the rest as medians. ``svc up s``: the mode's service started until
+    it answered, outside its time to ready (``-``: no service, full-pull)."""
     lines = [_links_block(result.links), ""]
     lines.append(_row([name for name, _ in _COLUMNS]))
     for row in summary(result.runs):
@@ -279,10 +345,13 @@ def table(result: BenchResult) -> str:
                     f"{row['amplification']['median']:.2f}",
                     f"{row['daemon_cpu_s']['median']:.2f}",
                     _mb(row["daemon_peak_rss_bytes"]["median"]),
+                    "-" if row["service_up_s"] is None else _pair(row["service_up_s"]),
                 ]
             )
         )
-    lines += ["", *_images_block(result.images), "", *_goals_block(goals(result.runs))]
+    found = goals(result.runs, result.links)
+    lines += ["", *_images_block(result.images), "", *_goals_block(found)]
+    lines += _failures_block(result.failures)
     return "\n".join(lines)
 
 
@@ -311,6 +380,14 @@ def _images_block(images: Sequence[ImageInfo]) -> list[str]:
             else ""
         )
         for image in images
+    ]
+
+
+def _failures_block(failures: Sequence[FailedAttempt]) -> list[str]:
+    if not failures:
+        return []
+    return ["", f"FAILED ATTEMPTS ({len(failures)}, each tried again):"] + [
+        f"  {f.image} {f.profile} run {f.run} {f.mode}: {f.error}" for f in failures
     ]
 
 

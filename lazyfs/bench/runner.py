@@ -3,8 +3,10 @@
 For each image: build or find it, push it as built (gzip) and converted (zstd:chunked), then
 over an unshaped link measure what its workload reads and fill its warm cache; for
 ``lazy-prefetch``, record the workload's access profile and push the image converted with it.
+Every lazy mount, these included, goes through a ``lazyfs serve`` the bench starts for it.
 For each link profile: shape the link, measure what it achieves (and say loudly when that is
 off by more than 10 %), then run every mode ``runs`` times, in a fresh shuffled order each run.
+A start that fails is tried again (``ATTEMPTS``), and every failed attempt is in the report.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 from lazyfs import __version__
 from lazyfs.bench import DEFAULT_IMAGES, LAZY_PREFETCH, MODES
@@ -33,15 +36,17 @@ from lazyfs.bench.modes import (
     reference_pass,
     run_mode,
 )
-from lazyfs.bench.report import BenchResult, ImageInfo
+from lazyfs.bench.report import BenchResult, FailedAttempt, ImageInfo
 from lazyfs.convert.layout import OciLayout
 from lazyfs.errors import LazyfsError
 from lazyfs.model.profiles import AccessProfile
 from lazyfs.registry.localserver import LocalRegistry
 
 REPOSITORY_PREFIX = "lazyfs-bench"
+ATTEMPTS = 3  # of one start (or reference pass, or profile recording) before the bench gives up
 
 Progress = Callable[[str], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -197,7 +202,9 @@ class Bench:
         warm = self.config.work_dir / f"warm-{image.name}"
         self._warm[image.name] = (warm, 0)
         self.progress(f"{image.name}: measuring what the workload reads; filling the warm cache")
-        reference = reference_pass(self._context(image, link, "reference", 0))
+        context = self._context(image, link, "reference", 0)
+        step = FailedAttempt(image.name, "reference", "reference-pass", 0)
+        reference = self._attempts(image.name, step, lambda: reference_pass(context))
         bytes_read, total = reference.bytes_read, reference.image_bytes
         if bytes_read <= 0:
             raise LazyfsError(f"{image.name}: the workload read nothing from the image")
@@ -229,7 +236,9 @@ class Bench:
         with it and push that as ``:prefetch`` (what ``lazy-prefetch`` mounts)."""
         profile = self.config.work_dir / f"profile-{image.name}.json"
         self.progress(f"{image.name}: recording the workload's access profile")
-        record_profile(self._context(image, link, "reference", 0), profile)
+        context = self._context(image, link, "reference", 0)
+        step = FailedAttempt(image.name, "reference", "record-profile", 0)
+        self._attempts(image.name, step, lambda: record_profile(context, profile))
         target = f"{registry}/{REPOSITORY_PREFIX}/{image.name}:{PREFETCH_TAG}"
         self.progress(f"{image.name}: converting with the profile, pushing :{PREFETCH_TAG}")
         lazyfs_command(
@@ -274,13 +283,32 @@ class Bench:
     ) -> None:
         label = f"[{image.name} {profile.name} run {run}/{self.config.runs}] {mode}"
         self.progress(f"{label}: starting")
-        metrics = run_mode(mode, self._context(image, link, profile.name, run))
+        context = self._context(image, link, profile.name, run)
+        step = FailedAttempt(image.name, profile.name, mode, run)
+        metrics = self._attempts(label, step, lambda: run_mode(mode, context))
         self.result.runs.append(metrics)
+        service = (
+            "" if metrics.service_up_s is None else f"; service up in {metrics.service_up_s:.2f} s"
+        )
         self.progress(
             f"{label}: ready in {metrics.time_to_ready_s:.2f} s (mount "
-            f"{metrics.time_to_mount_s:.2f} s, first byte {metrics.time_to_first_byte_s:.2f} s), "
+            f"{metrics.time_to_mount_s:.3f} s, first byte {metrics.time_to_first_byte_s:.2f} s), "
             f"{metrics.link_bytes / 1e6:.1f} MB over the link, {metrics.range_requests} ranges"
+            f"{service}"
         )
+
+    def _attempts(self, label: str, step: FailedAttempt, action: Callable[[], T]) -> T:
+        """``action()``; a failed attempt is tried again (up to ``ATTEMPTS``), loudly, and kept in
+        the report: one flaky start should not cost the whole matrix, nor go unnoticed."""
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                return action()
+            except LazyfsError as exc:
+                self.result.failures.append(replace(step, error=str(exc)))
+                if attempt == ATTEMPTS:
+                    raise
+                self.progress(f"{label}: ATTEMPT {attempt} FAILED: {exc}; trying again")
+        raise AssertionError("unreachable")
 
 
 def terminal_progress(started: float | None = None) -> Progress:

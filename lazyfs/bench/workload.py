@@ -248,37 +248,44 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
 
 def run_in_namespace(spec: WorkloadSpec) -> WorkloadResult:
     """The child's work: mounts, first-byte probe, workload, optional mincore pass."""
-    result = WorkloadResult()
     with tempfile.TemporaryDirectory(prefix="lazyfs-bench-", dir=spec.scratch) as scratch:
-        root = prepare_rootfs(spec.lower, Path(scratch))
-        result.t_rootfs = time.monotonic()
-        read_first_page(find_executable(root, spec.command[0]))
-        result.t_first_byte = time.monotonic()
-        before = os.times()
-        process = subprocess.Popen(
-            spec.command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=ENV,
-            preexec_fn=lambda: _enter_root(root),  # the child is single-threaded
-            start_new_session=True,
-        )
         try:
-            _watch(process, spec, result)
-            _finish(process, spec, result)
+            return _run_in_root(spec, Path(scratch))
         finally:
-            if process.poll() is None:
-                _kill_group(process)
-        after = os.times()
-        result.workload_cpu_s = round(
-            (after.children_user - before.children_user)
-            + (after.children_system - before.children_system),
-            3,
-        )
-        if spec.measure_resident:
-            result.resident_bytes = resident_bytes(Path(spec.lower))
-        _umount_all(Path(scratch))
+            # Before the directory's cleanup, which would fail on the mounts and hide the error.
+            _umount_all(Path(scratch))
+
+
+def _run_in_root(spec: WorkloadSpec, scratch: Path) -> WorkloadResult:
+    result = WorkloadResult()
+    root = prepare_rootfs(spec.lower, scratch)
+    result.t_rootfs = time.monotonic()
+    read_first_page(find_executable(root, spec.command[0]))
+    result.t_first_byte = time.monotonic()
+    before = os.times()
+    process = subprocess.Popen(
+        spec.command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=ENV,
+        preexec_fn=lambda: _enter_root(root),  # the child is single-threaded
+        start_new_session=True,
+    )
+    try:
+        _watch(process, spec, result)
+        _finish(process, spec, result)
+    finally:
+        if process.poll() is None:
+            _kill_group(process)
+    after = os.times()
+    result.workload_cpu_s = round(
+        (after.children_user - before.children_user)
+        + (after.children_system - before.children_system),
+        3,
+    )
+    if spec.measure_resident:
+        result.resident_bytes = resident_bytes(Path(spec.lower))
     return result
 
 
