@@ -5,8 +5,8 @@ token realm at ``/token``, and can be told to misbehave: fail N times, truncate 
 Range, coalesce ranges into one part, delay, demand Basic or Bearer auth, redirect blob GETs to
 another origin (``localhost`` instead of ``127.0.0.1``); answer several ranges with 416 or the
 whole blob, send a wrong Content-Range, stall or trickle a body. Every request is recorded.
-``FaultServer(bind=...)`` listens on another local address (a non-loopback one, to be taken
-for a remote registry).
+``FaultServer(bind=...)`` listens on another loopback address (or one inside a network
+namespace the test made): tests send traffic nowhere else.
 """
 
 from __future__ import annotations
