@@ -28,30 +28,33 @@ _TAR_TYPES = {
     tarfile.FIFOTYPE: "fifo",
 }
 _HEADER_BYTES = 512
-_MAX_SIZE = (1 << 63) - 1
 _NAME_FIELD_BYTES = 100
 
 
 def iter_members(tar_path: Path) -> Iterator[tarfile.TarInfo]:
     """The members of the tar at ``tar_path``, in order; TocError if it is not a tar."""
     try:
+        tar_size = tar_path.stat().st_size
         with tarfile.open(tar_path, mode="r:", errors="surrogateescape") as archive:
             # TarFile keeps every member it reads (~1 KB each); only the current one is needed.
             kept: list[tarfile.TarInfo] = archive.members  # type: ignore[attr-defined]
             while (member := archive.next()) is not None:
                 kept.clear()
-                _check_size(member)
+                _check_size(member, tar_size)
                 yield member
     except tarfile.TarError as exc:
         raise TocError(f"layer is not a valid tar stream: {exc}") from exc
 
 
-def _check_size(member: tarfile.TarInfo) -> None:
-    """PAX and GNU base-256 headers can say any size, negative or huge; only 0..2^63-1 is a
-    file (and an offset) the kernel and the TOC can represent."""
-    if not 0 <= member.size <= _MAX_SIZE:
+def _check_size(member: tarfile.TarInfo, tar_size: int) -> None:
+    """PAX and GNU base-256 headers can say any size, negative or huge: a member's payload must
+    lie inside the tar."""
+    if not 0 <= member.size <= tar_size - member.offset_data:
         name = _text(member.name)[:200]
-        raise TocError(f"tar member {name!r}: size {member.size} out of range 0..{_MAX_SIZE}")
+        raise TocError(
+            f"tar member {name!r}: size {member.size} does not fit in the tar "
+            f"({tar_size - member.offset_data} bytes left)"
+        )
 
 
 def entry_for(member: tarfile.TarInfo) -> TocEntry:
