@@ -19,16 +19,15 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
 import re
 import tempfile
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from fuzzing import FUZZ, OUTCOMES, write_figures
+from hypothesis import given
 from hypothesis import strategies as st
 from imagebuild import KIB, random_bytes
 
@@ -55,26 +54,14 @@ from lazyfs.model.manifests import (
 )
 from lazyfs.model.platform import Platform
 
-# Derandomized in CI (CI=true): the same cases every run, so a landing never depends on luck;
-# elsewhere each run explores new ones.
-FUZZ = settings(
-    max_examples=200,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-    derandomize=os.environ.get("CI") == "true",
-)
 LIMITS = LimitsConfig()
-OUTCOMES: Counter[str] = Counter()
 MEDIA_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _figures() -> Iterator[None]:
     yield
-    path = os.environ.get("LAZYFS_FUZZ_FIGURES")
-    if path:
-        known = json.loads(Path(path).read_text()) if Path(path).exists() else {}
-        Path(path).write_text(json.dumps({**known, **OUTCOMES}, indent=1, sort_keys=True))
+    write_figures()
 
 
 # --- the real documents the mutations start from -----------------------------------------------

@@ -23,12 +23,10 @@ import copy
 import functools
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
 import tempfile
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,8 @@ from typing import Any
 
 import pytest
 from estargz_build import build_estargz
-from hypothesis import HealthCheck, given, settings
+from fuzzing import FUZZ, OUTCOMES, write_figures
+from hypothesis import given
 from hypothesis import strategies as st
 from imagebuild import KIB, random_bytes, text_bytes
 
@@ -67,26 +66,14 @@ from lazyfs.formats.chunked.toc import (
 from lazyfs.formats.chunked.writer import write_chunked_layer
 from lazyfs.mount.tree import build_tree
 
-# Derandomized in CI (CI=true): the same cases every run, so a landing never depends on luck;
-# elsewhere each run explores new ones.
-FUZZ = settings(
-    max_examples=200,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-    derandomize=os.environ.get("CI") == "true",
-)
 LIMITS = LimitsConfig()
 CHUNKING = ChunkingConfig(min_chunk_bytes=1024, avg_chunk_bytes=4096, max_chunk_bytes=16384)
-OUTCOMES: Counter[str] = Counter()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _figures() -> Iterator[None]:
     yield
-    path = os.environ.get("LAZYFS_FUZZ_FIGURES")
-    if path:
-        known = json.loads(Path(path).read_text()) if Path(path).exists() else {}
-        Path(path).write_text(json.dumps({**known, **OUTCOMES}, indent=1, sort_keys=True))
+    write_figures()
 
 
 # --- the real layers the mutations start from ------------------------------------------------
