@@ -8,7 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lazyfs.cli.common import parse_duration, parse_size, run_trio
+from lazyfs.cli.common import (
+    add_registry_flags,
+    credentials,
+    parse_duration,
+    parse_platform,
+    parse_size,
+    registry_config,
+    run_trio,
+)
 from lazyfs.config import CacheConfig, ResolverConfig
 from lazyfs.service.paths import ServicePaths, default_cache_dir, run_base, run_dir_name
 
@@ -18,6 +26,7 @@ log = logging.getLogger("lazyfs")
 def run_serve(args: argparse.Namespace) -> int:
     from lazyfs.service.server import serve_control  # heavy: see lazyfs/cli/common.py
     from lazyfs.service.service import Service, ServiceConfig
+    from lazyfs.service.storehost import StoreSettings
 
     cache_dir = args.cache_dir.absolute()
     run_dir = (args.run_dir or run_base() / run_dir_name(cache_dir)).absolute()
@@ -27,10 +36,23 @@ def run_serve(args: argparse.Namespace) -> int:
     resolver = ResolverConfig()
     if args.max_fetches is not None:
         resolver = ResolverConfig(max_concurrent_fetches=args.max_fetches)
+    registry = registry_config(args)
+    store = None
+    if args.store is not None:
+        from dataclasses import replace
+
+        from lazyfs.registry.mirrors import MirrorConfig
+
+        mirrors = MirrorConfig.load(args.config) if args.config else MirrorConfig()
+        registry = replace(registry, insecure_registries=mirrors.insecure_hosts())
+        store = StoreSettings(args.store.absolute(), mirrors, args.platform)
     config = ServiceConfig(
         cache=CacheConfig(cache_dir, args.cache_size, args.verify_cache_reads),
         paths=paths,
         resolver=resolver,
+        registry=registry,
+        store=store,
+        store_credentials=credentials(args) if store is not None else None,
         socket_group=args.socket_group,
         metrics_addr=args.metrics_addr,
         idle_exit_s=args.idle_exit,
@@ -106,4 +128,17 @@ def add_parsers(commands: Any) -> None:
         default=True,
         help="let every user read the mounts, file modes permitting (default: on)",
     )
+    store = serve.add_argument_group(
+        "additional layer store (podman, CRI-O: `lazyfs podman-config`, docs/service.md)"
+    )
+    store.add_argument(
+        "--store", type=Path, metavar="DIR", help="expose podman's additional layer store at DIR"
+    )
+    store.add_argument(
+        "--config", type=Path, help="TOML file of registries and their mirrors, for the store"
+    )
+    store.add_argument(
+        "--platform", type=parse_platform, help="os/arch[/variant] of the store's images (host)"
+    )
+    add_registry_flags(serve, directional=False)
     serve.set_defaults(handler=run_serve)

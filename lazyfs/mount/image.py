@@ -55,6 +55,7 @@ class ImageOptions:
     platform: Platform = field(default_factory=Platform.host)
     resolver: ResolverConfig = field(default_factory=ResolverConfig)
     prefetch: PrefetchOptions = field(default_factory=PrefetchOptions)
+    per_layer: bool = False  # also each layer's own tree, for the layer store
 
 
 def image_name(reference: Reference) -> str:
@@ -92,7 +93,12 @@ class MountedImage:
     ) -> MountedImage:
         with _collector_paused():
             opened = await open_image(
-                client, shared.cache, options.reference, options.platform, failover
+                client,
+                shared.cache,
+                options.reference,
+                options.platform,
+                failover,
+                per_layer=options.per_layer,
             )
             index = await anyio.to_thread.run_sync(BlobIndex.of_tree, opened.tree)
         remote = MirroredByteSource(client, opened.reference, failover)

@@ -21,6 +21,8 @@ from lazyfs.mount.tree import Node, Tree
 SLOT_SHIFT = 32
 LOCAL_MASK = (1 << SLOT_SHIFT) - 1
 SERVICE_ROOT_INODE = 1  # slot 0: the directory that lists the images
+STORE_ROOT_INODE = 2  # slot 0: the additional layer store (mount/layerstore.py), if any
+STORE_DIR_NAME = ".layer-store"  # its name in the root; image names are "sha256-<hex>"
 
 
 @dataclass(frozen=True)
@@ -39,20 +41,25 @@ class ImageTable:
         self._slot_by_name: dict[str, int] = {}
         self._next_slot = 1
 
-    def add(self, image: ServedImage) -> int:
-        """Serve ``image`` under its name; returns its slot."""
+    def add(self, image: ServedImage, *, listed: bool = True) -> int:
+        """Serve ``image``, under its name in the root if ``listed``; returns its slot. An
+        unlisted tree (a layer of the layer store) is reached only through its slot."""
         if image.name in self._slot_by_name:
             raise ValueError(f"an image named {image.name} is already served")
         slot = self._next_slot
         self._next_slot += 1
         self._by_slot[slot] = image
-        self._slot_by_name[image.name] = slot
+        if listed:
+            self._slot_by_name[image.name] = slot
         return slot
 
     def remove(self, name: str) -> None:
         slot = self._slot_by_name.pop(name, None)
         if slot is not None:
             del self._by_slot[slot]
+
+    def remove_slot(self, slot: int) -> None:
+        self._by_slot.pop(slot, None)
 
     def by_name(self, name: str) -> tuple[int, ServedImage] | None:
         slot = self._slot_by_name.get(name)
@@ -69,7 +76,7 @@ class ImageTable:
         return iter(list(self._by_slot.values()))
 
     def __len__(self) -> int:
-        return len(self._by_slot)
+        return len(self._slot_by_name)
 
     def resolve(self, inode: int) -> tuple[int, ServedImage, Node] | None:
         """The slot, image and node of a global inode that names a node of an image."""

@@ -47,13 +47,19 @@ from lazyfs.formats.chunked.toc import (
 )
 from lazyfs.formats.chunked.writer import ChunkedLayer
 from lazyfs.model.digest import Digest
-from lazyfs.model.manifests import Descriptor, Manifest, layer_compression, parse_manifest_or_index
+from lazyfs.model.manifests import (
+    Descriptor,
+    ImageConfig,
+    Manifest,
+    layer_compression,
+    parse_manifest_or_index,
+)
 from lazyfs.model.platform import Platform
 from lazyfs.model.ranges import ByteRange
 from lazyfs.model.reference import Reference
 from lazyfs.mount.metadata import MetadataFetcher
 from lazyfs.mount.resolver import LayerBlob
-from lazyfs.mount.tree import Tree, build_tree
+from lazyfs.mount.tree import Tree, build_layer_tree, build_tree
 from lazyfs.registry.client import RegistryClient
 from lazyfs.registry.failover import Failover
 
@@ -67,6 +73,9 @@ class OpenedImage:
     layers: tuple[LayerBlob, ...]
     tree: Tree
     offline: bool
+    # Opened for a layer store (per_layer): each layer's own tree, and the config's diff_ids.
+    layer_trees: tuple[Tree, ...] = ()
+    diff_ids: tuple[Digest, ...] = ()
 
 
 async def open_image(
@@ -75,7 +84,10 @@ async def open_image(
     ref: Reference,
     platform: Platform,
     failover: Failover | None = None,
+    *,
+    per_layer: bool = False,
 ) -> OpenedImage:
+    """Open ``ref``; ``per_layer`` also builds each layer's own tree (mount/layerstore.py)."""
     fetcher = MetadataFetcher(client, cache, failover or Failover())
     digest, data, media_type = await fetcher.root(ref)
     parsed = parse_manifest_or_index(data, media_type)
@@ -89,7 +101,26 @@ async def open_image(
     indexed = await _index_layers(fetcher, pinned, parsed)
     tree = await anyio.to_thread.run_sync(build_tree, [toc.entries for toc, _ in indexed])
     layers = tuple(blob for _, blob in indexed)
-    return OpenedImage(pinned, parsed, layers, tree, fetcher.offline)
+    if not per_layer:
+        return OpenedImage(pinned, parsed, layers, tree, fetcher.offline)
+    layer_trees = await anyio.to_thread.run_sync(
+        lambda: tuple(build_layer_tree(toc.entries, i) for i, (toc, _) in enumerate(indexed))
+    )
+    diff_ids = await _diff_ids(fetcher, pinned, parsed)
+    return OpenedImage(pinned, parsed, layers, tree, fetcher.offline, layer_trees, diff_ids)
+
+
+async def _diff_ids(
+    fetcher: MetadataFetcher, ref: Reference, manifest: Manifest
+) -> tuple[Digest, ...]:
+    """The config's diff_ids, one per layer (a layer store's ``info`` shows them)."""
+    config = await fetcher.blob(ref, manifest.config.digest, manifest.config.size)  # cached
+    diff_ids = ImageConfig.parse(config).diff_ids
+    if len(diff_ids) != len(manifest.layers):
+        raise ManifestError(
+            f"{ref}: the config lists {len(diff_ids)} diff_ids for {len(manifest.layers)} layers"
+        )
+    return diff_ids
 
 
 async def _index_layers(

@@ -8,6 +8,13 @@ FUSE handlers can use it without locks. Semantics follow the OCI image-spec laye
 - whiteouts only act on lower layers, so a layer's whiteouts are applied before its entries;
 - a non-directory replaces whatever was at its path; a directory over a directory merges;
 - a hardlink names an earlier path and shares its inode (``st_nlink`` counts the names).
+
+``build_layer_tree`` builds one layer's own tree instead, for a runtime that stacks layers
+itself with overlayfs (the additional layer store, mount/layerstore.py). Whiteouts then stay in
+the tree in overlayfs form: ``.wh.NAME`` becomes a 0/0 character device NAME, and
+``.wh..wh..opq`` the ``trusted.overlay.opaque`` xattr of its directory. overlayfs trusts
+``trusted.overlay.*`` xattrs of its lower layers (redirects, metacopy), so an image's own are
+dropped: only the opaque marks this builder sets reach overlayfs.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ ROOT_INODE = 1
 WHITEOUT_PREFIX = ".wh."
 _WHITEOUT_PREFIX_BYTES = WHITEOUT_PREFIX.encode()
 OPAQUE_MARKER = ".wh..wh..opq"
+OVERLAY_XATTR_PREFIX = b"trusted.overlay."
+OVERLAY_OPAQUE_XATTR = b"trusted.overlay.opaque"
 
 _KIND_BITS = {
     "dir": stat.S_IFDIR,
@@ -122,6 +131,61 @@ def build_tree(layers: Sequence[Iterable[TocEntry]]) -> Tree:
         except TocError as exc:  # name the layer: the image may have many
             raise TocError(f"layer {index}: {exc}") from exc
     return _finish(root)
+
+
+def build_layer_tree(entries: Iterable[TocEntry], layer: int) -> Tree:
+    """One layer's own tree, whiteouts in overlayfs form; chunks refer to layer ``layer``."""
+    root = Node(kind="dir", mode=0o755, children={})
+    try:
+        opaque = _add_layer_entries(root, layer, list(entries))
+    except TocError as exc:
+        raise TocError(f"layer {layer}: {exc}") from exc
+    for node in _all_nodes(root):
+        for name in [n for n in node.xattrs if n.startswith(OVERLAY_XATTR_PREFIX)]:
+            del node.xattrs[name]
+    for directory in opaque:  # after the metadata: a directory's entry may follow its marker
+        directory.xattrs[OVERLAY_OPAQUE_XATTR] = b"y"
+    return _finish(root)
+
+
+def _add_layer_entries(root: Node, layer: int, entries: list[TocEntry]) -> list[Node]:
+    """Add a layer's entries as they are; returns the directories marked opaque."""
+    opaque: list[Node] = []
+    deferred: list[tuple[list[bytes], list[TocEntry]]] = []
+    for group in group_file_entries(tuple(entries)):
+        parts = _split(group[0].name)
+        if parts and parts[-1] == OPAQUE_MARKER.encode():
+            opaque.append(_ensure_dir(root, parts[:-1], layer))
+        elif parts and parts[-1].startswith(_WHITEOUT_PREFIX_BYTES):
+            _add_whiteout_device(root, layer, parts, group[0])
+        elif group[0].type == "hardlink" and _hardlink_target(root, group[0]) is None:
+            deferred.append((parts, group))
+        else:
+            _add_entry(root, layer, parts, group)
+    for parts, group in deferred:
+        _add_entry(root, layer, parts, group)
+    return opaque
+
+
+def _add_whiteout_device(root: Node, layer: int, parts: list[bytes], entry: TocEntry) -> None:
+    name = parts[-1][len(_WHITEOUT_PREFIX_BYTES) :]
+    if not name:
+        raise TocError(f"whiteout {entry.name!r} names nothing")
+    parent = _ensure_dir(root, parts[:-1], layer)
+    assert parent.children is not None
+    whiteout = Node(kind="char", mode=0, layer=layer, rdev=0)
+    whiteout.mtime_ns = parse_rfc3339_ns(entry.modtime)
+    parent.children[name] = whiteout
+
+
+def _all_nodes(root: Node) -> Iterator[Node]:
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        yield node
+        if node.children:
+            stack.extend(child for child in node.children.values() if child.is_dir)
+            yield from (child for child in node.children.values() if not child.is_dir)
 
 
 def _apply_layer(root: Node, layer: int, entries: list[TocEntry]) -> None:

@@ -27,6 +27,11 @@ _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
+def bind(source: Path, target: Path) -> None:
+    """Bind ``source`` at ``target`` as it is (the layer store: podman marks uses in it)."""
+    _mount(source, target, MS_BIND, f"cannot bind {source} at {target}")
+
+
 def bind_read_only(source: Path, target: Path) -> None:
     """Bind ``source`` at ``target``, read-only."""
     _mount(source, target, MS_BIND, f"cannot bind {source} at {target}")

@@ -48,15 +48,18 @@ from lazyfs.model.reference import Reference
 from lazyfs.mount import mountinfo
 from lazyfs.mount.fuseops import LazyOperations
 from lazyfs.mount.image import ImageOptions, MountedImage, PrefetchOptions
-from lazyfs.mount.images import SERVICE_ROOT_INODE, ImageTable
+from lazyfs.mount.images import SERVICE_ROOT_INODE, STORE_DIR_NAME, ImageTable
+from lazyfs.mount.layerstore import LayerStore
 from lazyfs.mount.resolver import ResolverStats, SharedChunks
 from lazyfs.registry.client import RegistryClient
+from lazyfs.registry.credentials import CredentialSource
 from lazyfs.registry.failover import Failover
 from lazyfs.registry.mirrors import EndpointOrder, MirrorConfig
 from lazyfs.service import bindmounts
 from lazyfs.service.metrics import COUNTERS, ImageFigures, ServiceFigures, serve_metrics
 from lazyfs.service.paths import ServicePaths
 from lazyfs.service.state import MountRecord, ServiceState
+from lazyfs.service.storehost import ServiceStoreHost, StoreSettings
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,8 @@ class ServiceConfig:
     idle_exit_s: float | None = None  # None: serve until stopped
     allow_other: bool = True  # other users may read the mounts (file modes still apply)
     lock_wait_s: float = 0.0  # how long to wait for a stopping service that owns the cache
+    store: StoreSettings | None = None  # an additional layer store for podman (storehost.py)
+    store_credentials: CredentialSource | None = None  # what the store's images use
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,7 @@ class Service:
         self._cache: ChunkCache | None = None
         self._shared: SharedChunks | None = None
         self._operations: LazyOperations | None = None
+        self._store: LayerStore | None = None
         self._tasks: TaskGroup | None = None
         self._cache_chunk_bytes = 0
         self._control_scope = anyio.CancelScope()
@@ -155,7 +161,8 @@ class Service:
         async with anyio.create_task_group() as tasks:
             self._tasks = tasks
             self._shared = SharedChunks(self._cache, self.config.resolver, tasks)
-            self._operations = LazyOperations(self._table, self.stats)
+            self._store = self._layer_store(self._shared, tasks)
+            self._operations = LazyOperations(self._table, self.stats, self._store)
             pyfuse3.init(self._operations, str(root), self._fuse_options())
             try:
                 await tasks.start(self._control, serve_control)
@@ -167,13 +174,57 @@ class Service:
                 tasks.start_soon(self._watch)
                 tasks.start_soon(self._restore)
                 self._write_record()
-                log.info("serving at %s, control socket %s", root, self.paths.socket)
-                on_ready()
+                tasks.start_soon(self._ready, on_ready)
                 await pyfuse3.main()
             finally:
                 log.info("stopping: %s", self._summary())
                 pyfuse3.close(unmount=True)
                 tasks.cancel_scope.cancel()
+
+    async def _ready(self, on_ready: Callable[[], None]) -> None:
+        """Bind the layer store, if any (through our own session: a worker thread), then
+        tell the caller the service is up."""
+        if self.config.store is not None:
+            source, target = self.paths.root / STORE_DIR_NAME, self.config.store.directory
+            try:
+                await anyio.to_thread.run_sync(_bind_store, source, target)
+            except LazyfsError as exc:
+                log.error("%s", exc)
+                await self.shutdown(restore_later=True)
+                raise
+            log.info("layer store at %s", target)
+        log.info("serving at %s, control socket %s", self.paths.root, self.paths.socket)
+        on_ready()
+
+    def _layer_store(self, shared: SharedChunks, tasks: TaskGroup) -> LayerStore | None:
+        settings = self.config.store
+        if settings is None:
+            return None
+        assert self._cache is not None
+        client = RegistryClient(
+            self.config.registry,
+            self.config.store_credentials,
+            keep_whole_blob=self._cache.blobs.keeper,
+        )
+        self._clients["layer-store"] = client
+        host = ServiceStoreHost(
+            settings,
+            client,
+            shared,
+            tasks,
+            self.config.resolver,
+            on_release=lambda image: _add_stats(self._retired, image.resolver.stats),
+            on_uses_changed=lambda: self._state.set_store_uses(self._store_uses()),
+        )
+        return LayerStore(self._table, host, self._state.store_uses)
+
+    def _store_uses(self) -> dict[str, int]:
+        return dict(self._store.uses) if self._store is not None else {}
+
+    def _all_images(self) -> list[MountedImage]:
+        """The merged images of ``lazyfs mount`` and the layer store's images."""
+        store_images = list(self._store.images()) if self._store is not None else []
+        return list(self._images.values()) + store_images
 
     async def _control(
         self, serve_control: Callable[..., Any], *, task_status: Any = anyio.TASK_STATUS_IGNORED
@@ -183,7 +234,9 @@ class Service:
             await serve_control(self, task_status=task_status)
 
     def _fuse_options(self) -> set[str]:
-        flags = {"fsname=lazyfs", "subtype=lazyfs", "ro", "default_permissions"}
+        flags = {"fsname=lazyfs", "subtype=lazyfs", "default_permissions"}
+        if self.config.store is None:  # the store takes podman's use marks (create, rmdir)
+            flags.add("ro")
         if self.config.allow_other:
             flags.add("allow_other")
         return flags
@@ -203,7 +256,19 @@ class Service:
                 log.error("%s", exc)
         for mount in list(self._mounts.values()):
             self._forget_mount(mount, keep_record=restore_later)
+        await self._unbind_store()
         pyfuse3.terminate()
+
+    async def _unbind_store(self) -> None:
+        if self._store is None or self.config.store is None:
+            return
+        self._store.close_all()
+        target = self.config.store.directory
+        try:
+            if await anyio.to_thread.run_sync(mountinfo.is_mounted, target):
+                await anyio.to_thread.run_sync(partial(bindmounts.unmount, target, lazy=True))
+        except LazyfsError as exc:
+            log.error("%s", exc)
 
     async def _stop_on_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -241,7 +306,7 @@ class Service:
         await self._exit_if_idle()
 
     async def _exit_if_idle(self) -> None:
-        if self._images or self._opening:
+        if self._images or self._opening or self._store is not None:  # podman may come any time
             self._idle_since = time.monotonic()
             return
         limit = self.config.idle_exit_s
@@ -442,6 +507,8 @@ class Service:
             "cache_dir": str(self.config.cache.directory),
             "images": len(self._images),
             "mounts": len(self._mounts),
+            "store": str(self.config.store.directory) if self.config.store else None,
+            "store_images": len(list(self._store.images())) if self._store else 0,
             "uptime_s": round(time.monotonic() - self._started, 3),
         }
 
@@ -483,7 +550,7 @@ class Service:
 
     def figures(self) -> ServiceFigures:
         images = []
-        for image in self._images.values():
+        for image in self._all_images():
             counters = image.stats()
             images.append(
                 ImageFigures(
@@ -497,7 +564,7 @@ class Service:
         counters = {key: int(getattr(totals, key)) for key, _, _ in COUNTERS}
         counters["internal_errors"] += self._fuse_internal_errors()
         counters["bytes_fetched"] += sum(
-            layer.fetched_whole_bytes for i in self._images.values() for layer in i.opened.layers
+            layer.fetched_whole_bytes for i in self._all_images() for layer in i.opened.layers
         )
         summed = ImageFigures("", counters, totals.read_latency, totals.fetch_latency)
         return ServiceFigures(images, summed, len(self._mounts), self._cache_chunk_bytes)
@@ -505,7 +572,7 @@ class Service:
     def _totals(self) -> ResolverStats:
         totals = ResolverStats()
         _add_stats(totals, self._retired)
-        for image in self._images.values():
+        for image in self._all_images():
             _add_stats(totals, image.resolver.stats)
         return totals
 
@@ -589,6 +656,19 @@ def _prepare_root(root: Path) -> None:
         raise UsageError(f"cannot create the store root {root}: {exc.strerror}") from exc
     if _is_mountpoint(root):
         raise UsageError(f"the store root {root} is already a mountpoint")
+
+
+def _bind_store(source: Path, target: Path) -> None:
+    """Worker thread: bind the store's directory at ``target`` (replacing a dead one)."""
+    if bindmounts.is_stale(target):
+        bindmounts.unmount(target, lazy=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the layer store {target}: {exc.strerror}") from exc
+    if _is_mountpoint(target):
+        raise UsageError(f"the layer store {target} is already a mountpoint")
+    bindmounts.bind(source, target)
 
 
 def _check_mountpoint(mountpoint: Path, peer: Peer) -> None:

@@ -41,18 +41,26 @@ class MountRecord:
 class ServiceState:
     path: Path
     mounts: dict[str, MountRecord] = field(default_factory=dict)
+    # The layer store's use counts, by "<base64 reference>/<layer digest>" (layerstore.py).
+    store_uses: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> ServiceState:
         try:
             document = json.loads(path.read_bytes())
             records = [MountRecord(**entry) for entry in document["mounts"]]
+            uses = document.get("store_uses", {})
+            store_uses = {str(k): int(v) for k, v in uses.items() if int(v) > 0}
         except FileNotFoundError:
             return cls(path)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             log.error("ignoring unreadable state file %s: %s", path, exc)
             return cls(path)
-        return cls(path, {record.mountpoint: record for record in records})
+        return cls(path, {record.mountpoint: record for record in records}, store_uses)
+
+    def set_store_uses(self, uses: dict[str, int]) -> None:
+        self.store_uses = dict(uses)
+        self.save()
 
     def add(self, record: MountRecord) -> None:
         self.mounts[record.mountpoint] = record
@@ -67,7 +75,11 @@ class ServiceState:
         self.save()
 
     def save(self) -> None:
-        document = {"version": STATE_VERSION, "mounts": [asdict(r) for r in self.mounts.values()]}
+        document = {
+            "version": STATE_VERSION,
+            "mounts": [asdict(r) for r in self.mounts.values()],
+            "store_uses": self.store_uses,
+        }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with AtomicFile(self.path, mode=0o600) as out:
