@@ -195,3 +195,31 @@ def test_unknown_references_and_layers_are_not_found(
     assert not (store / "not-base64!" / "x").exists()
     missing = base64.b64encode(f"{registry.host}/store/none:v1".encode()).decode()
     assert not (store / missing / ("sha256:" + "0" * 64) / "diff").exists()
+
+
+@pytest.mark.parametrize("kind", ["estargz", "plain"])
+def test_estargz_and_plain_layers_are_served_too(
+    kind: str, served_store: tuple[Served, Path], tmp_path: Path
+) -> None:
+    from estargz_build import write_estargz_image
+    from oracles import skopeo_copy
+
+    _served, store = served_store
+    with LocalRegistry(tmp_path / "registry") as registry:
+        ref = f"{registry.host}/store/{kind}:v1"
+        if kind == "estargz":
+            built = write_estargz_image(tmp_path / "src", "v1", [LOWER, UPPER], chunk_size=64 << 10)
+            skopeo_copy(f"oci:{built.image.layout.path}:v1", f"docker://{ref}")
+        else:
+            image = write_image(tmp_path / "src", "v1", [LOWER, UPPER])
+            skopeo_copy(f"oci:{image.layout.path}:v1", f"docker://{ref}")
+        manifest = manifest_of(registry, ref)
+        lower, upper = layer_dirs(store, ref, manifest)
+        info = json.loads((upper / "info").read_bytes())
+        assert info["compressed-diff-digest"] == manifest["layers"][1]["digest"]  # type: ignore[index]
+        expected_compression = {"estargz": 2}.get(kind)
+        if expected_compression is not None:
+            assert info["compression"] == expected_compression
+        assert stat.S_ISCHR(os.lstat(upper / "diff/etc/gone.conf").st_mode)
+        assert os.getxattr(upper / "diff/opt/old", "trusted.overlay.opaque") == b"y"
+        assert (lower / "diff/usr/lib/big.bin").read_bytes() == random_bytes(3 << 20, seed=7)
