@@ -358,3 +358,24 @@ def test_registry_stopped_mid_read_fails_reads_not_the_service(
     read_all(mnt, {**FILES, **ONLY_B}, 8)
     assert stats(mnt)["verification_failures"] == 0
     service.call("umount", str(mnt))
+
+
+def test_a_remount_reuses_the_indexed_image(
+    images: tuple[LocalRegistry, str, str], service: Served, tmp_path: Path
+) -> None:
+    """The service keeps released images indexed: mounting one again resolves the tag (one
+    manifest request) and fetches, parses and builds nothing else."""
+    registry, ref_a, _ = images
+    service.mount(ref_a, tmp_path / "m1")
+    service.call("umount", str(tmp_path / "m1"))
+    before = registry.access_log_summary()
+    service.mount(ref_a, tmp_path / "m2")
+    after = registry.access_log_summary()
+    try:
+        blob_requests = after.count("GET", "/v2/service-a/blobs") - before.count(
+            "GET", "/v2/service-a/blobs"
+        )
+        assert blob_requests == 0
+        assert (tmp_path / "m2" / "data/f00.bin").read_bytes() == FILES["data/f00.bin"]
+    finally:
+        service.call("umount", str(tmp_path / "m2"))

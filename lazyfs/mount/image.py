@@ -12,7 +12,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,16 +64,31 @@ def image_name(reference: Reference) -> str:
     return f"{reference.digest.algorithm}-{reference.digest.hex}"
 
 
+@dataclass(frozen=True)
+class IndexedImage:
+    """An opened image with its read-ahead index: what a new mount of it can reuse."""
+
+    opened: OpenedImage
+    index: BlobIndex
+
+    @property
+    def entries(self) -> int:
+        trees = (self.opened.tree, *self.opened.layer_trees)
+        return sum(len(tree.nodes) for tree in trees)
+
+
 class MountedImage:
     def __init__(
         self,
         opened: OpenedImage,
+        index: BlobIndex,
         resolver: ChunkResolver,
         client: RegistryClient,
         recorder: ProfileRecorder | None,
         options: ImageOptions,
     ) -> None:
         self.opened = opened
+        self.index = index
         self.name = image_name(opened.reference)
         self.resolver = resolver
         self.options = options
@@ -90,7 +105,17 @@ class MountedImage:
         shared: SharedChunks,
         failover: Failover,
         options: ImageOptions,
+        reuse: Callable[[Reference], IndexedImage | None] | None = None,
     ) -> MountedImage:
+        """Open the image; ``reuse`` may hand back one already indexed for the manifest digest
+        the reference resolves to (the service keeps the recently released ones)."""
+        reused: list[IndexedImage] = []
+
+        def known(pinned: Reference) -> OpenedImage | None:
+            found = reuse(pinned) if reuse is not None else None
+            reused.extend([found] if found is not None else [])
+            return found.opened if found is not None else None
+
         with _collector_paused():
             opened = await open_image(
                 client,
@@ -99,8 +124,12 @@ class MountedImage:
                 options.platform,
                 failover,
                 per_layer=options.per_layer,
+                reuse=known,
             )
-            index = await anyio.to_thread.run_sync(BlobIndex.of_tree, opened.tree)
+            if reused and reused[0].opened is opened:
+                index = reused[0].index
+            else:
+                index = await anyio.to_thread.run_sync(BlobIndex.of_tree, opened.tree)
         remote = MirroredByteSource(client, opened.reference, failover)
         recorder = ProfileRecorder() if options.prefetch.record else None
         resolver = ChunkResolver(
@@ -113,7 +142,10 @@ class MountedImage:
             recorder,
             shared,
         )
-        return cls(opened, resolver, client, recorder, options)
+        return cls(opened, index, resolver, client, recorder, options)
+
+    def indexed(self) -> IndexedImage:
+        return IndexedImage(self.opened, self.index)
 
     def served(self) -> ServedImage:
         return ServedImage(self.name, self.opened.tree, self.resolver, self.stats)

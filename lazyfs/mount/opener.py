@@ -15,6 +15,7 @@ layer, and its chunks go into the same content-addressed cache.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,8 +87,12 @@ async def open_image(
     failover: Failover | None = None,
     *,
     per_layer: bool = False,
+    reuse: Callable[[Reference], OpenedImage | None] | None = None,
 ) -> OpenedImage:
-    """Open ``ref``; ``per_layer`` also builds each layer's own tree (mount/layerstore.py)."""
+    """Open ``ref``; ``per_layer`` also builds each layer's own tree (mount/layerstore.py).
+
+    ``reuse`` may return an image already opened for the manifest digest the reference
+    resolved to: its TOCs and tree are then not fetched, parsed and built again."""
     fetcher = MetadataFetcher(client, cache, failover or Failover())
     digest, data, media_type = await fetcher.root(ref)
     parsed = parse_manifest_or_index(data, media_type)
@@ -98,6 +103,9 @@ async def open_image(
         if not isinstance(parsed, Manifest):
             raise ManifestError(f"{ref}: nested index {digest} is not supported")
     pinned = ref.with_digest(digest)
+    known = reuse(pinned) if reuse is not None else None
+    if known is not None and (known.layer_trees or not per_layer):
+        return known
     indexed = await _index_layers(fetcher, pinned, parsed)
     tree = await anyio.to_thread.run_sync(build_tree, [toc.entries for toc, _ in indexed])
     layers = tuple(blob for _, blob in indexed)

@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -47,7 +48,13 @@ from lazyfs.model.profiles import AccessProfile
 from lazyfs.model.reference import Reference
 from lazyfs.mount import mountinfo
 from lazyfs.mount.fuseops import LazyOperations
-from lazyfs.mount.image import ImageOptions, MountedImage, PrefetchOptions
+from lazyfs.mount.image import (
+    ImageOptions,
+    IndexedImage,
+    MountedImage,
+    PrefetchOptions,
+    image_name,
+)
 from lazyfs.mount.images import SERVICE_ROOT_INODE, STORE_DIR_NAME, ImageTable
 from lazyfs.mount.layerstore import LayerStore
 from lazyfs.mount.resolver import ResolverStats, SharedChunks
@@ -63,6 +70,10 @@ from lazyfs.service.storehost import ServiceStoreHost, StoreSettings
 
 log = logging.getLogger(__name__)
 
+# Released images kept indexed, so that a remount skips fetching, parsing and building the
+# TOCs and trees: at most this many, holding at most this many tree entries in all.
+RECENT_IMAGES_MAX = 8
+RECENT_IMAGES_MAX_ENTRIES = 400_000
 READ_AHEAD_KB = 1024  # 1 MiB FUSE reads instead of 128 KiB: several times the throughput
 WATCH_INTERVAL_S = 0.5  # how often external unmounts and idleness are checked
 FUSE_FSTYPE = "fuse.lazyfs"
@@ -129,6 +140,7 @@ class Service:
         self._shared: SharedChunks | None = None
         self._operations: LazyOperations | None = None
         self._store: LayerStore | None = None
+        self._recent: OrderedDict[tuple[str, bool], IndexedImage] = OrderedDict()
         self._tasks: TaskGroup | None = None
         self._cache_chunk_bytes = 0
         self._control_scope = anyio.CancelScope()
@@ -213,10 +225,35 @@ class Service:
             shared,
             tasks,
             self.config.resolver,
-            on_release=lambda image: _add_stats(self._retired, image.resolver.stats),
+            on_release=self._retire,
+            reuse=self.reusable,
             on_uses_changed=lambda: self._state.set_store_uses(self._store_uses()),
         )
         return LayerStore(self._table, host, self._state.store_uses)
+
+    def reusable(self, pinned: Reference) -> IndexedImage | None:
+        """An image already indexed for this manifest digest: open, or released recently."""
+        name = image_name(pinned)
+        image = self._images.get(name)
+        if image is not None:
+            return image.indexed()
+        for key in ((name, False), (name, True)):
+            found = self._recent.get(key)
+            if found is not None:
+                self._recent.move_to_end(key)
+                return found
+        return None
+
+    def _retire(self, image: MountedImage) -> None:
+        """A released image: count its figures, and keep it indexed for a while."""
+        _add_stats(self._retired, image.resolver.stats)
+        self._recent[(image.name, bool(image.opened.layer_trees))] = image.indexed()
+        self._recent.move_to_end((image.name, bool(image.opened.layer_trees)))
+        while len(self._recent) > RECENT_IMAGES_MAX or (
+            len(self._recent) > 1
+            and sum(i.entries for i in self._recent.values()) > RECENT_IMAGES_MAX_ENTRIES
+        ):
+            self._recent.popitem(last=False)
 
     def _store_uses(self) -> dict[str, int]:
         return dict(self._store.uses) if self._store is not None else {}
@@ -385,7 +422,7 @@ class Service:
         self, options: ImageOptions, client: RegistryClient, failover: Failover
     ) -> MountedImage:
         assert self._shared is not None and self._tasks is not None
-        image = await MountedImage.open(client, self._shared, failover, options)
+        image = await MountedImage.open(client, self._shared, failover, options, self.reusable)
         existing = self._images.get(image.name)
         if existing is not None:  # opened meanwhile, or mounted elsewhere: share it
             return existing
@@ -472,7 +509,7 @@ class Service:
         del self._images[image.name]
         self._table.remove(image.name)
         image.close()
-        _add_stats(self._retired, image.resolver.stats)
+        self._retire(image)
         try:
             pyfuse3.invalidate_entry_async(SERVICE_ROOT_INODE, os.fsencode(image.name))
         except Exception as exc:  # the kernel drops it on its own after the entry timeout

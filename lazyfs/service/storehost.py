@@ -28,7 +28,7 @@ from lazyfs.config import ResolverConfig
 from lazyfs.model.digest import Digest
 from lazyfs.model.platform import Platform
 from lazyfs.model.reference import Reference
-from lazyfs.mount.image import ImageOptions, MountedImage, PrefetchOptions
+from lazyfs.mount.image import ImageOptions, IndexedImage, MountedImage, PrefetchOptions
 from lazyfs.mount.resolver import SharedChunks
 from lazyfs.registry.client import RegistryClient
 from lazyfs.registry.failover import Failover
@@ -56,6 +56,7 @@ class ServiceStoreHost:
         resolver: ResolverConfig,
         on_release: Callable[[MountedImage], None],
         on_uses_changed: Callable[[], None],
+        reuse: Callable[[Reference], IndexedImage | None] | None = None,
     ) -> None:
         self.settings = settings
         self._client = client
@@ -64,6 +65,7 @@ class ServiceStoreHost:
         self._resolver = resolver
         self._on_release = on_release
         self._on_uses_changed = on_uses_changed
+        self._reuse = reuse
         self._downloads: dict[Digest, anyio.Lock] = {}
 
     async def open_store_image(self, reference: Reference) -> MountedImage:
@@ -75,7 +77,9 @@ class ServiceStoreHost:
             per_layer=True,
         )
         failover = Failover(EndpointOrder(self.settings.mirrors))
-        image = await MountedImage.open(self._client, self._shared, failover, options)
+        image = await MountedImage.open(
+            self._client, self._shared, failover, options, self._reuse
+        )
         self._tasks.start_soon(image.prefetch)
         return image
 
