@@ -38,3 +38,8 @@ def local_toc_key(local: Digest) -> str:
 def alias_key(sha256: str) -> str:
     """The fs-verity digest of the chunk whose sha256 is ``sha256``."""
     return f"alias:{sha256}"
+
+
+def profile_key(image: Digest) -> str:
+    """The access profile last found attached to an image manifest (for offline mounts)."""
+    return f"profile:{image}"

@@ -20,6 +20,8 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from lazyfs.cache import keys
+from lazyfs.cache.store import ChunkCache
 from lazyfs.config import ResolverConfig
 from lazyfs.errors import LazyfsError
 from lazyfs.model.platform import Platform
@@ -33,9 +35,12 @@ from lazyfs.mount.resolver import ChunkResolver, SharedChunks
 from lazyfs.mount.sources import RoutingByteSource
 from lazyfs.registry.client import RegistryClient
 from lazyfs.registry.failover import Failover
+from lazyfs.registry.referrers import find_profile
 from lazyfs.registry.sources import MirroredByteSource
 
 log = logging.getLogger(__name__)
+
+PROFILE_LOOKUP_TIMEOUT_S = 10.0  # the prefetch goes on without it after this
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class MountedImage:
         client: RegistryClient,
         recorder: ProfileRecorder | None,
         options: ImageOptions,
+        cache: ChunkCache,
     ) -> None:
         self.opened = opened
         self.index = index
@@ -93,6 +99,7 @@ class MountedImage:
         self.resolver = resolver
         self.options = options
         self._client = client
+        self._shared_cache = cache
         self._recorder = recorder
         self._started = time.monotonic()
         self._prefetch_scope = anyio.CancelScope()
@@ -142,7 +149,7 @@ class MountedImage:
             recorder,
             shared,
         )
-        return cls(opened, index, resolver, client, recorder, options)
+        return cls(opened, index, resolver, client, recorder, options, shared.cache)
 
     def indexed(self) -> IndexedImage:
         return IndexedImage(self.opened, self.index)
@@ -166,14 +173,35 @@ class MountedImage:
         settings, tree = self.options.prefetch, self.opened.tree
         if not settings.enabled:
             return
-        if settings.profile is not None:
-            profile = settings.profile
+        profile = settings.profile or await self._attached_profile()
+        if profile is not None:
             order = await anyio.to_thread.run_sync(lambda: profile_order(tree, profile))
         else:
             order = await anyio.to_thread.run_sync(embedded_order, tree)
         if order:
             log.info("prefetching %d chunks of the access profile", len(order))
             await self.resolver.prefetch(order)
+
+    async def _attached_profile(self) -> AccessProfile | None:
+        """The newest access profile pushed next to the image (``lazyfs profile push``), or
+        the one last found, when the registry cannot say; None if there is none."""
+        digest = self.opened.reference.digest
+        assert digest is not None
+        cache, key = self._shared_cache, keys.profile_key(digest)
+        found = None
+        if not self.opened.offline:
+            with anyio.move_on_after(PROFILE_LOOKUP_TIMEOUT_S):
+                try:
+                    found = await find_profile(self._client, self.opened.reference, digest)
+                except LazyfsError as exc:
+                    log.info("%s: no attached access profile: %s", self.opened.reference, exc)
+        if found is not None:
+            artifact, profile = found
+            log.info("prefetching the access profile %s attached to the image", artifact)
+            await anyio.to_thread.run_sync(cache.put_meta, key, profile.to_json())
+            return profile
+        cached = await anyio.to_thread.run_sync(cache.get_meta, key)
+        return AccessProfile.parse(cached) if cached is not None else None
 
     def close(self) -> None:
         self._prefetch_scope.cancel()

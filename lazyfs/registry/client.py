@@ -42,7 +42,7 @@ from lazyfs.errors import (
 )
 from lazyfs.localfiles import AtomicFile, ExactReader, read_exactly
 from lazyfs.model.digest import Digest, DigestingWriter
-from lazyfs.model.manifests import ALL_MANIFEST_TYPES
+from lazyfs.model.manifests import ALL_MANIFEST_TYPES, OCI_INDEX
 from lazyfs.model.ranges import ByteRange, range_header
 from lazyfs.model.reference import Reference
 from lazyfs.registry.auth import Scopes, pull_scope, push_scope
@@ -247,7 +247,50 @@ class RegistryClient:
             return
         await self._retrying(partial(self._upload_once, ref, digest, path, size))
 
+    async def push_blob_bytes(self, ref: Reference, data: bytes) -> Digest:
+        """Upload a small blob held in memory (a config, an artifact) unless it is there."""
+        digest = Digest.of(data)
+        scopes = (push_scope(ref.repository),)
+        if await self._retrying(partial(self._blob_size_once, ref, digest, scopes)) is None:
+            await self._retrying(partial(self._upload_bytes_once, ref, digest, data))
+        return digest
+
+    async def get_referrers(
+        self, ref: Reference, subject: Digest, artifact_type: str
+    ) -> bytes | None:
+        """The referrers API's index of the manifests whose subject is ``subject``, of
+        ``artifact_type``; None when the registry has no referrers API (it answers 404, as
+        distribution 2.8 does), so that callers use the referrers tag schema instead."""
+        try:
+            return await self._retrying(
+                partial(self._get_referrers_once, ref, subject, artifact_type)
+            )
+        except NotFoundError:
+            return None
+
     # ------------------------------------------------------------------ one attempt of each op
+
+    async def _upload_bytes_once(self, ref: Reference, digest: Digest, data: bytes) -> None:
+        location = await self._start_upload(ref, digest)
+        await self._finish_upload(ref, digest, location, data)
+
+    async def _get_referrers_once(
+        self, ref: Reference, subject: Digest, artifact_type: str
+    ) -> bytes:
+        url = self._transport.url(ref, f"referrers/{subject}").copy_merge_params(
+            {"artifactType": artifact_type}
+        )
+        what = f"referrers of {subject} in {ref.name}"
+        headers = {"Accept": OCI_INDEX}
+        call = Call(ref, "GET", url, (pull_scope(ref.repository),), what, headers)
+        async with self._transport.exchange(call) as response:
+            data = await read_body(
+                response, self.stats, what, limit=MAX_MANIFEST_BYTES, guard=self._guard
+            )
+            content_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        if content_type != OCI_INDEX:  # a registry that serves something else at that path
+            raise NotFoundError(f"{what}: the registry answered {content_type or 'no type'}")
+        return data
 
     async def _get_manifest_once(self, ref: Reference, accept: tuple[str, ...]) -> FetchedManifest:
         call = self._manifest_call(ref, "GET", accept)
