@@ -54,6 +54,7 @@ def run_mount(args: argparse.Namespace) -> int:
         "cert_dir": str(args.cert_dir.absolute()) if args.cert_dir else None,
         "mirrors": _read_text(args.config, "--config") if args.config else None,
         "read_timeout_s": args.read_timeout,
+        "fill": args.fill,
         **_prefetch_arguments(args),
     }
     request["credentials"] = _credentials(args, reference, request["mirrors"])
@@ -227,8 +228,14 @@ def run_stats(args: argparse.Namespace) -> int:
         print_json(stats)
         return 0
     for key, value in stats.items():
-        if key not in ("layers", "image_list", "read_latency", "fetch_latency"):
+        if key not in ("layers", "image_list", "read_latency", "fetch_latency", "fill"):
             print(f"{key:<24} {value}")
+    fill = stats.get("fill")
+    if fill:
+        print(
+            f"{'fill':<24} {fill['state']} {fill['done_bytes']} / {fill['total_bytes']} bytes "
+            f"({fill['percent']:.2f}%){', offline-safe' if fill['state'] == 'done' else ''}"
+        )
     for layer in stats.get("layers", ()):
         kind = "lazy" if layer["lazy"] else "full"
         print(
@@ -287,6 +294,13 @@ def add_parsers(commands: Any) -> None:
     )
     profiles.add_argument(
         "--no-prefetch", action="store_true", help="fetch only what is read, never ahead"
+    )
+    profiles.add_argument(
+        "--fill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fetch the rest of the image in the background, below reads and at the "
+        "service's --fill-rate, until it is offline-safe (default: the service's --fill)",
     )
     profiles.add_argument(
         "--record-profile",

@@ -53,6 +53,8 @@ def run_serve(args: argparse.Namespace) -> int:
         registry=registry,
         store=store,
         store_credentials=credentials(args) if store is not None else None,
+        fill_by_default=args.fill,
+        fill_rate_bytes_per_s=args.fill_rate,
         socket_group=args.socket_group,
         metrics_addr=args.metrics_addr,
         idle_exit_s=args.idle_exit,
@@ -121,6 +123,17 @@ def add_parsers(commands: Any) -> None:
     serve.add_argument("--worker-threads", type=_positive_int, help="worker threads (40)")
     serve.add_argument(
         "--verify-cache-reads", action="store_true", help="re-hash chunks read from the cache"
+    )
+    serve.add_argument(
+        "--fill",
+        action="store_true",
+        help="fetch the rest of every image after its mount (lazyfs mount --no-fill opts out)",
+    )
+    serve.add_argument(
+        "--fill-rate",
+        type=parse_size,
+        metavar="BYTES",
+        help="cap on the fill, in bytes per second over all images (e.g. 2M; default: none)",
     )
     serve.add_argument(
         "--allow-other",

@@ -12,7 +12,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +27,21 @@ from lazyfs.errors import LazyfsError
 from lazyfs.model.platform import Platform
 from lazyfs.model.profiles import AccessProfile
 from lazyfs.model.reference import Reference
+from lazyfs.mount.fill import (
+    PAUSE_AFTER_MISS_S,
+    FillProgress,
+    TokenBucket,
+    compressed_bytes,
+    fill_batches,
+    fill_order,
+)
 from lazyfs.mount.images import ServedImage
 from lazyfs.mount.opener import OpenedImage, open_image
 from lazyfs.mount.prefetch import ProfileRecorder, embedded_order, profile_order
 from lazyfs.mount.readahead import BlobIndex
 from lazyfs.mount.resolver import ChunkResolver, SharedChunks
 from lazyfs.mount.sources import RoutingByteSource
+from lazyfs.mount.tree import LayerChunk, Node
 from lazyfs.registry.client import RegistryClient
 from lazyfs.registry.failover import Failover
 from lazyfs.registry.referrers import find_profile
@@ -61,6 +70,7 @@ class ImageOptions:
     resolver: ResolverConfig = field(default_factory=ResolverConfig)
     prefetch: PrefetchOptions = field(default_factory=PrefetchOptions)
     per_layer: bool = False  # also each layer's own tree, for the layer store
+    fill: bool = False  # fetch the rest of the image after the prefetch (mount/fill.py)
 
 
 def image_name(reference: Reference) -> str:
@@ -103,6 +113,8 @@ class MountedImage:
         self._recorder = recorder
         self._started = time.monotonic()
         self._prefetch_scope = anyio.CancelScope()
+        self._first: list[tuple[Node, LayerChunk]] = []  # what the prefetch fetched first
+        self.fill = FillProgress()
         self.mountpoints: list[Path] = []
 
     @classmethod
@@ -161,13 +173,55 @@ class MountedImage:
         """Fetch what the access profile says a start reads. A background task: nothing
         escapes it, and closing the image cancels it."""
         with self._prefetch_scope:
-            try:
-                await self._prefetch()
-            except LazyfsError as exc:
-                log.warning("%s: prefetch failed: %s", self.opened.reference, exc)
-            except Exception:
-                self.resolver.stats.internal_errors += 1
-                log.exception("%s: prefetch crashed", self.opened.reference)
+            await self._guarded("prefetch", self._prefetch)
+
+    async def background(self, bucket: TokenBucket) -> None:
+        """The prefetch, then (if asked for) the fill. A background task: nothing escapes
+        it, and closing the image cancels it."""
+        with self._prefetch_scope:
+            await self._guarded("prefetch", self._prefetch)
+            if self.options.fill and not await self._guarded("fill", lambda: self._fill(bucket)):
+                self.fill.state = "failed"
+        if self.options.fill and self.fill.state not in ("done", "failed"):
+            self.fill.state = "stopped"
+
+    async def _guarded(self, what: str, work: Callable[[], Awaitable[None]]) -> bool:
+        """Run ``work``; False if it failed (logged, and counted if it was a bug)."""
+        try:
+            await work()
+            return True
+        except LazyfsError as exc:
+            self.fill.error = self.fill.error or f"{what}: {exc}"
+            log.warning("%s: %s failed: %s", self.opened.reference, what, exc)
+        except Exception as exc:
+            self.fill.error = self.fill.error or f"{what}: internal error: {exc!r}"
+            self.resolver.stats.internal_errors += 1
+            log.exception("%s: %s crashed", self.opened.reference, what)
+        return False
+
+    async def _fill(self, bucket: TokenBucket) -> None:
+        tree, first = self.opened.tree, self._first
+        order = await anyio.to_thread.run_sync(lambda: fill_order(tree, first))
+        self.fill.total_bytes = sum(compressed_bytes(chunk) for _, chunk in order)
+        stats = self.resolver.stats
+        misses, quiet_since = stats.cache_misses, time.monotonic()
+        for batch in fill_batches(order):
+            while True:  # strictly below foreground reads: wait for them to stop missing
+                if stats.cache_misses != misses:
+                    misses, quiet_since = stats.cache_misses, time.monotonic()
+                if time.monotonic() - quiet_since >= PAUSE_AFTER_MISS_S:
+                    break
+                self.fill.state = "paused"
+                await anyio.sleep(0.1)
+            self.fill.state = "filling"
+            fetched_before = stats.bytes_fetched
+            await self.resolver.prefetch(batch)
+            self.fill.done_bytes += sum(compressed_bytes(chunk) for _, chunk in batch)
+            await bucket.take(stats.bytes_fetched - fetched_before)  # cached chunks are free
+        self.fill.state = "done"
+        log.info(
+            "%s: filled (%d bytes): offline-safe", self.opened.reference, self.fill.total_bytes
+        )
 
     async def _prefetch(self) -> None:
         settings, tree = self.options.prefetch, self.opened.tree
@@ -178,6 +232,7 @@ class MountedImage:
             order = await anyio.to_thread.run_sync(lambda: profile_order(tree, profile))
         else:
             order = await anyio.to_thread.run_sync(embedded_order, tree)
+        self._first = order
         if order:
             log.info("prefetching %d chunks of the access profile", len(order))
             await self.resolver.prefetch(order)
@@ -229,6 +284,7 @@ class MountedImage:
             "mountpoints": [str(m) for m in self.mountpoints],
             "offline": image.offline,
             "uptime_s": round(time.monotonic() - self._started, 3),
+            "fill": self.fill.to_json() if self.options.fill else None,
             **counters,
             "layers": [
                 {

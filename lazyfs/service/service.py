@@ -47,6 +47,7 @@ from lazyfs.model.platform import Platform
 from lazyfs.model.profiles import AccessProfile
 from lazyfs.model.reference import Reference
 from lazyfs.mount import mountinfo
+from lazyfs.mount.fill import TokenBucket
 from lazyfs.mount.fuseops import LazyOperations
 from lazyfs.mount.image import (
     ImageOptions,
@@ -92,6 +93,8 @@ class ServiceConfig:
     lock_wait_s: float = 0.0  # how long to wait for a stopping service that owns the cache
     store: StoreSettings | None = None  # an additional layer store for podman (storehost.py)
     store_credentials: CredentialSource | None = None  # what the store's images use
+    fill_by_default: bool = False  # fill every image after its mount (mount/fill.py)
+    fill_rate_bytes_per_s: float | None = None  # the fill's cap, over all images; None: none
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,7 @@ class Service:
         self._operations: LazyOperations | None = None
         self._store: LayerStore | None = None
         self._recent: OrderedDict[tuple[str, bool], IndexedImage] = OrderedDict()
+        self._fill_bucket = TokenBucket(config.fill_rate_bytes_per_s)
         self._tasks: TaskGroup | None = None
         self._cache_chunk_bytes = 0
         self._control_scope = anyio.CancelScope()
@@ -227,6 +231,7 @@ class Service:
             self.config.resolver,
             on_release=self._retire,
             reuse=self.reusable,
+            fill=(self.config.fill_by_default, self._fill_bucket),
             on_uses_changed=lambda: self._state.set_store_uses(self._store_uses()),
         )
         return LayerStore(self._table, host, self._state.store_uses)
@@ -430,7 +435,7 @@ class Service:
         socket = str(self.paths.socket)  # how `lazyfs umount` finds the service of a mount
         served = image.served()
         self._table.add(replace(served, stats=lambda: {**image.stats(), "socket": socket}))
-        self._tasks.start_soon(image.prefetch)
+        self._tasks.start_soon(image.background, self._fill_bucket)
         return image
 
     def _image_setup(self, args: dict[str, Any]) -> tuple[ImageOptions, RegistryClient, Failover]:
@@ -449,7 +454,14 @@ class Service:
             profile=profile,
             record=args.get("record_profile") is not None,
         )
-        options = ImageOptions(reference, platform or Platform.host(), resolver, prefetch)
+        fill = _optional_bool(args.get("fill"), "fill")
+        options = ImageOptions(
+            reference,
+            platform or Platform.host(),
+            resolver,
+            prefetch,
+            fill=self.config.fill_by_default if fill is None else fill,
+        )
         registry = replace(
             self.config.registry,
             tls_verify=_optional_bool(args.get("tls_verify"), "tls_verify"),

@@ -28,6 +28,7 @@ from lazyfs.config import ResolverConfig
 from lazyfs.model.digest import Digest
 from lazyfs.model.platform import Platform
 from lazyfs.model.reference import Reference
+from lazyfs.mount.fill import TokenBucket
 from lazyfs.mount.image import ImageOptions, IndexedImage, MountedImage, PrefetchOptions
 from lazyfs.mount.resolver import SharedChunks
 from lazyfs.registry.client import RegistryClient
@@ -57,6 +58,7 @@ class ServiceStoreHost:
         on_release: Callable[[MountedImage], None],
         on_uses_changed: Callable[[], None],
         reuse: Callable[[Reference], IndexedImage | None] | None = None,
+        fill: tuple[bool, TokenBucket] = (False, TokenBucket(None)),
     ) -> None:
         self.settings = settings
         self._client = client
@@ -66,6 +68,7 @@ class ServiceStoreHost:
         self._on_release = on_release
         self._on_uses_changed = on_uses_changed
         self._reuse = reuse
+        self._fill, self._fill_bucket = fill
         self._downloads: dict[Digest, anyio.Lock] = {}
 
     async def open_store_image(self, reference: Reference) -> MountedImage:
@@ -75,12 +78,11 @@ class ServiceStoreHost:
             self._resolver,
             PrefetchOptions(),
             per_layer=True,
+            fill=self._fill,
         )
         failover = Failover(EndpointOrder(self.settings.mirrors))
-        image = await MountedImage.open(
-            self._client, self._shared, failover, options, self._reuse
-        )
-        self._tasks.start_soon(image.prefetch)
+        image = await MountedImage.open(self._client, self._shared, failover, options, self._reuse)
+        self._tasks.start_soon(image.background, self._fill_bucket)
         return image
 
     def release_store_image(self, image: MountedImage) -> None:
