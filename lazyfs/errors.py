@@ -23,6 +23,7 @@ the CLI prints ``str(exc)`` as a one-line error.
     │   ├── NotFoundError             manifest or blob unknown (404)
     │   └── RegistryProtocolError     an answer that breaks the distribution spec
     ├── LayoutError                an OCI image layout on disk is missing or malformed
+    │   └── BundleError            a bundle or inventory is malformed, incomplete or forged
     ├── CacheError                 the local chunk cache failed
     ├── ServiceError               the mount service refused a request, or failed it
     │   └── ServiceUnavailableError   no service listens on the socket (or it cannot be opened)
@@ -100,6 +101,10 @@ class RegistryProtocolError(RegistryError):
 
 class LayoutError(LazyfsError):
     """An OCI image layout on disk is missing or malformed."""
+
+
+class BundleError(LayoutError):
+    """A bundle or an inventory is malformed, incomplete, or does not match its digests."""
 
 
 class CacheError(LazyfsError):

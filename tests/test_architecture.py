@@ -32,6 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "registry": LEAVES | {"model", "localfiles", "__init__"},
     "convert": LEAVES | {"model", "localfiles", "formats", "registry"},
     "mount": LEAVES | {"model", "localfiles", "formats", "cache", "registry", "convert"},
+    "bundle": LEAVES | {"model", "localfiles", "formats", "cache", "registry", "convert", "mount"},
     "service": LEAVES
     | {"model", "localfiles", "formats", "cache", "registry", "convert", "mount", "__init__"},
     "bench": LEAVES
