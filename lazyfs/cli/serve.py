@@ -65,6 +65,8 @@ def run_serve(args: argparse.Namespace) -> int:
     def ready() -> None:
         print(f"lazyfs: serving at {paths.root}, socket {paths.socket}", file=sys.stderr)
 
+    _detach_stdin()
+
     async def main() -> int:
         if args.worker_threads is not None:
             import anyio.to_thread
@@ -74,6 +76,19 @@ def run_serve(args: argparse.Namespace) -> int:
         return 0
 
     return run_trio(main)
+
+
+def _detach_stdin() -> None:
+    """A service reads nothing from its caller: stdin becomes /dev/null (as under systemd),
+    so a long-running service never holds its caller's terminal or pipe open."""
+    import os
+
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+    except OSError as exc:
+        log.warning("cannot detach stdin: %s", exc)
 
 
 def parse_address(text: str) -> tuple[str, int]:
