@@ -20,7 +20,7 @@ VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lazyfs-installed
 
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config docker-registry skopeo umoci fsverity zstd \
-                mmdebstrap iproute2 procps psmisc busybox-static
+                mmdebstrap iproute2 procps psmisc busybox-static podman runc
 
 # Root runs apt-get directly; anyone else goes through sudo. Override with e.g.
 # `make setup SUDO="sudo -n"` (or SUDO in the environment) for a non-interactive sudo.

@@ -27,6 +27,9 @@ COMMAND_MODULES = {
     "cache": "lazyfs.cli.cache",
     "demo": "lazyfs.cli.demo",
     "bench": "lazyfs.cli.bench",
+    "podman-config": "lazyfs.cli.podman",
+    "profile": "lazyfs.cli.profile",
+    "bundle": "lazyfs.cli.bundle",
 }
 _GLOBAL_OPTIONS_WITH_VALUES = frozenset({"--log-level"})
 
