@@ -18,8 +18,9 @@ from lazyfs.cache.store import ChunkCache
 from lazyfs.model.verity import format_verity, fsverity_digest
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = 1000  # stored inside SQLite
-LARGE = 64 << 10  # stored as a file (disk_min_file_size is 32 KiB)
+SMALL = 1000  # older caches kept chunks under 32 KiB inside SQLite; now every chunk is a file
+LARGE = 64 << 10
+OLD_MIN_FILE_BYTES = 32 << 10  # the disk_min_file_size of those older caches
 
 
 def verity_of(data: bytes) -> str:
@@ -356,7 +357,7 @@ ChunkCache(directory, 1 << 30).put_chunk(sys.argv[4], data)
         (_STALL_BEFORE_COMMIT, 4 << 20),
         (_STALL_BEFORE_COMMIT, SMALL),
     ],
-    ids=["mid-file", "before-commit-file", "before-commit-sqlite"],
+    ids=["mid-file", "before-commit-file", "before-commit-small"],
 )
 def test_writer_killed_mid_write_leaves_no_valid_entry(
     directory: Path, stall: str, size: int
@@ -371,12 +372,9 @@ def test_writer_killed_mid_write_leaves_no_valid_entry(
     child = run_child(stall + _PUT_ONE, directory, str(size), "13", key)
     kill_when_stalled(child)
     files = value_files(directory)
-    if size > SMALL:  # the killed writer left its value file behind, as an orphan
-        assert len(files) == 2
-        if stall is _STALL_MID_FILE:
-            assert min(f.stat().st_size for f in files) < LARGE  # half written
-    else:
-        assert len(files) == 1
+    assert len(files) == 2  # the killed writer left its value file behind, as an orphan
+    if stall is _STALL_MID_FILE:
+        assert min(f.stat().st_size for f in files) < LARGE  # half written
 
     cache = ChunkCache(directory, 1 << 30, verify_reads=True)
     try:

@@ -20,7 +20,7 @@ import pytest
 import zstandard
 from faultserver import FaultServer
 
-from lazyfs.cache.store import ChunkCache
+from lazyfs.cache.store import ChunkCache, LoadedChunk
 from lazyfs.config import RegistryConfig, ResolverConfig, RetryConfig
 from lazyfs.errors import (
     FetchDeadlineError,
@@ -442,10 +442,10 @@ class _SlowLookups(ChunkCache):
         super().__init__(directory, 1 << 30)
         self.lookups = 0
 
-    def get_chunk(self, verity: str) -> bytes | None:
+    def load_chunks(self, verities: Sequence[str | None]) -> list[LoadedChunk | None]:
         self.lookups += 1
         time.sleep(0.2)
-        return super().get_chunk(verity)
+        return super().load_chunks(verities)
 
 
 async def test_reader_arriving_during_a_cache_lookup_does_not_refetch(tmp_path: Path) -> None:

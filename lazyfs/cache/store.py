@@ -7,6 +7,12 @@
   commits a row only after its value file is complete, so a killed daemon leaves at worst an
   orphan file, never an entry that reads as valid.
 - The chunk cache is bounded by ``size_limit_bytes`` with least-recently-used eviction.
+- Every chunk is a file of its own (``disk_min_file_size`` 0), named by when it was written
+  (``_ChunkDisk``: the chunks of one fetch share a directory), so that a warm read can be one
+  ``preadv`` of just the bytes asked for (chunkfiles.py: ``ChunkCache.files``). Reads through
+  ``load_chunks`` and the warm path do not write SQLite: they note what they read, and the next
+  ``put_chunks`` or ``flush_reads`` writes the access times of all of them in one transaction.
+  Older caches keep their small chunks inside SQLite; those are read through the store.
 - Metadata (manifests, configs, TOCs, tag -> digest) lives in a separate store that is never
   evicted by chunk traffic; it is what makes a remount work with the registry down.
 
@@ -16,18 +22,64 @@ All methods block: callers run them in worker threads (see docs/concurrency.md).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import logging
+import os
+import sqlite3
+import threading
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import diskcache
 
 from lazyfs.cache.blobs import LocalBlobs
+from lazyfs.cache.chunkfiles import ChunkFiles
 from lazyfs.cache.keys import alias_key
 from lazyfs.cache.layout import CacheLayout
 from lazyfs.errors import CacheError
 from lazyfs.model.verity import format_verity, fsverity_digest
 
+log = logging.getLogger(__name__)
+
 _META_SIZE_LIMIT_BYTES = 1 << 40  # metadata is small; it must not be evicted by chunk traffic
+_CHUNK_FILE_MIN_BYTES = 0  # every chunk in a file of its own: the warm path preads it
+_FILES_PER_DIRECTORY = 4096
+_SQL_BATCH = 500  # keys per IN (...) query, well under SQLite's limit on parameters
+# diskcache's row modes (diskcache.core): bytes inline in SQLite, or in a file of their own.
+_MODE_RAW = 1
+_MODE_BINARY = 2
+
+
+class _ChunkDisk(diskcache.Disk):  # type: ignore[misc]  # diskcache has no type hints
+    """diskcache's Disk, placing chunk files by when they were written: the chunks of one
+    fetch, which are read together later, share a directory (a few thousand files each).
+    diskcache's own names spread files over 65,536 random directories, so that after a
+    page-cache drop every chunk cost a directory block and an inode block of its own before
+    its data; here the chunks read together share them. Only new files are placed so; the
+    rows name their files, so caches written before read as they are."""
+
+    def __init__(self, directory: str, **settings: Any) -> None:
+        super().__init__(directory, **settings)
+        self._session = os.urandom(4).hex()  # per handle: writers in other processes differ
+        self._count = itertools.count()
+
+    def filename(self, key: Any = diskcache.UNKNOWN, value: Any = diskcache.UNKNOWN) -> Any:
+        number = next(self._count)  # atomic: writer threads share this handle
+        name = f"w{self._session}-{number // _FILES_PER_DIRECTORY:06x}/{os.urandom(12).hex()}.val"
+        return name, os.path.join(self._directory, name)
+
+
+@dataclass(frozen=True)
+class LoadedChunk:
+    """A chunk read through the store: its bytes, and the file that holds them (relative to
+    the chunk directory; None for an old chunk kept inside SQLite)."""
+
+    data: bytes
+    file_name: str | None
 
 
 class ChunkCache:
@@ -50,13 +102,22 @@ class ChunkCache:
                 **bound,
                 eviction_policy="least-recently-used",
                 cull_limit=10,
-                disk_min_file_size=1 << 15,
+                disk=_ChunkDisk,
+                disk_min_file_size=_CHUNK_FILE_MIN_BYTES,
             )
             self._meta = diskcache.Cache(
                 str(self.layout.meta_dir), size_limit=_META_SIZE_LIMIT_BYTES, eviction_policy="none"
             )
-        except (OSError, diskcache.Timeout) as exc:
+            self.files = ChunkFiles(self.layout.chunks_dir)
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             raise CacheError(f"cannot open cache at {directory}: {exc}") from exc
+        # Chunks read without a SQLite write, by fs-verity digest: when (time.time()).
+        self._reads: dict[str, float] = {}
+        self._reads_lock = threading.Lock()
+
+    @property
+    def verify_reads(self) -> bool:
+        return self._verify_reads
 
     def get_chunk(self, verity: str) -> bytes | None:
         data = self._get(self._chunks, verity)
@@ -87,19 +148,153 @@ class ChunkCache:
 
     def put_chunks(
         self, chunks: Sequence[tuple[str, bytes]], aliases: Sequence[tuple[str, str]] = ()
-    ) -> None:
-        """Store verified chunks (and sha256 -> fs-verity aliases) in one transaction each."""
+    ) -> dict[str, str]:
+        """Store verified chunks (and sha256 -> fs-verity aliases) in one transaction each;
+        the file of each stored chunk, once committed (fs-verity digest -> name relative to
+        the chunk directory). The access times noted since the last write go in the same
+        transaction, before the writes that may evict."""
+        names: dict[str, str] = {}
         try:
             if chunks:
-                with self._chunks.transact():
-                    for verity, data in chunks:
-                        self._chunks.set(verity, data)
+                reads = self._take_reads()
+                try:
+                    with self._chunks.transact():
+                        self._write_reads(reads)
+                        for verity, data in chunks:
+                            self._chunks.set(verity, data)
+                        names = self._file_names([verity for verity, _ in chunks])
+                except BaseException:
+                    self._give_back_reads(reads)
+                    raise
             if aliases:
                 with self._meta.transact():
                     for sha256, verity in aliases:
                         self._meta.set(alias_key(sha256), verity.encode())
-        except (OSError, diskcache.Timeout) as exc:
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             raise CacheError(f"cannot write {len(chunks)} chunks to the cache: {exc}") from exc
+        return names
+
+    def load_chunks(self, verities: Sequence[str | None]) -> list[LoadedChunk | None]:
+        """The cached chunks (None where missing, or dropped because ``verify_reads`` found
+        them changed), with their files, for the resolver: one read-only query, no SQLite
+        write. Each hit is noted for its access time (see ``flush_reads``). The chunks' files
+        are opened and advised WILLNEED first, then read, so that their I/O overlaps."""
+        wanted = [v for v in dict.fromkeys(verities) if v is not None]
+        try:
+            rows = self._rows(wanted)
+            loaded = self._read_rows(rows)
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            raise CacheError(f"cannot read {len(wanted)} chunks from the cache: {exc}") from exc
+        now = time.time()
+        hits: dict[str, LoadedChunk] = {}
+        for verity, chunk in loaded.items():
+            if self._verify_reads and format_verity(fsverity_digest(chunk.data)) != verity:
+                log.warning("cached chunk %s does not match its digest: dropped", verity)
+                with contextlib.suppress(CacheError):  # bit rot or tampering: refetch it
+                    self.drop_chunk(verity)
+                continue
+            hits[verity] = chunk
+        with self._reads_lock:
+            for verity in hits:
+                self._reads[verity] = now
+        return [hits.get(v) if v is not None else None for v in verities]
+
+    def locate_chunks(self, verities: Sequence[str]) -> dict[str, str]:
+        """The files of those of ``verities`` that are cached in files of their own
+        (fs-verity digest -> name relative to the chunk directory); one read-only query."""
+        try:
+            return self._file_names(list(dict.fromkeys(verities)))
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            raise CacheError(f"cannot look up {len(verities)} chunks in the cache: {exc}") from exc
+
+    def note_read(self, verity: str) -> None:
+        """``verity`` was read without the store (chunkfiles.py): its access time is written
+        with the next ``put_chunks`` or ``flush_reads``. Cheap; safe from any thread."""
+        now = time.time()
+        with self._reads_lock:
+            self._reads[verity] = now
+
+    def flush_reads(self) -> int:
+        """Write the access times of the chunks read since the last write, in one
+        transaction (least-recently-used eviction orders by them); how many."""
+        reads = self._take_reads()
+        if not reads:
+            return 0
+        try:
+            with self._chunks.transact():
+                self._write_reads(reads)
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            self._give_back_reads(reads)
+            raise CacheError(f"cannot note {len(reads)} chunk reads in the cache: {exc}") from exc
+        return len(reads)
+
+    def _take_reads(self) -> dict[str, float]:
+        with self._reads_lock:
+            reads, self._reads = self._reads, {}
+        return reads
+
+    def _give_back_reads(self, reads: dict[str, float]) -> None:
+        with self._reads_lock:
+            for verity, when in reads.items():
+                self._reads[verity] = max(when, self._reads.get(verity, when))
+
+    def _write_reads(self, reads: dict[str, float]) -> None:
+        """Inside a transaction of the chunk store: diskcache's own LRU bookkeeping (what its
+        ``get`` writes), for many chunks at once."""
+        if reads:
+            self._chunks._con.executemany(
+                "UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1",
+                [(when, verity) for verity, when in reads.items()],
+            )
+
+    def _rows(self, verities: Sequence[str]) -> dict[str, tuple[int, str | None, Any, int]]:
+        """diskcache's rows of ``verities``: mode, file name, inline value, size."""
+        found: dict[str, tuple[int, str | None, Any, int]] = {}
+        for start in range(0, len(verities), _SQL_BATCH):
+            part = list(verities[start : start + _SQL_BATCH])
+            marks = ",".join("?" * len(part))
+            query = (
+                "SELECT key, mode, filename, value, size FROM Cache"
+                f" WHERE raw = 1 AND key IN ({marks})"
+            )
+            for key, mode, filename, value, size in self._chunks._sql(query, part).fetchall():
+                found[str(key)] = (int(mode), filename, value, int(size))
+        return found
+
+    def _file_names(self, verities: Sequence[str]) -> dict[str, str]:
+        return {
+            key: name
+            for key, (mode, name, _value, _size) in self._rows(verities).items()
+            if mode == _MODE_BINARY and name is not None
+        }
+
+    def _read_rows(
+        self, rows: dict[str, tuple[int, str | None, Any, int]]
+    ) -> dict[str, LoadedChunk]:
+        loaded: dict[str, LoadedChunk] = {}
+        files: list[tuple[str, str, int, int]] = []  # verity, name, fd, size
+        try:
+            for verity, (mode, name, value, size) in rows.items():
+                if mode == _MODE_RAW and isinstance(value, bytes | memoryview):
+                    loaded[verity] = LoadedChunk(bytes(value), None)
+                elif mode == _MODE_BINARY and name is not None:
+                    try:
+                        fd = os.open(self.layout.chunks_dir / name, os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        continue  # evicted since the query
+                    files.append((verity, name, fd, size))
+                    if len(rows) > 1:
+                        with contextlib.suppress(OSError):
+                            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            for verity, name, fd, size in files:
+                data = os.pread(fd, size, 0)
+                if len(data) == size:
+                    loaded[verity] = LoadedChunk(data, name)
+        finally:
+            for _verity, _name, fd, _size in files:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        return loaded
 
     def has_chunk(self, verity: str) -> bool:
         return verity in self._chunks
@@ -165,6 +360,13 @@ class ChunkCache:
             raise CacheError(f"cannot clear the cache: {exc}") from exc
 
     def close(self) -> None:
+        """Write the access times still noted, close the warm path's files and the stores
+        (after the event loop that read through ``files`` has ended)."""
+        try:
+            self.flush_reads()
+        except CacheError as exc:
+            log.warning("%s", exc)
+        self.files.close()
         self._chunks.close()
         self._meta.close()
 

@@ -15,6 +15,8 @@ them, so a read that hits its deadline never strands other readers waiting on th
 from __future__ import annotations
 
 import bisect
+import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -27,7 +29,8 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
 
-from lazyfs.cache.store import ChunkCache
+from lazyfs.cache.chunkfiles import FileRead, read_blocking
+from lazyfs.cache.store import ChunkCache, LoadedChunk
 from lazyfs.config import ResolverConfig
 from lazyfs.errors import CacheError, FetchDeadlineError, IntegrityError, LazyfsError
 from lazyfs.formats.bounded import chunk_bytes
@@ -36,6 +39,7 @@ from lazyfs.model.digest import Digest
 from lazyfs.model.histogram import LatencyHistogram
 from lazyfs.model.ranges import ByteRange
 from lazyfs.model.verity import format_verity, fsverity_digest
+from lazyfs.mount.filereaders import FileReaders
 from lazyfs.mount.prefetch import ProfileRecorder
 from lazyfs.mount.readahead import BlobIndex, LinkEstimate, ReadaheadBudget
 from lazyfs.mount.tree import LayerChunk, Node
@@ -43,6 +47,20 @@ from lazyfs.mount.tree import LayerChunk, Node
 log = logging.getLogger(__name__)
 
 ChunkCheck = Literal["verity", "sha256"]
+
+# How often access times of chunks read without the store are written (one transaction).
+BOOKKEEPING_INTERVAL_S = 1.0
+_SWEEP_INTERVAL_S = 30.0  # closing files diskcache deleted, when no chunk was stored meanwhile
+# Sequential reads advise the files of the chunks this far ahead (WILLNEED, in a reader
+# thread), so that their bytes are in the page cache when the reads get there.
+FILE_READAHEAD_BYTES = 4 << 20
+# A read served from the store (a chunk whose file this process did not know) has the files
+# of the chunks that follow it in the blob, up to this many compressed bytes, looked up and
+# advised: a fresh service on a warm cache then reads most chunks by the warm path.
+CACHE_READAHEAD_BYTES = 2 << 20
+_ADVISE_BATCH = 16  # files per read-ahead job
+_LOCATED_MAX = 1 << 16  # keys looked up ahead and not found, remembered to not ask again
+_SEQUENTIAL_FILES = 1024  # files whose read position is remembered for that
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,8 @@ class ResolverStats:
     readahead_used_bytes: int = 0  # of those, the bytes of chunks that reads then asked for
     prefetch_chunks: int = 0  # fetched by the prefetch of an access profile (prefetch.py)
     memory_hits: int = 0  # chunks served from the recently used ones in memory
+    nowait_reads: int = 0  # cached chunks read from the page cache on the event loop
+    thread_reads: int = 0  # cached chunks read from their files in a worker thread
     internal_errors: int = 0  # bugs contained: the requests they hit failed with EIO
     layer_bytes_fetched: dict[int, int] = field(default_factory=dict)
     read_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # file reads
@@ -128,6 +148,20 @@ class _Flight:
         return self.data
 
 
+@dataclass
+class _Piece:
+    """The part ``[low, high)`` of one chunk that a read wants, at ``at`` in its bytes;
+    ``done`` bytes of it already there. ``cached``: the chunk's file is known (ChunkFiles)."""
+
+    chunk: LayerChunk
+    key: str
+    low: int
+    high: int
+    at: int
+    done: int = 0
+    cached: bool = True
+
+
 @dataclass(frozen=True)
 class _Wanted:
     node: Node
@@ -153,10 +187,40 @@ class SharedChunks:
 
     def __init__(self, cache: ChunkCache, config: ResolverConfig, task_group: TaskGroup) -> None:
         self.cache = cache
+        self.files = cache.files
+        self.readers = FileReaders()
         self.recent = RecentChunks(config.memory_cache_bytes)
         self.flights: dict[str, _Flight] = {}
         self.limiter = anyio.CapacityLimiter(config.max_concurrent_fetches)
         self.task_group = task_group
+        self._bookkeeping = False
+        self._swept = time.monotonic()
+
+    def read_noted(self) -> None:
+        """A chunk was read without the store: make sure its access time gets written. At most
+        one task at a time does that, every BOOKKEEPING_INTERVAL_S (invariant 15)."""
+        if not self._bookkeeping:
+            self._bookkeeping = True
+            self.task_group.start_soon(self._keep_books)
+
+    async def _keep_books(self) -> None:
+        """Background task: after a while, write the noted access times (one transaction)
+        and close the files of chunks diskcache evicted meanwhile. Nothing escapes it."""
+        try:
+            await anyio.sleep(BOOKKEEPING_INTERVAL_S)
+            now = time.monotonic()
+            if self.files.learned_since_sweep or now - self._swept >= _SWEEP_INTERVAL_S:
+                self._swept = now
+                closed = self.files.sweep()
+                if closed:
+                    log.debug("closed %d files of evicted chunks", closed)
+            await anyio.to_thread.run_sync(self.cache.flush_reads)
+        except LazyfsError as exc:
+            log.warning("cannot write chunk access times: %s", exc)
+        except Exception:
+            log.exception("cache bookkeeping crashed")
+        finally:
+            self._bookkeeping = False
 
 
 class ChunkResolver:
@@ -180,8 +244,14 @@ class ChunkResolver:
         self._blob_index = blob_index
         self._link = LinkEstimate()
         self._budget = ReadaheadBudget()
+        self._shared = shared
         self._recent = shared.recent
         self._cache = shared.cache
+        self._files = shared.files
+        self._readers = shared.readers
+        self._verify = shared.cache.verify_reads
+        self._positions: dict[int, tuple[int, int]] = {}  # inode -> (next offset, advised to)
+        self._located: set[str] = set()  # keys looked up ahead (found or not)
         self._layers = list(layers)
         self._config = config
         self._task_group = shared.task_group
@@ -189,6 +259,11 @@ class ChunkResolver:
         self._flights = shared.flights
         self._starts: dict[int, list[int]] = {}
         self.stats = ResolverStats()
+
+    @property
+    def cache(self) -> ChunkCache:
+        """The chunk cache this resolver reads (the service's, shared by every image)."""
+        return self._cache
 
     async def read(self, node: Node, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of a regular file, clipped at its end."""
@@ -199,16 +274,182 @@ class ChunkResolver:
         chunks = self._covering(node, offset, end)
         if self._recorder is not None:
             self._recorder.record(node, chunks)
+        self._readers.poll()
         try:
-            with anyio.fail_after(self._config.read_deadline_s):
-                pieces = await self._load([self._wanted(node, c) for c in chunks])
+            self._read_ahead(node, offset, end)
+            if len(chunks) == 1:
+                data = self._recent_slice(chunks[0], offset, end)
+                if data is not None:
+                    return data
+            out = bytearray(end - offset)
+            later = self._fill_at_once(chunks, offset, end, memoryview(out))
+            if later:
+                with anyio.fail_after(self._config.read_deadline_s):
+                    await self._fill_later(node, later, memoryview(out))
+            return bytes(out)
         except TimeoutError as exc:
             raise FetchDeadlineError(
                 f"{node.path}: read not satisfied within {self._config.read_deadline_s} s"
             ) from exc
         finally:
             self.stats.read_latency.observe(time.monotonic() - started)
-        return b"".join(_clipped(chunks, pieces, offset, end))
+
+    def _read_ahead(self, node: Node, offset: int, end: int) -> None:
+        """A read that goes on from where the last one of the file ended (or starts it) has
+        the files of the next FILE_READAHEAD_BYTES of chunks advised, in a reader thread that
+        nobody waits for: the kernel reads each chunk file ahead on its own, but not the next
+        file. Synchronous."""
+        position, advised = self._positions.pop(node.inode, (0, 0))
+        if len(self._positions) >= _SEQUENTIAL_FILES:
+            self._positions.clear()
+        if offset != position and offset != 0:
+            self._positions[node.inode] = (end, end)
+            return
+        horizon = min(node.size, end + FILE_READAHEAD_BYTES)
+        if advised - end >= FILE_READAHEAD_BYTES // 2 or horizon <= end:
+            self._positions[node.inode] = (end, max(advised, end))
+            return
+        self._positions[node.inode] = (end, horizon)
+        reads = []
+        for chunk in self._covering(node, max(advised, end), horizon):
+            key = _key(chunk, self._layers[chunk.layer].check)
+            if chunk.ref.zeros or self._recent.get(key) is not None:
+                continue
+            job = self._files.job(key, 0, _EMPTY, size=chunk.ref.size, advise=True)
+            if job is not None:
+                reads.append(job)
+        self._advise(reads)
+
+    def _advise(self, reads: list[FileRead]) -> None:
+        """Have the background reader open ``reads``' files and advise WILLNEED; nobody waits."""
+        for start in range(0, len(reads), _ADVISE_BATCH):
+            batch = reads[start : start + _ADVISE_BATCH]
+            self._readers.submit(
+                functools.partial(read_blocking, self._files.dir_fd, batch, _verity_of),
+                functools.partial(self._files.settle, batch),
+                background=True,
+            )
+
+    def _recent_slice(self, chunk: LayerChunk, offset: int, end: int) -> bytes | None:
+        """The wanted part of a read within one chunk, if that chunk is in memory."""
+        if chunk.ref.zeros:
+            return None
+        key = _key(chunk, self._layers[chunk.layer].check)
+        data = self._recent.get(key)
+        if data is None:
+            return None
+        self._budget.read(key)
+        self.stats.readahead_used_bytes = self._budget.used_bytes
+        self.stats.memory_hits += 1
+        start = chunk.ref.file_offset
+        return data[offset - start : end - start]
+
+    def _fill_at_once(
+        self, chunks: Sequence[LayerChunk], offset: int, end: int, out: memoryview
+    ) -> list[_Piece]:
+        """Fill what needs no waiting into ``out`` (the read's bytes, zeroed): runs of zeros,
+        chunks in memory, and cached chunks whose bytes the page cache holds (one preadv with
+        RWF_NOWAIT of just the wanted bytes; docs/concurrency.md, invariant 15). Return the
+        pieces still missing. Synchronous: no task, no thread, no SQLite."""
+        later: list[_Piece] = []
+        for chunk in chunks:
+            ref = chunk.ref
+            low = max(offset, ref.file_offset) - ref.file_offset
+            high = min(end, ref.file_offset + ref.size) - ref.file_offset
+            at = ref.file_offset + low - offset
+            if ref.zeros:  # the verified TOC says so: ``out`` is zeros already
+                continue
+            key = _key(chunk, self._layers[chunk.layer].check)
+            self._budget.read(key)
+            data = self._recent.get(key)
+            if data is not None:
+                out[at : at + high - low] = memoryview(data)[low:high]
+                self.stats.memory_hits += 1
+                continue
+            piece = _Piece(chunk, key, low, high, at)
+            if not self._verify:  # a verifying cache re-hashes whole chunks, in a thread
+                got = self._files.read_nowait(key, low, out[at : at + high - low])
+                if got is None:
+                    piece.cached = False
+                elif got == high - low:
+                    self._served_from_file(key, nowait=True)
+                    continue
+                else:
+                    piece.done = got
+            later.append(piece)
+        self.stats.readahead_used_bytes = self._budget.used_bytes
+        return later
+
+    def _served_from_file(self, key: str, *, nowait: bool) -> None:
+        entry = self._files.entry(key)
+        if entry is not None:
+            self._cache.note_read(entry.verity)
+            self._shared.read_noted()
+        self.stats.cache_hits += 1
+        if nowait:
+            self.stats.nowait_reads += 1
+        else:
+            self.stats.thread_reads += 1
+
+    async def _fill_later(self, node: Node, later: list[_Piece], out: memoryview) -> None:
+        """The pieces that wait: cached chunks read in a worker thread (all of the read's in
+        one), then flights (the cache lookup, a fetch) for the rest and for any whose file
+        was gone."""
+        flights: dict[str, _Flight] = {}
+        unknown = [p for p in later if not p.cached]
+        self._start_flights(node, unknown, flights)
+        failed = await self._read_files(node, [p for p in later if p.cached], out)
+        self._start_flights(node, failed, flights)
+        for piece in unknown + failed:
+            data = await flights[piece.key].wait()
+            out[piece.at : piece.at + piece.high - piece.low] = memoryview(data)[
+                piece.low : piece.high
+            ]
+
+    def _start_flights(self, node: Node, pieces: list[_Piece], flights: dict[str, _Flight]) -> None:
+        if not pieces:
+            return
+        owned = self._claim([_Wanted(node, p.chunk, p.key) for p in pieces], flights)
+        if owned:
+            self._task_group.start_soon(self._resolve, owned)
+
+    async def _read_files(self, node: Node, pieces: list[_Piece], out: memoryview) -> list[_Piece]:
+        """Read ``pieces`` from their chunks' files in one worker thread (a verifying cache
+        reads and checks whole chunks, and keeps them in memory); those it could not read."""
+        if not pieces:
+            return []
+        jobs: list[tuple[_Piece, FileRead]] = []
+        failed: list[_Piece] = []
+        for piece in pieces:
+            if self._verify:
+                job = self._files.job(piece.key, 0, out[:0], whole=True, size=piece.chunk.ref.size)
+            else:
+                start = piece.at + piece.done
+                job = self._files.job(
+                    piece.key,
+                    piece.low + piece.done,
+                    out[start : piece.at + piece.high - piece.low],
+                )
+            if job is None:
+                failed.append(piece)
+            else:
+                jobs.append((piece, job))
+        reads = [job for _, job in jobs]
+        await self._readers.run(
+            functools.partial(read_blocking, self._files.dir_fd, reads, _verity_of),
+            functools.partial(self._files.settle, reads),
+        )
+        for piece, job in jobs:
+            if not job.done:
+                failed.append(piece)
+                continue
+            if job.data is not None:  # a whole chunk, verified again
+                self._recent.put(piece.key, job.data)
+                out[piece.at : piece.at + piece.high - piece.low] = memoryview(job.data)[
+                    piece.low : piece.high
+                ]
+            self._served_from_file(piece.key, nowait=False)
+        return failed
 
     def _wanted(self, node: Node, chunk: LayerChunk) -> _Wanted:
         return _Wanted(node, chunk, _key(chunk, self._layers[chunk.layer].check))
@@ -220,34 +461,6 @@ class ChunkResolver:
         low = bisect.bisect_right(starts, offset) - 1
         high = bisect.bisect_left(starts, end)
         return list(node.chunks[max(low, 0) : high])
-
-    async def _load(self, wanted: list[_Wanted]) -> list[bytes | None]:
-        """Each wanted chunk's bytes (None for a run of zeros), from memory or from the flight
-        that owns its key.
-
-        Each read keeps references to its flights, which hold their result after they leave
-        ``_flights``."""
-        flights: dict[str, _Flight] = {}
-        recent: dict[str, bytes] = {}
-        for item in wanted:
-            self._budget.read(item.key)
-            data = None if item.chunk.ref.zeros else self._recent.get(item.key)
-            if data is not None:
-                recent[item.key] = data
-        self.stats.readahead_used_bytes = self._budget.used_bytes
-        self.stats.memory_hits += len(recent)
-        owned = self._claim([w for w in wanted if w.key not in recent], flights)
-        if owned:
-            self._task_group.start_soon(self._resolve, owned)
-        pieces: list[bytes | None] = []
-        for item in wanted:
-            if item.chunk.ref.zeros:  # the verified TOC says so: nothing to fetch
-                pieces.append(None)
-            elif item.key in recent:
-                pieces.append(recent[item.key])
-            else:
-                pieces.append(await flights[item.key].wait())
-        return pieces
 
     def _claim(
         self, wanted: Sequence[_Wanted], flights: dict[str, _Flight] | None = None
@@ -287,26 +500,86 @@ class ChunkResolver:
         self.stats.cache_misses += len(missing)
         for item in missing:
             self._budget.missed(item.chunk.ref.size)
+        not_cached = {id(item) for item in missing}
         missing += await self._readahead(missing)
         for request in self._plan(missing):
             self._task_group.start_soon(self._fetch, request)
+        await self._locate_ahead([item for item in owned if id(item) not in not_cached])
+
+    async def _locate_ahead(self, hits: list[_Wanted]) -> None:
+        """After chunks came from the store: look up the files of the chunks that follow them
+        in their blobs (CACHE_READAHEAD_BYTES), and have them advised. Errors only log."""
+        if self._blob_index is None or not hits:
+            return
+        last: dict[int, _Wanted] = {}
+        for item in hits:
+            known = last.get(item.chunk.layer)
+            if known is None or item.chunk.ref.blob_offset > known.chunk.ref.blob_offset:
+                last[item.chunk.layer] = item
+        if len(self._located) >= _LOCATED_MAX:
+            self._located.clear()
+        wanted: dict[str, _Wanted] = {}
+        for item in last.values():
+            for node, chunk in self._blob_index.following(item.chunk, CACHE_READAHEAD_BYTES):
+                key = _key(chunk, self._layers[chunk.layer].check)
+                if (
+                    key in self._located
+                    or key in self._flights
+                    or self._files.entry(key) is not None
+                    or self._recent.get(key) is not None
+                ):
+                    continue
+                self._located.add(key)
+                wanted[key] = _Wanted(node, chunk, key)
+        if not wanted:
+            return
+        try:
+            found = await anyio.to_thread.run_sync(self._locate, list(wanted))
+        except LazyfsError as exc:
+            log.warning("cache look-up ahead failed: %s", exc)
+            return
+        reads = []
+        for key, verity, name in found:
+            self._files.learn(key, verity, name)
+            job = self._files.job(key, 0, _EMPTY, size=wanted[key].chunk.ref.size, advise=True)
+            if job is not None:
+                reads.append(job)
+        self._advise(reads)
+
+    def _locate(self, keys: list[str]) -> list[tuple[str, str, str]]:
+        """Worker thread: (key, fs-verity digest, file) of those of ``keys`` cached in files."""
+        verities = {
+            key: self._cache.get_alias(key.removeprefix(_SHA256_KEY))
+            if key.startswith(_SHA256_KEY)
+            else key
+            for key in keys
+        }
+        names = self._cache.locate_chunks([v for v in verities.values() if v is not None])
+        return [
+            (key, verity, names[verity])
+            for key, verity in verities.items()
+            if verity is not None and verity in names
+        ]
 
     async def _serve_from_cache(self, owned: list[_Wanted]) -> list[_Wanted]:
         """Finish the owned flights the cache can serve; return the others."""
         if not owned:
             return []
         try:
-            cached = await anyio.to_thread.run_sync(self._cached, [w.key for w in owned])
+            cached = await anyio.to_thread.run_sync(self._cached, owned)
         except LazyfsError as exc:
             log.warning("cache lookup failed: %s", exc)
             cached = [None] * len(owned)
         missing = []
-        for item, data in zip(owned, cached, strict=True):
-            if data is None:
+        for item, hit in zip(owned, cached, strict=True):
+            if hit is None:
                 missing.append(item)
-            else:
-                self._recent.put(item.key, data)
-                self._flights.pop(item.key).finish(data, None)
+                continue
+            verity, loaded = hit
+            if loaded.file_name is not None:
+                self._files.learn(item.key, verity, loaded.file_name)
+            self._recent.put(item.key, loaded.data)
+            self._flights.pop(item.key).finish(loaded.data, None)
         return missing
 
     async def _readahead(self, missing: list[_Wanted]) -> list[_Wanted]:
@@ -366,15 +639,31 @@ class ChunkResolver:
         finally:
             slots.release()
 
-    def _cached(self, keys: list[str]) -> list[bytes | None]:
-        """Worker thread: the cached chunks for flight keys (fs-verity, or sha256 via alias)."""
+    def _cached(self, owned: list[_Wanted]) -> list[tuple[str, LoadedChunk] | None]:
+        """Worker thread: the cached chunks for flight keys (fs-verity, or sha256 via alias),
+        with their fs-verity digests. A cached chunk of the wrong length is a miss (and is
+        dropped): the TOC, verified, gives the length."""
         verities = [
-            self._cache.get_alias(key.removeprefix(_SHA256_KEY))
-            if key.startswith(_SHA256_KEY)
-            else key
-            for key in keys
+            self._cache.get_alias(item.key.removeprefix(_SHA256_KEY))
+            if item.key.startswith(_SHA256_KEY)
+            else item.key
+            for item in owned
         ]
-        return self._cache.get_chunks(verities)
+        found: list[tuple[str, LoadedChunk] | None] = []
+        for item, verity, loaded in zip(
+            owned, verities, self._cache.load_chunks(verities), strict=True
+        ):
+            if verity is None or loaded is None:
+                found.append(None)
+            elif len(loaded.data) != item.chunk.ref.size:
+                log.warning("cached chunk %s has %d bytes, not %d: dropped", verity,
+                            len(loaded.data), item.chunk.ref.size)  # fmt: skip
+                with contextlib.suppress(CacheError):
+                    self._cache.drop_chunk(verity)
+                found.append(None)
+            else:
+                found.append((verity, loaded))
+        return found
 
     def _plan(self, wanted: list[_Wanted]) -> list[_Request]:
         by_layer: dict[int, list[_Wanted]] = {}
@@ -440,7 +729,11 @@ class ChunkResolver:
             raise
         served = self._finish(items, results)
         try:  # readers have their bytes; the served flights stay joinable until cached
-            await anyio.to_thread.run_sync(self._store, verified)
+            names = await anyio.to_thread.run_sync(self._store, verified)
+            for key, (verity, _data) in zip(verified.keys, verified.chunks, strict=True):
+                name = names.get(verity)
+                if name is not None:
+                    self._files.learn(key, verity, name)
         finally:
             for key, flight in served:
                 if self._flights.get(key) is flight:
@@ -479,12 +772,14 @@ class ChunkResolver:
             flight.finish(None, result)
         return served
 
-    def _store(self, verified: _Verified) -> None:
-        """Worker thread: cache verified chunks. Touches no resolver state."""
+    def _store(self, verified: _Verified) -> dict[str, str]:
+        """Worker thread: cache verified chunks; their files (by fs-verity digest). Touches
+        no resolver state."""
         try:  # one transaction per request: concurrent writers contend for SQLite's lock
-            self._cache.put_chunks(verified.chunks, verified.aliases)
+            return self._cache.put_chunks(verified.chunks, verified.aliases)
         except CacheError as exc:  # the bytes are verified and served: only caching failed
             log.warning("could not cache %d chunks: %s", len(verified.chunks), exc)
+            return {}
 
 
 @dataclass
@@ -493,6 +788,7 @@ class _Verified:
 
     results: list[bytes | LazyfsError] = field(default_factory=list)  # per chunk, in order
     chunks: list[tuple[str, bytes]] = field(default_factory=list)  # (fs-verity, bytes) to cache
+    keys: list[str] = field(default_factory=list)  # the flight key of each of ``chunks``
     aliases: list[tuple[str, str]] = field(default_factory=list)  # (sha256, fs-verity)
 
 
@@ -507,12 +803,14 @@ def _verify_frames(blob: LayerBlob, frames: list[tuple[_Wanted, bytes]]) -> _Ver
             continue
         out.results.append(data)
         out.chunks.append((verity, data))
+        out.keys.append(item.key)
         if item.key.startswith(_SHA256_KEY):
             out.aliases.append((item.chunk.ref.sha256, verity))
     return out
 
 
 _SHA256_KEY = "plain-"  # flight keys of chunks known only by sha256
+_EMPTY = memoryview(b"")
 
 
 def _key(chunk: LayerChunk, check: ChunkCheck) -> str:
@@ -520,15 +818,8 @@ def _key(chunk: LayerChunk, check: ChunkCheck) -> str:
     return chunk.ref.verity if check == "verity" else _SHA256_KEY + chunk.ref.sha256
 
 
-def _clipped(
-    chunks: Sequence[LayerChunk], pieces: Sequence[bytes | None], offset: int, end: int
-) -> Iterator[bytes]:
-    """The parts of each chunk that fall in [offset, end): only those bytes are copied, and a
-    run of zeros (which may be gigabytes in a sparse file) is made only as long as the read."""
-    for chunk, piece in zip(chunks, pieces, strict=True):
-        start = chunk.ref.file_offset
-        low, high = max(offset, start) - start, min(end, start + chunk.ref.size) - start
-        yield bytes(high - low) if piece is None else piece[low:high]
+def _verity_of(data: bytes) -> str:
+    return format_verity(fsverity_digest(data))
 
 
 def _compressed_size(item: _Wanted) -> int:

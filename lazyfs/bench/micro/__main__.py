@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, str] = {
     "convert": "lazyfs convert throughput vs zstd -3 and gunzip",
     "chunking": "fastcdc chunk sizes: count, compression, dedup, over-fetch",
     "mount": "lazy mount over a loopback registry vs curl and native files",
+    "warmread": "warm reads through lazyfs serve vs native files (issue 11)",
 }
 
 
