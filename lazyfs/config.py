@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,15 @@ class RetryConfig:
     max_backoff_s: float = 5.0
 
 
+def default_per_host_cert_dirs() -> tuple[Path, ...]:
+    """Where registry ``HOST[:PORT]`` finds its certificates, in containers/image's order:
+    the user's ``~/.config/containers/certs.d``, then ``/etc/containers/certs.d`` and
+    ``/etc/docker/certs.d``."""
+    home = os.environ.get("HOME")
+    user = (Path(home) / ".config" / "containers" / "certs.d",) if home else ()
+    return (*user, Path("/etc/containers/certs.d"), Path("/etc/docker/certs.d"))
+
+
 @dataclass(frozen=True)
 class RegistryConfig:
     """How to talk to registries."""
@@ -27,7 +37,11 @@ class RegistryConfig:
     fetch_timeout_s: float = 60.0
     # None: verify TLS except for loopback registries, which use plain HTTP (as docker does).
     tls_verify: bool | None = None
+    # --cert-dir: its *.crt (CAs) and *.cert + *.key (client pairs) serve every registry, and
+    # replace the per-host directories, as in skopeo.
     cert_dir: Path | None = None
+    # Without cert_dir, registry HOST[:PORT] uses the first DIR/HOST[:PORT] that exists.
+    per_host_cert_dirs: tuple[Path, ...] = field(default_factory=default_per_host_cert_dirs)
     # Hosts ("host:port") spoken to without TLS verification, and over HTTP if they lack TLS.
     insecure_registries: frozenset[str] = frozenset()
     max_connections: int = 16

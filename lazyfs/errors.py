@@ -10,7 +10,10 @@ the CLI prints ``str(exc)`` as a one-line error.
     LazyfsError
     ├── UsageError                 bad command-line input (exit 2)
     │   ├── InvalidReferenceError  an image reference docker would reject
-    │   └── ProfileError           an access profile file is unreadable or malformed
+    │   ├── ProfileError           an access profile file is unreadable or malformed
+    │   ├── AuthFileError          an auth file (--authfile, auth.json, config.json) is
+    │   │                          unreadable or malformed
+    │   └── CertificateError       a certificate directory (--cert-dir, certs.d) is unusable
     ├── ImageError                 the image itself is unusable
     │   ├── UnsupportedMediaTypeError
     │   ├── ManifestError          malformed manifest/index/config, or no matching platform
@@ -47,6 +50,18 @@ class InvalidReferenceError(UsageError):
 
 class ProfileError(UsageError):
     """An access profile (``--prefetch``, ``--record-profile``) is unreadable or malformed."""
+
+
+class AuthFileError(UsageError):
+    """An auth file that exists but cannot be read or parsed, or a missing ``--authfile``.
+
+    Not a RegistryError: failing over to another mirror would not make the file readable.
+    """
+
+
+class CertificateError(UsageError):
+    """A certificate directory holds a file TLS cannot use, or a client certificate without
+    its key (or a key without its certificate)."""
 
 
 class ImageError(LazyfsError):

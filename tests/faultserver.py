@@ -6,7 +6,8 @@ Range, coalesce ranges into one part, delay, demand Basic or Bearer auth, redire
 another origin (``localhost`` instead of ``127.0.0.1``); answer several ranges with 416 or the
 whole blob, send a wrong Content-Range, stall or trickle a body. Every request is recorded.
 ``FaultServer(bind=...)`` listens on another loopback address (or one inside a network
-namespace the test made): tests send traffic nowhere else.
+namespace the test made): tests send traffic nowhere else. ``FaultServer(tls=context)`` speaks
+HTTPS with that server context.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import itertools
 import json
 import re
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -98,16 +100,19 @@ class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)
     counter: itertools.count[int] = field(default_factory=itertools.count)
     closing: threading.Event = field(default_factory=threading.Event)  # wakes stalled bodies
+    scheme: str = "http"  # of the token realm and redirects: "https" when serving TLS
 
 
 class FaultServer:
     """Context manager running the server in a thread on 127.0.0.1:<free port>."""
 
-    def __init__(self, bind: str = "127.0.0.1") -> None:
-        self.state = _State()
+    def __init__(self, bind: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
+        self.state = _State(scheme="http" if tls is None else "https")
         self._bind = bind
         handler = type("_BoundHandler", (_Handler,), {"state": self.state})
         self._server = ThreadingHTTPServer((bind, 0), handler)
+        if tls is not None:  # HTTPS; a failed handshake drops that connection (an OSError)
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self._server.daemon_threads = True
         # A short poll interval keeps shutdown (and so each test's teardown) quick.
         self._thread = threading.Thread(
@@ -276,7 +281,7 @@ class _Handler(BaseHTTPRequestHandler):
         return all(action in token.grants.get(repo, set()) for repo, action in needed.items())
 
     def _challenge(self, path: str) -> str:
-        realm = f"http://127.0.0.1:{self._port()}/token"
+        realm = f"{self.state.scheme}://127.0.0.1:{self._port()}/token"
         scopes = " ".join(
             f"repository:{repo}:{'pull' if action == 'pull' else 'pull,push'}"
             for repo, action in self._needed_scopes(path).items()
@@ -320,7 +325,7 @@ class _Handler(BaseHTTPRequestHandler):
         if data is None:
             return self._error(404, "BLOB_UNKNOWN", "blob unknown to registry")
         if allow_redirect and self.state.faults.redirect_blobs and self.command == "GET":
-            target = f"http://localhost:{self._port()}/storage/{digest}"
+            target = f"{self.state.scheme}://localhost:{self._port()}/storage/{digest}"
             return self._send(307, b"", {"Location": target})
         ranges = self._requested_ranges()
         if ranges and not self.state.faults.ignore_range:

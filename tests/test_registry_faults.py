@@ -18,6 +18,7 @@ from faultserver import FaultServer
 from lazyfs.config import Credentials, RegistryConfig, RetryConfig
 from lazyfs.errors import (
     AuthError,
+    AuthFileError,
     IntegrityError,
     TransientRegistryError,
     UnsupportedMediaTypeError,
@@ -481,10 +482,10 @@ def test_missing_helper_is_auth_error(tmp_path: Path) -> None:
         DockerConfigCredentials(environ=docker_environ(tmp_path)).lookup("example.org")
 
 
-def test_malformed_config_is_auth_error(tmp_path: Path) -> None:
+def test_malformed_config_is_auth_file_error(tmp_path: Path) -> None:
     (tmp_path / "docker").mkdir()
     (tmp_path / "docker" / "config.json").write_text("{not json")
-    with pytest.raises(AuthError, match="not valid JSON"):
+    with pytest.raises(AuthFileError, match="not valid JSON"):
         DockerConfigCredentials(environ=docker_environ(tmp_path)).lookup("example.org")
 
 

@@ -71,7 +71,12 @@ def parse_platform(text: str) -> Platform:
 def add_registry_flags(parser: argparse.ArgumentParser, *, directional: bool) -> None:
     group = parser.add_argument_group("registry access")
     group.add_argument("--creds", metavar="USER[:PASS]", help="credentials for the registry")
-    group.add_argument("--authfile", type=Path, help="path of a docker/containers auth file")
+    group.add_argument(
+        "--authfile",
+        type=Path,
+        help="path of a docker/containers auth file (default: REGISTRY_AUTH_FILE, else "
+        "podman's and docker's files)",
+    )
     group.add_argument(
         "--tls-verify",
         type=parse_bool,
@@ -80,7 +85,13 @@ def add_registry_flags(parser: argparse.ArgumentParser, *, directional: bool) ->
         help="verify TLS: --tls-verify, --tls-verify=false (default: true; loopback registries "
         "use plain HTTP)",
     )
-    group.add_argument("--cert-dir", type=Path, help="directory of CA certificates (*.crt)")
+    group.add_argument(
+        "--cert-dir",
+        type=Path,
+        metavar="DIR",
+        help="certificates for every registry: *.crt CAs, NAME.cert + NAME.key client "
+        "certificates (default: each registry's certs.d/HOST[:PORT] directory)",
+    )
     if directional:
         group.add_argument("--src-creds", metavar="USER[:PASS]", help="credentials for SRC")
         group.add_argument("--dest-creds", metavar="USER[:PASS]", help="credentials for DST")

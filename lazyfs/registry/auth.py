@@ -26,6 +26,7 @@ import httpx
 from lazyfs.config import Credentials
 from lazyfs.errors import AuthError, RegistryError
 from lazyfs.registry.credentials import CredentialSource
+from lazyfs.registry.tls import REGISTRY_EXTENSION
 from lazyfs.registry.wire import status_error
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,12 @@ class Authenticator:
             params.append(("account", credentials.username))
             headers["Authorization"] = basic_authorization(credentials)
         try:
-            return httpx.Request("GET", httpx.URL(realm).copy_merge_params(params), headers=headers)
+            return httpx.Request(
+                "GET",
+                httpx.URL(realm).copy_merge_params(params),
+                headers=headers,
+                extensions={REGISTRY_EXTENSION: registry},  # the registry's certificates
+            )
         except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError) as exc:
             raise RegistryError(f"{registry}: invalid token realm {realm!r}") from exc
 

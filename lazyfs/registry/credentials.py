@@ -4,6 +4,12 @@ Auth files hold ``auths`` (inline, base64 ``user:password``), ``credHelpers`` an
 (run as ``docker-credential-NAME get``). No network and no httpx here: ``lazyfs mount`` as a
 client looks its credentials up with this module, as the user it runs as, and sends them to
 the service over the control socket. Secrets never reach logs, reprs or exception messages.
+
+Files are searched in podman's order (``auth_file_paths``) until one knows the registry, as
+containers/image's ``pkg/docker/config`` does: a default file that does not exist is skipped;
+one that exists but cannot be read, or is not a JSON object of the expected shape, stops the
+lookup with an AuthFileError naming it (one line, exit 2). An ``--authfile`` given on the
+command line must exist and is read as soon as the source is made.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lazyfs.config import Credentials
-from lazyfs.errors import AuthError, UsageError
+from lazyfs.errors import AuthError, AuthFileError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +92,8 @@ class DockerConfigCredentials:
         creds: Credentials | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        if authfile is not None and not authfile.is_file():
-            raise UsageError(f"auth file {authfile} does not exist")
+        if authfile is not None and _load_auth_file(authfile) is None:
+            raise AuthFileError(f"auth file {authfile} does not exist")
         self._explicit = creds
         self._paths = auth_file_paths(authfile, os.environ if environ is None else environ)
 
@@ -124,19 +130,44 @@ def _lookup_in_file(path: Path, registry: str) -> Credentials | None:
 
 
 def _load_auth_file(path: Path) -> dict[str, Any] | None:
+    """The document in ``path``; None if there is no such file. Anything else that keeps it
+    from being read is an AuthFileError: containers/image fails the same way ("reading JSON
+    file ...") rather than pulling anonymously past a file it could not read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise AuthError(f"cannot read auth file {path}: {exc.strerror}") from exc
+        raise AuthFileError(f"reading JSON file {path}: {exc.strerror}") from exc
     try:
-        document = json.loads(text)
-    except ValueError as exc:
-        raise AuthError(f"auth file {path} is not valid JSON") from exc
+        document = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AuthFileError(f"reading JSON file {path}: not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:  # its message quotes no part of the file
+        raise AuthFileError(
+            f"reading JSON file {path}: not valid JSON ({exc.msg}: line {exc.lineno} "
+            f"column {exc.colno})"
+        ) from exc
+    return _checked_document(path, document)
+
+
+def _checked_document(path: Path, document: Any) -> dict[str, Any]:
+    """The shape Go's json.Unmarshal into containers/image's struct accepts: an object (or
+    null), ``auths`` an object of objects, ``credHelpers`` an object of strings."""
+    if document is None:
+        return {}
     if not isinstance(document, dict):
-        raise AuthError(f"auth file {path} is not a JSON object")
+        raise AuthFileError(f"reading JSON file {path}: not a JSON object")
+    auths, helpers = document.get("auths"), document.get("credHelpers")
+    if auths is not None and not _object_of(auths, (dict, type(None))):
+        raise AuthFileError(f'reading JSON file {path}: "auths" is not an object of objects')
+    if helpers is not None and not _object_of(helpers, (str,)):
+        raise AuthFileError(f'reading JSON file {path}: "credHelpers" is not an object of strings')
     return document
+
+
+def _object_of(value: Any, kinds: tuple[type, ...]) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, kinds) for v in value.values())
 
 
 def _normalize_registry(key: str) -> str:

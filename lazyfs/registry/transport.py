@@ -1,32 +1,36 @@
 """HTTP transport to registries: one request with auth and redirects, no retries.
 
-``Transport`` owns the httpx.AsyncClient (HTTP/1.1, TCP_NODELAY), its TLS context (system CAs
-plus ``--cert-dir``), the plain-HTTP fallback for insecure registries, the auth flow (auth.py)
-and request counting. Redirects are followed by hand and never forward ``Authorization`` to
-another origin (blob GETs often redirect to object storage). Every request asks for the
-identity encoding. httpx exceptions raised while sending become lazyfs errors here (wire.py).
+``Transport`` owns the httpx.AsyncClient (HTTP/1.1, TCP_NODELAY) over tls.py's pools (each
+registry's certificates: ``--cert-dir`` or its ``certs.d`` directory), the plain-HTTP
+fallback for insecure registries, the auth flow (auth.py) and request counting. Redirects are
+followed by hand and never forward ``Authorization`` to another origin (blob GETs often
+redirect to object storage). Every request asks for the identity encoding. httpx exceptions
+raised while sending become lazyfs errors here (wire.py).
 """
 
 from __future__ import annotations
 
 import logging
-import socket
-import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import httpx
 
 from lazyfs import __version__
 from lazyfs.config import RegistryConfig
-from lazyfs.errors import UsageError
 from lazyfs.model.reference import Reference
 from lazyfs.registry.auth import Authenticator, Scopes
 from lazyfs.registry.credentials import CredentialSource
-from lazyfs.registry.wire import answered_not_tls, plain_http_error, status_error, transport_error
+from lazyfs.registry.tls import REGISTRY_EXTENSION, RegistryPools
+from lazyfs.registry.wire import (
+    answered_not_tls,
+    plain_http_error,
+    status_error,
+    transport_error,
+    url_origin,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +94,7 @@ class Transport:
                 raise status_error(response, call.what)
             yield response
         except httpx.HTTPError as exc:
-            raise transport_error(exc, _origin(response.url), call.what) from exc
+            raise transport_error(exc, url_origin(response.url), call.what) from exc
         finally:
             await response.aclose()
 
@@ -111,7 +115,7 @@ class Transport:
         """Send ``call``, following redirects; Authorization goes to the call's origin only."""
         method, url, content = call.method, call.url, call.content
         for hop in range(_MAX_REDIRECTS + 1):
-            same_origin = _origin(url) == _origin(call.url) and url.scheme == call.url.scheme
+            same_origin = url_origin(url) == url_origin(call.url) and url.scheme == call.url.scheme
             request = self._build(
                 call, method, url, content, authorization if same_origin else None
             )
@@ -141,7 +145,13 @@ class Transport:
         headers = {**call.headers, "Accept-Encoding": "identity"}
         if authorization is not None:
             headers["Authorization"] = authorization
-        return self._http.build_request(method, url, headers=headers, content=content)
+        return self._http.build_request(
+            method,
+            url,
+            headers=headers,
+            content=content,
+            extensions={REGISTRY_EXTENSION: call.ref.registry},  # its certificates (tls.py)
+        )
 
     # ------------------------------------------------------------------------------ sending
 
@@ -152,21 +162,20 @@ class Transport:
         except httpx.ConnectError as exc:
             if not self._may_fall_back_to_http(request.url):
                 if answered_not_tls(exc) and await self._speaks_plain_http(request.url):
-                    raise plain_http_error(_origin(request.url), what) from exc
-                raise transport_error(exc, _origin(request.url), what) from exc
+                    raise plain_http_error(url_origin(request.url), what) from exc
+                raise transport_error(exc, url_origin(request.url), what) from exc
         except httpx.HTTPError as exc:
-            raise transport_error(exc, _origin(request.url), what) from exc
+            raise transport_error(exc, url_origin(request.url), what) from exc
         # An insecure registry that does not speak TLS at all: plain HTTP, as docker and
         # skopeo do for insecure registries. Remembered for the rest of this transport's life.
-        log.info(
-            "%s does not answer HTTPS; using plain HTTP (insecure registry)", _origin(request.url)
-        )
-        self._plain_http.add(_origin(request.url))
+        origin = url_origin(request.url)
+        log.info("%s does not answer HTTPS; using plain HTTP (insecure registry)", origin)
+        self._plain_http.add(origin)
         request.url = request.url.copy_with(scheme="http")
         try:
             return await self._http.send(request, stream=True)
         except httpx.HTTPError as exc:
-            raise transport_error(exc, _origin(request.url), what) from exc
+            raise transport_error(exc, url_origin(request.url), what) from exc
 
     async def _speaks_plain_http(self, url: httpx.URL) -> bool:
         """Whether ``url``'s server answers plain HTTP, asked once a TLS handshake met no TLS:
@@ -183,14 +192,14 @@ class Transport:
         return True
 
     def _may_fall_back_to_http(self, url: httpx.URL) -> bool:
-        return url.scheme == "https" and self._insecure(_origin(url))
+        return url.scheme == "https" and self._insecure(url_origin(url))
 
     def _insecure(self, host: str) -> bool:
         return self._config.tls_verify is False or host in self._config.insecure_registries
 
     async def _send_and_read(self, request: httpx.Request) -> httpx.Response:
         """Send and read fully: the Authenticator's way to fetch tokens through this transport."""
-        what = f"token request to {_origin(request.url)}"
+        what = f"token request to {url_origin(request.url)}"
         response = await self._send(request, what)
         await self._discard(response, what)
         return response
@@ -204,67 +213,20 @@ class Transport:
         try:
             await self._drain(response)
         except httpx.HTTPError as exc:
-            raise transport_error(exc, _origin(response.url), what) from exc
+            raise transport_error(exc, url_origin(response.url), what) from exc
         finally:
             await response.aclose()
 
 
-def _origin(url: httpx.URL) -> str:
-    return f"{url.host}:{url.port}" if url.port is not None else url.host
-
-
-# ------------------------------------------------------------------------ httpx client and TLS
+# ------------------------------------------------------------------------------ httpx client
 
 
 def _http_client(config: RegistryConfig) -> httpx.AsyncClient:
-    transport = _connection_pool(config)
-    # Insecure registries (a mirror marked insecure) get a pool that skips verification.
-    insecure = _connection_pool(replace(config, tls_verify=False))
-    mounts = {f"https://{host}": insecure for host in sorted(config.insecure_registries)}
     timeout = httpx.Timeout(config.fetch_timeout_s, connect=config.connect_timeout_s)
     return httpx.AsyncClient(
-        mounts=mounts,
-        transport=transport,
+        transport=RegistryPools(config),  # per registry: its certificates, insecure or not
         timeout=timeout,
         follow_redirects=False,  # done by hand so Authorization never leaves its origin
         trust_env=False,
         headers={"User-Agent": f"lazyfs/{__version__}"},
     )
-
-
-def _connection_pool(config: RegistryConfig) -> httpx.AsyncHTTPTransport:
-    return httpx.AsyncHTTPTransport(
-        verify=_ssl_context(config),
-        http1=True,
-        http2=False,
-        limits=httpx.Limits(max_connections=config.max_connections),
-        # Without it, Nagle's algorithm meets delayed ACK and small requests stall ~40 ms.
-        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-    )
-
-
-def _ssl_context(config: RegistryConfig) -> ssl.SSLContext:
-    """System CAs (OpenSSL honours SSL_CERT_FILE/SSL_CERT_DIR), plus ``cert_dir``."""
-    if config.tls_verify is False:  # no CA store to load (it costs ~40 ms at every start)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    else:
-        context = ssl.create_default_context()
-    if config.cert_dir is not None:
-        _load_cert_dir(context, config.cert_dir)
-    return context
-
-
-def _load_cert_dir(context: ssl.SSLContext, cert_dir: Path) -> None:
-    """containers-certs.d layout: ``*.crt`` are CAs, ``NAME.cert`` + ``NAME.key`` a client pair."""
-    try:
-        for ca in sorted(cert_dir.glob("*.crt")):
-            context.load_verify_locations(cafile=ca)
-        for cert in sorted(cert_dir.glob("*.cert")):
-            key = cert.with_suffix(".key")
-            if not key.is_file():
-                raise UsageError(f"client certificate {cert} has no matching {key.name}")
-            context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load certificates from {cert_dir}: {exc}") from exc

@@ -71,6 +71,11 @@ def plain_http_error(host: str, what: str) -> RegistryError:
     )
 
 
+def url_origin(url: httpx.URL) -> str:
+    """``host:port``, or ``host`` for the scheme's default port: how registries are named."""
+    return f"{url.host}:{url.port}" if url.port is not None else url.host
+
+
 def one_line(text: str) -> str:
     """Collapse whitespace and cap the length: registry messages end up in one-line errors."""
     collapsed = " ".join(text.split())
@@ -86,7 +91,8 @@ def transport_error(exc: httpx.HTTPError, host: str, what: str) -> RegistryError
         # Not transient and not "offline": retrying or falling back to the cache would hide it.
         return RegistryError(
             f"{what}: TLS verification failed for {host}: {detail} "
-            "(give its CA with --cert-dir, or use --tls-verify=false)"
+            "(put its CA in /etc/containers/certs.d/HOST/ or give --cert-dir, "
+            "or use --tls-verify=false)"
         )
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         return RegistryUnreachableError(f"{what}: cannot reach registry {host}: {detail}")
