@@ -202,6 +202,99 @@ def test_eviction_takes_the_least_recently_read_first(directory: Path) -> None:
         cache.close()
 
 
+# ------------------------------------------------------------- the resolver's read path
+
+
+def test_every_chunk_is_a_file_named_by_when_it_was_written(cache: ChunkCache) -> None:
+    entries = [chunk(size, size) for size in (1, SMALL, LARGE)]
+    names = cache.put_chunks(entries)
+    assert sorted(names) == sorted(key for key, _ in entries)
+    assert len({Path(name).parent for name in names.values()}) == 1  # written together
+    for key, data in entries:
+        assert (cache.layout.chunks_dir / names[key]).read_bytes() == data
+
+
+def test_load_and_locate_chunks(cache: ChunkCache) -> None:
+    entries = [chunk(size, size) for size in (SMALL, LARGE)]
+    names = cache.put_chunks(entries)
+    missing = verity_of(b"never stored")
+    loaded = cache.load_chunks([entries[0][0], None, missing, entries[1][0]])
+    assert loaded[1] is None and loaded[2] is None
+    assert [(c.data, c.file_name) for c in (loaded[0], loaded[3]) if c] == [
+        (entries[0][1], names[entries[0][0]]),
+        (entries[1][1], names[entries[1][0]]),
+    ]
+    assert cache.locate_chunks([missing, entries[1][0]]) == {entries[1][0]: names[entries[1][0]]}
+
+
+def test_chunks_of_older_caches_inside_sqlite_still_load(directory: Path) -> None:
+    key, data = chunk(SMALL, 21)
+    with diskcache.Cache(str(directory / "chunks"), disk_min_file_size=OLD_MIN_FILE_BYTES) as old:
+        old.set(key, data)
+    cache = ChunkCache(directory, 1 << 30, verify_reads=True)
+    try:
+        [loaded] = cache.load_chunks([key])
+        assert loaded is not None and loaded.data == data and loaded.file_name is None
+        assert cache.get_chunk(key) == data
+    finally:
+        cache.close()
+
+
+def test_load_chunks_with_verify_reads_drops_a_rotted_file(directory: Path) -> None:
+    key, data = chunk(LARGE, 22)
+    cache = ChunkCache(directory, 1 << 30, verify_reads=True)
+    try:
+        name = cache.put_chunks([(key, data)])[key]
+        path = cache.layout.chunks_dir / name
+        path.write_bytes(b"Y" + data[1:])
+        assert cache.load_chunks([key]) == [None]
+        assert not cache.has_chunk(key)
+    finally:
+        cache.close()
+
+
+def test_reads_noted_without_sqlite_count_for_eviction(directory: Path) -> None:
+    """load_chunks and note_read write no access time at once; the next put_chunks does, in
+    its own transaction, before it evicts: the chunks read survive, as with get_chunk."""
+    cache = ChunkCache(directory, 1 << 20)
+    try:
+        old = [chunk(LARGE, i) for i in range(12)]  # 768 KiB: fits
+        cache.put_chunks(old)
+        hot = old[:2]
+        cache.load_chunks([hot[0][0]])
+        cache.note_read(hot[1][0])
+        seed = 100
+        while len(cache.chunk_keys()) > len(old) - len(hot):
+            assert seed < 200, "nothing was ever evicted"
+            cache.put_chunks([chunk(LARGE, seed)])
+            seed += 1
+        keys = set(cache.chunk_keys())
+        assert {key for key, _ in old} - keys == {key for key, _ in old[2:]}
+    finally:
+        cache.close()
+
+
+def test_noted_reads_are_written_by_flush_and_close(directory: Path) -> None:
+    key, data = chunk(LARGE, 23)
+    cache = ChunkCache(directory, 1 << 30)
+    cache.put_chunk(key, data)
+
+    def access_time() -> float:
+        with diskcache.Cache(str(directory / "chunks")) as raw:
+            [(when,)] = raw._sql("SELECT access_time FROM Cache WHERE key = ?", (key,)).fetchall()
+            return float(when)
+
+    before = access_time()
+    cache.note_read(key)
+    assert access_time() == before
+    assert cache.flush_reads() == 1 and cache.flush_reads() == 0
+    flushed = access_time()
+    assert flushed > before
+    cache.note_read(key)
+    cache.close()
+    assert access_time() > flushed
+
+
 # ------------------------------------------------------------------------------- metadata
 
 

@@ -8,6 +8,7 @@ RegistryClient against tests/faultserver.py).
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -34,8 +35,9 @@ from lazyfs.model.digest import Digest
 from lazyfs.model.ranges import ByteRange
 from lazyfs.model.reference import Reference
 from lazyfs.model.verity import format_verity, fsverity_digest
+from lazyfs.mount.readahead import BlobIndex
 from lazyfs.mount.resolver import ChunkCheck, ChunkResolver, LayerBlob, RecentChunks
-from lazyfs.mount.tree import LayerChunk, Node
+from lazyfs.mount.tree import LayerChunk, Node, Tree
 from lazyfs.registry.client import RegistryClient
 from lazyfs.registry.sources import RegistryByteSource
 
@@ -903,3 +905,145 @@ async def test_re_reads_come_from_memory_without_the_cache(cache: ChunkCache) ->
         assert resolver.stats.memory_hits == 3
         assert resolver.stats.cache_hits == hits  # diskcache was not asked
     assert len(world.source.calls) == 1
+
+
+# --------------------------------------------------------------------- the warm read path
+
+
+async def _cached_world(cache: ChunkCache, sizes: Sequence[int]) -> World:
+    """A file whose chunks are all in ``cache`` (fetched once by a resolver of its own)."""
+    world = one_file(sizes, seed=5)
+    async with running(world.source, cache, [world.layer]) as resolver:
+        assert await resolver.read(world.node, 0, len(world.content)) == world.content
+        await wait_until(lambda: len(cache.files) == len(sizes))  # stored, files known
+    return world
+
+
+async def test_warm_reads_are_one_preadv_of_the_wanted_bytes(cache: ChunkCache) -> None:
+    world = await _cached_world(cache, [40_000, 50_000, 30_000])
+    calls = len(world.source.calls)
+    async with running(world.source, cache, [world.layer]) as resolver:
+        # Just written: in the page cache, so RWF_NOWAIT serves them on the event loop.
+        for offset, size in [(0, 4096), (39_000, 2000), (100, 119_000), (119_999, 10)]:
+            data = await resolver.read(world.node, offset, size)
+            assert data == world.content[offset : offset + size]
+        stats = resolver.stats
+        assert stats.nowait_reads + stats.thread_reads == stats.cache_hits == 7
+        assert stats.cache_misses == 0 and stats.memory_hits == 0
+    assert len(world.source.calls) == calls
+
+
+async def test_warm_reads_write_no_sqlite_until_the_books_are_kept(cache: ChunkCache) -> None:
+    world = await _cached_world(cache, [40_000])
+    cache.flush_reads()
+    async with running(world.source, cache, [world.layer]) as resolver:
+        assert await resolver.read(world.node, 0, 4096) == world.content[:4096]
+        assert cache.flush_reads() == 1  # the read was noted, not written
+        assert await resolver.read(world.node, 4096, 4096) == world.content[4096:8192]
+        await wait_until(lambda: cache.flush_reads() == 0 and not cache._reads, 5)
+
+
+async def test_warm_read_of_an_evicted_chunk_takes_the_normal_path(cache: ChunkCache) -> None:
+    world = await _cached_world(cache, [40_000, 40_000])
+    victim = world.node.chunks[1].ref.verity
+    entry = cache.files.entry(victim)
+    assert entry is not None
+    cache.files.forget(victim)  # no descriptor open: the next open finds the file gone
+    cache.files.learn(victim, victim, entry.name)
+    cache.drop_chunk(victim)  # diskcache deletes the file, as an eviction would
+    async with running(world.source, cache, [world.layer]) as resolver:
+        assert await resolver.read(world.node, 0, 80_000) == world.content
+        assert resolver.stats.cache_misses == 1  # fetched again, once
+    assert cache.has_chunk(victim)
+
+
+async def test_a_descriptor_open_before_eviction_still_reads_the_verified_bytes(
+    cache: ChunkCache,
+) -> None:
+    world = await _cached_world(cache, [40_000])
+    verity = world.node.chunks[0].ref.verity
+    async with running(world.source, cache, [world.layer]) as resolver:
+        assert await resolver.read(world.node, 0, 100) == world.content[:100]  # opens it
+        assert cache.files.open_count == 1
+        cache.drop_chunk(verity)
+        assert await resolver.read(world.node, 100, 100) == world.content[100:200]
+        assert cache.files.sweep() == 1  # deleted under it: closed and forgotten
+        assert cache.files.entry(verity) is None
+        assert await resolver.read(world.node, 0, 40_000) == world.content  # refetched
+        assert resolver.stats.cache_misses == 1
+
+
+@pytest.mark.parametrize("check", ["verity", "sha256"])
+async def test_a_verifying_cache_checks_warm_reads(tmp_path: Path, check: ChunkCheck) -> None:
+    verifying = ChunkCache(tmp_path / "cache", 1 << 30, verify_reads=True)
+    try:
+        world = one_file([40_000, 40_000], check=check, seed=9)
+        async with running(world.source, verifying, [world.layer]) as resolver:
+            assert await resolver.read(world.node, 0, 80_000) == world.content
+            await wait_until(lambda: len(verifying.files) == 2)
+        bad = verifying.files.entry(_flight_key(world.node.chunks[1], check))
+        assert bad is not None
+        path = verifying.layout.chunks_dir / bad.name
+        rotted = bytearray(path.read_bytes())
+        rotted[123] ^= 0x40
+        path.write_bytes(bytes(rotted))  # same inode: an open descriptor sees it too
+        async with running(world.source, verifying, [world.layer]) as resolver:
+            assert await resolver.read(world.node, 0, 80_000) == world.content
+            assert await resolver.read(world.node, 40_100, 10) == world.content[40_100:40_110]
+            assert resolver.stats.nowait_reads == 0  # whole chunks, hashed in a thread
+            assert resolver.stats.cache_misses == 1  # the rotted one, dropped and refetched
+        assert len(world.source.calls) == 2
+    finally:
+        verifying.close()
+
+
+def _flight_key(chunk: LayerChunk, check: ChunkCheck) -> str:
+    return chunk.ref.verity if check == "verity" else "plain-" + chunk.ref.sha256
+
+
+async def test_warm_reads_of_one_file_from_many_readers(cache: ChunkCache) -> None:
+    world = await _cached_world(cache, [random.Random(3).randrange(1, 70_000) for _ in range(30)])
+    # Files known, none open yet, page cache dropped for them: reads go to reader threads.
+    for name in {e.name for e in (cache.files.entry(c.ref.verity) for c in world.node.chunks) if e}:
+        fd = os.open(cache.layout.chunks_dir / name, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    rng = random.Random(4)
+    async with running(world.source, cache, [world.layer]) as resolver:
+        results: list[tuple[int, int, bytes]] = []
+
+        async def reader() -> None:
+            for _ in range(40):
+                offset = rng.randrange(len(world.content))
+                size = rng.choice([1, 4096, 65_536, 300_000])
+                results.append((offset, size, await resolver.read(world.node, offset, size)))
+
+        async with anyio.create_task_group() as readers:
+            for _ in range(8):
+                readers.start_soon(reader)
+        assert resolver.stats.cache_misses == 0
+    for offset, size, data in results:
+        assert data == world.content[offset : offset + size]
+    assert cache.files.open_count <= len(world.node.chunks)
+
+
+async def test_a_fresh_resolver_learns_files_ahead_from_the_store(cache: ChunkCache) -> None:
+    world = await _cached_world(cache, [40_000] * 6)
+    fresh = ChunkCache(cache.directory, None)  # another handle: knows no file yet
+    try:
+        index = BlobIndex.of_tree(_tree_of(world.node))
+        async with anyio.create_task_group() as tasks:
+            resolver = ChunkResolver(
+                world.source, fresh, [world.layer], ResolverConfig(), tasks, index
+            )
+            assert await resolver.read(world.node, 0, 100) == world.content[:100]
+            await wait_until(lambda: len(fresh.files) == 6)  # the rest looked up ahead
+            assert await resolver.read(world.node, 40_000, 200_000) == world.content[40_000:]
+            assert resolver.stats.nowait_reads + resolver.stats.thread_reads == 5
+            tasks.cancel_scope.cancel()
+    finally:
+        fresh.close()
+
+
+def _tree_of(node: Node) -> Tree:
+    return Tree({node.inode: node}, {})

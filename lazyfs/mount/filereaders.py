@@ -49,7 +49,7 @@ class _Job:
     __slots__ = ("finish", "finished", "owner", "waiter", "work")
 
     def __init__(
-        self, work: Callable[[], None], finish: Callable[[], None], owner: _Completions
+        self, work: Callable[[], object], finish: Callable[[], None], owner: _Completions
     ) -> None:
         self.work = work
         self.finish = finish
@@ -116,7 +116,7 @@ class FileReaders:
         return len(self._pending)
 
     def submit(
-        self, work: Callable[[], None], finish: Callable[[], None], *, background: bool = False
+        self, work: Callable[[], object], finish: Callable[[], None], *, background: bool = False
     ) -> _Job:
         """Start ``work`` in a reader thread; ``finish`` runs on the loop once it is done (at a
         later :meth:`poll` or :meth:`run`). ``background`` work (read-ahead) has a thread of
@@ -127,7 +127,7 @@ class FileReaders:
         (_background_jobs if background else _jobs).put(job)
         return job
 
-    async def run(self, work: Callable[[], None], finish: Callable[[], None]) -> None:
+    async def run(self, work: Callable[[], object], finish: Callable[[], None]) -> None:
         """``submit`` and wait until ``finish`` has run. Cancelled, the wait ends but the job
         does not: it is finished later, by another read."""
         job = self.submit(work, finish)
@@ -150,8 +150,10 @@ class FileReaders:
                 self._hand_over()
 
     def poll(self) -> None:
-        """Finish the jobs done so far (a read calls this first; cheap when there are none)."""
-        if self._completions.done:
+        """Finish the jobs done so far, unless a read waits on the pipe (it will: taking its
+        job's completion here would leave it waiting for a wake-up already consumed). A read
+        calls this first; cheap when there is nothing to do."""
+        if self._completions.done and not self._pumping:
             self._finish_done()
 
     def _finish_done(self) -> None:

@@ -305,6 +305,8 @@ class ChunkResolver:
         if offset != position and offset != 0:
             self._positions[node.inode] = (end, end)
             return
+        if offset != position or advised > end + FILE_READAHEAD_BYTES:
+            advised = end  # a new pass over the file: what was advised before is stale
         horizon = min(node.size, end + FILE_READAHEAD_BYTES)
         if advised - end >= FILE_READAHEAD_BYTES // 2 or horizon <= end:
             self._positions[node.inode] = (end, max(advised, end))
