@@ -172,6 +172,9 @@ def test_json_summary(feature: BuiltImage, tmp_path: Path) -> None:
     assert len(layers) == len(feature.layers)
     assert all(layer["files"] >= 0 and layer["chunks"] >= layer["files"] - 50 for layer in layers)
     assert {"sourceDigest", "size", "tarSize", "dedupRatio"} <= set(layers[0])
+    # Without a profile the tars are the source's, and no layer says it was reordered.
+    assert [layer["diffID"] for layer in layers] == [str(b.diff_id) for b in feature.layers]
+    assert not any("profileFirst" in layer for layer in layers)
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])

@@ -41,7 +41,8 @@ def add_parsers(commands: Any) -> None:
         "--prefetch",
         type=Path,
         metavar="PROFILE",
-        help="access profile (from `lazyfs mount --record-profile`) whose reads mounts prefetch",
+        help="access profile (from `lazyfs mount --record-profile`): the files it reads go first "
+        "in each layer, in its order, and mounts prefetch its reads (changes the diff_ids)",
     )
     chunking = parser.add_argument_group("chunking (see docs/chunking.md)")
     defaults = ChunkingConfig()
@@ -148,9 +149,16 @@ def _report(args: argparse.Namespace, summary: ConvertSummary) -> None:
             label = f" ({manifest.platform})" if manifest.platform else ""
             tar = sum(layer.tar_size_bytes for layer in manifest.layers)
             out = sum(layer.size_bytes for layer in manifest.layers)
+            firsts = [layer.profile_first for layer in manifest.layers if layer.profile_first]
+            first = (
+                f", {sum(f.files for f in firsts)} files of the profile first"
+                f" ({sum(f.kept_files for f in firsts)} kept in place)"
+                if firsts
+                else ""
+            )
             print(
                 f"manifest {manifest.digest}{label}: {len(manifest.layers)} layers, "
-                f"{human_bytes(tar)} tar -> {human_bytes(out)}",
+                f"{human_bytes(tar)} tar -> {human_bytes(out)}{first}",
                 file=sys.stderr,
             )
     print(summary.digest)

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from lazyfs.config import ChunkingConfig
-from lazyfs.convert.localize import localize_layer
+from lazyfs.convert.localize import LocalizedLayer, localize_layer
 from lazyfs.convert.stores import ImageStore
 from lazyfs.errors import ManifestError
+from lazyfs.formats.chunked.order import MemberOrder
 from lazyfs.formats.chunked.writer import ChunkedLayer
 from lazyfs.model import manifests
 from lazyfs.model.digest import Digest
@@ -30,7 +31,9 @@ class ConvertOptions:
     chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
     platform: Platform | None = None  # None: every platform of an index
     work_dir: Path | None = None  # scratch space for decompressed layers
-    prefetch: AccessProfile | None = None  # ranks to write into the TOCs (lazyfs/mount/prefetch.py)
+    # An access profile: its files first in each layer, their chunks ranked in the TOCs
+    # (formats/chunked/order.py, lazyfs/mount/prefetch.py).
+    prefetch: AccessProfile | None = None
 
 
 class ConvertProgress:
@@ -47,6 +50,23 @@ class ConvertProgress:
 
 
 @dataclass(frozen=True)
+class ProfileFirstSummary:
+    """What the profile-first order did to one layer (formats/chunked/order.py)."""
+
+    files: int  # files of the profile moved to the start of the layer
+    members: int  # those and the directory entries and opaque markers moved with them
+    tar_bytes: int  # the tar bytes they take: the start of the layer's tar
+    kept_files: int  # files of the profile left in place (the tree would change otherwise)
+    note: str  # why the layer kept its order, if it kept all of it
+
+    @classmethod
+    def of(cls, order: MemberOrder) -> ProfileFirstSummary:
+        return cls(
+            order.moved_files, order.moved_members, order.moved_bytes, order.kept_files, order.note
+        )
+
+
+@dataclass(frozen=True)
 class LayerSummary:
     source_digest: str
     source_size_bytes: int
@@ -56,9 +76,13 @@ class LayerSummary:
     file_count: int
     chunk_count: int
     dedup_ratio: float
+    diff_id: str = ""  # of the converted layer: the source's unless the order changed
+    profile_first: ProfileFirstSummary | None = None  # converted with a profile
 
     @classmethod
-    def of(cls, source: Descriptor, layer: ChunkedLayer) -> LayerSummary:
+    def of(cls, source: Descriptor, localized: LocalizedLayer) -> LayerSummary:
+        layer = localized.layer
+        order = localized.order
         return cls(
             source_digest=str(source.digest),
             source_size_bytes=source.size,
@@ -68,6 +92,8 @@ class LayerSummary:
             file_count=layer.stats.file_count,
             chunk_count=layer.stats.chunk_count,
             dedup_ratio=round(layer.stats.dedup_ratio, 4),
+            diff_id=str(layer.diff_id),
+            profile_first=ProfileFirstSummary.of(order) if order is not None else None,
         )
 
 
@@ -100,16 +126,27 @@ class ConvertSummary:
 
 
 def _layer_json(layer: LayerSummary) -> dict[str, Any]:
-    return {
+    result: dict[str, Any] = {
         "sourceDigest": layer.source_digest,
         "sourceSize": layer.source_size_bytes,
         "digest": layer.digest,
         "size": layer.size_bytes,
+        "diffID": layer.diff_id,
         "tarSize": layer.tar_size_bytes,
         "files": layer.file_count,
         "chunks": layer.chunk_count,
         "dedupRatio": layer.dedup_ratio,
     }
+    first = layer.profile_first
+    if first is not None:
+        result["profileFirst"] = {
+            "files": first.files,
+            "members": first.members,
+            "tarBytes": first.tar_bytes,
+            "keptFiles": first.kept_files,
+            **({"note": first.note} if first.note else {}),
+        }
+    return result
 
 
 @dataclass(frozen=True)
@@ -207,10 +244,10 @@ class Converter:
         converted_layers: list[ChunkedLayer] = []
         for position, source_layer in enumerate(manifest.layers):
             self._progress.layer_started(position, len(manifest.layers), source_layer)
-            chunked = await self._convert_layer(source_layer, diff_ids[position], scratch)
-            converted_layers.append(chunked)
-            layers.append(_chunked_descriptor(chunked))
-            summaries.append(LayerSummary.of(source_layer, chunked))
+            localized = await self._convert_layer(source_layer, diff_ids[position], scratch)
+            converted_layers.append(localized.layer)
+            layers.append(_chunked_descriptor(localized.layer))
+            summaries.append(LayerSummary.of(source_layer, localized))
             self._progress.layer_finished(summaries[-1])
         new_diff_ids = tuple(chunked.diff_id for chunked in converted_layers)
         config = await self._push_config(config_data, new_diff_ids, scratch)
@@ -230,7 +267,7 @@ class Converter:
 
     async def _convert_layer(
         self, source_layer: Descriptor, diff_id: Digest, scratch: Path
-    ) -> ChunkedLayer:
+    ) -> LocalizedLayer:
         localized = await localize_layer(
             source_layer,
             lambda path: self._source.open_blob(source_layer, path, None),
@@ -241,15 +278,16 @@ class Converter:
             progress=self._progress.layer_bytes,
         )
         await self._dest.put_blob(_chunked_descriptor(localized.layer), localized.path)
-        return localized.layer
+        return localized
 
     async def _push_config(
         self, data: bytes, diff_ids: tuple[Digest, ...], scratch: Path
     ) -> Descriptor:
         """Push the config with ``rootfs.diff_ids`` set to the converted layers' diff_ids.
 
-        The tar streams pass through unchanged, so the diff_ids normally stay the same, and then
-        the config bytes (and digest) are kept exactly as they were.
+        The tar streams pass through unchanged, so the diff_ids stay the same, and then the
+        config bytes (and digest) are kept exactly as they were; only a profile-first order
+        (``--prefetch``) changes a layer's tar, and with it its diff_id and the config.
         """
         parsed = ImageConfig.parse(data)
         if parsed.diff_ids != diff_ids:

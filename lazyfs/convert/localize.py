@@ -15,6 +15,7 @@ import anyio.to_thread
 
 from lazyfs.config import ChunkingConfig
 from lazyfs.errors import IntegrityError
+from lazyfs.formats.chunked.order import MemberOrder, profile_first_order, write_member_order
 from lazyfs.formats.chunked.writer import ChunkedLayer, write_chunked_layer
 from lazyfs.formats.plain import decompress_layer
 from lazyfs.model.digest import Digest
@@ -24,7 +25,8 @@ from lazyfs.model.profiles import AccessProfile
 # Given a scratch path, bring the blob to a local file and return that file's path (the
 # scratch path, or a file the source already has). Its digest is checked while decompressing.
 FetchBlob = Callable[[Path], Awaitable[Path]]
-# (phase, bytes done, bytes in all): phases "decompress" and "convert".
+# (phase, bytes done, bytes in all): phases "decompress", "reorder" (with a profile) and
+# "convert".
 PhaseProgress = Callable[[str, int, int], None]
 
 
@@ -32,6 +34,7 @@ PhaseProgress = Callable[[str, int, int], None]
 class LocalizedLayer:
     layer: ChunkedLayer
     path: Path  # the zstd:chunked blob, in the scratch directory
+    order: MemberOrder | None = None  # the profile-first order, when converted with a profile
 
 
 async def localize_layer(
@@ -44,7 +47,11 @@ async def localize_layer(
     prefetch: AccessProfile | None = None,
     progress: PhaseProgress | None = None,
 ) -> LocalizedLayer:
-    """Convert layer ``source``; ``diff_id``, when given, is what its tar must hash to."""
+    """Convert layer ``source``; ``diff_id``, when given, is what its tar must hash to.
+
+    With an access profile (``prefetch``), the files it reads come first in the layer
+    (formats/chunked/order.py): the tar changes, and so does the layer's diff_id
+    (``layer.diff_id``), and the TOC carries the profile's ranks."""
     compression = layer_compression(source.media_type)  # UnsupportedMediaTypeError if unknown
     blob_path = await fetch_blob(scratch / "source.blob")
     tar_path = scratch / "layer.tar"
@@ -58,6 +65,20 @@ async def localize_layer(
     )
     if diff_id is not None and actual != diff_id:
         raise IntegrityError(f"layer {source.digest} diff_id", str(diff_id), str(actual))
+    order = None
+    if prefetch is not None:
+        order = await anyio.to_thread.run_sync(profile_first_order, tar_path, prefetch)
+        if order.changed:
+            ordered_path = scratch / "layer.ordered.tar"
+            actual = await anyio.to_thread.run_sync(
+                write_member_order,
+                tar_path,
+                order,
+                ordered_path,
+                _reporter(progress, "reorder", tar_path.stat().st_size),
+            )
+            tar_path.unlink()
+            tar_path = ordered_path
     out_path = scratch / "layer.zst"
     chunked = await anyio.to_thread.run_sync(
         write_chunked_layer,
@@ -68,7 +89,7 @@ async def localize_layer(
         _reporter(progress, "convert", tar_path.stat().st_size),
         prefetch,
     )
-    return LocalizedLayer(chunked, out_path)
+    return LocalizedLayer(chunked, out_path, order)
 
 
 def _reporter(

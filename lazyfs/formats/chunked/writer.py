@@ -1,7 +1,9 @@
 """Write one uncompressed tar layer as a zstd:chunked layer with fs-verity digests.
 
 The tar bytes pass through unchanged (headers, padding and trailer included), so the layer
-decompresses to exactly the input tar and its diff_id does not change. Layout of the blob:
+decompresses to exactly the input tar and its diff_id does not change. (With an access profile,
+``lazyfs convert`` first writes the tar in the profile-first order, ``order.py``, and gives
+that tar to the writer.) Layout of the blob:
 
 - every run of non-payload tar bytes (headers, padding, trailer) is one zstd frame;
 - every payload chunk (content-defined, see ChunkingConfig) is one zstd frame, so a reader can
