@@ -706,3 +706,27 @@ def test_unwritable_blob_is_a_cache_error(tmp_path: Path) -> None:
     tar.write_bytes(tar_of(feature_items(tarfile.PAX_FORMAT), tarfile.PAX_FORMAT))
     with pytest.raises(CacheError, match="cannot write the layer blob"):
         write_chunked_layer(tar, tmp_path / "no" / "such" / "dir.zst", SMALL)
+
+
+def test_toc_encoded_as_files_complete_is_the_tocs_own_json(tmp_path: Path) -> None:
+    """The writer encodes TOC entries in groups as members complete; the TOC frame must be
+    exactly ``Toc.to_json()`` (many groups here, with names JSON escapes)."""
+    items = [
+        (member(f"d/{index}<&>\u2028{NON_UTF8_NAME[-4:]}"), RANDOM_DATA[: index * 97])
+        for index in range(700)
+    ]
+    conv = convert(tar_of(items, tarfile.PAX_FORMAT), tmp_path)
+    footer = Footer.parse(conv.blob[-FOOTER_BYTES:])
+    toc_json = zstd_decompress(conv.blob[footer.toc.offset : footer.toc.end])
+    assert len(conv.layer.toc.entries) > 700
+    assert toc_json == conv.layer.toc.to_json()
+
+
+@pytest.mark.parametrize(
+    "size", [1, 4095, 4096, 4097, 65_536, 70_000, 4096 * 128, 4096 * 128 + 1, 4096 * 129 + 7]
+)
+def test_chunk_verity_is_fsverity_digest(size: int) -> None:
+    from lazyfs.formats.chunked.frames import verity_digest
+
+    data = (RANDOM_DATA * 10)[:size]
+    assert verity_digest(memoryview(data)) == fsverity_digest(data)

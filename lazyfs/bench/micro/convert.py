@@ -19,7 +19,14 @@ Measured, each on all cores and pinned to one core (``taskset -c 0`` / sched_set
   ``zstd -3 -T0`` on all cores (CLI), python-zstandard level 3, and gzip decompression of the
   input (zlib, as lazyfs uses it, and ``gzip -dc``).
 
-Run: ``python -m lazyfs.bench.micro convert [--size-mb 256 | --tar FILE] [--json FILE]``.
+With ``--baseline-tree DIR`` (a copy of the ``lazyfs`` package as it was before a change,
+under DIR), the chunk+hash+compress phase and the end-to-end convert also run with that tree,
+run for run alternating with this one (same machine state), and the table gains
+after-vs-before figures. Each lazyfs figure is the fastest of ``--repeats`` runs; the median
+is in its note (other work on the machine only ever makes a run slower).
+
+Run: ``python -m lazyfs.bench.micro convert [--size-mb 256 | --tar FILE] [--baseline-tree DIR]
+[--repeats N] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -48,8 +55,8 @@ from lazyfs.bench.micro.common import (
     best_seconds,
     cpu_affinity,
     interrupts_as_exceptions,
-    lazyfs_argv,
     mb_per_s,
+    median,
     print_machine,
     run,
     say,
@@ -81,6 +88,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--size-mb", type=int, default=256, help="MiB of file data (default 256)")
     parser.add_argument("--tar", type=Path, help="convert this layer tar instead of a /usr sample")
     parser.add_argument("--repeats", type=int, default=2, help="runs per lazyfs figure (best)")
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="also run the writer and convert from the lazyfs package under this directory",
+    )
     parser.add_argument("--work-dir", type=Path, help="keep inputs and outputs here")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     return parser.parse_args(argv)
@@ -92,14 +104,21 @@ def main(argv: Sequence[str]) -> int:
     report = Report("convert: throughput in MB/s of uncompressed tar")
     report.facts["CPU % used by other work at the start"] = round(busy, 1)
     with interrupts_as_exceptions(), work_dir(args.work_dir, "lazyfs-bench-convert-") as work:
-        measure(report, work, args.size_mb * MIB, max(1, args.repeats), args.tar)
+        measure(
+            report, work, args.size_mb * MIB, max(1, args.repeats), args.tar, args.baseline_tree
+        )
     report.print_table()
     report.write_json(args.json)
     return 0
 
 
 def measure(
-    report: Report, work: Path, size_bytes: int, repeats: int, given_tar: Path | None = None
+    report: Report,
+    work: Path,
+    size_bytes: int,
+    repeats: int,
+    given_tar: Path | None = None,
+    baseline_tree: Path | None = None,
 ) -> None:
     if given_tar is None:
         step(f"sampling {size_bytes / MB:.0f} MB of /usr")
@@ -132,14 +151,19 @@ def measure(
             decompress_s[label] = best_seconds(
                 lambda: decompress_layer(blob_path, "gzip", layer.digest, phase_tar), repeats
             )
-    chunk = {label: _writer_runs(phase_tar, work, cpus, repeats) for label, cpus in CORES.items()}
+    trees: list[Path | None] = [None] if baseline_tree is None else [None, baseline_tree]
+    runs = {
+        label: _writer_runs(phase_tar, work, cpus, repeats, trees) for label, cpus in CORES.items()
+    }
+    chunk = {label: _fastest(runs[label][None]) for label in CORES}
     phase_tar.unlink()
 
     step("lazyfs convert end to end (CLI)")
-    e2e = {
-        label: _convert_cli_seconds(built.reference, work, cpus, repeats)
+    e2e_runs = {
+        label: _convert_cli_seconds(built.reference, work, cpus, repeats, trees)
         for label, cpus in CORES.items()
     }
+    e2e = {label: min(e2e_runs[label][None]) for label in CORES}
 
     say("figures (MB/s of uncompressed tar; ratio = lazyfs / baseline):")
     for label in CORES:
@@ -149,6 +173,7 @@ def measure(
             "MB/s",
             _ZSTD_CLI_NAMES[label],
             mb_per_s(tar_bytes, zstd_cli[label]),
+            note=_spread(tar_bytes, e2e_runs[label][None]),
         )
     for label in CORES:
         run_ = chunk[label]
@@ -158,8 +183,11 @@ def measure(
             "MB/s",
             _ZSTD_CLI_NAMES[label],
             mb_per_s(tar_bytes, zstd_cli[label]),
-            note=f"{run_.processes} process(es), {run_.cpu_s:.2f} s CPU",
+            note=f"{run_.processes} process(es), {run_.cpu_s:.2f} s CPU; "
+            + _spread(tar_bytes, [r.wall_s for r in runs[label][None]]),
         )
+    if baseline_tree is not None:
+        _add_before_after(report, tar_bytes, runs, e2e_runs, baseline_tree)
     all_cores, one_core = chunk[ALL_CORES], chunk[ONE_CORE]
     report.add(
         f"phase chunk+hash+compress, {ALL_CORES} (speedup)",
@@ -225,16 +253,86 @@ class WriterRun:
     blob_bytes: int
 
 
-def _writer_runs(tar_path: Path, work: Path, cpus: set[int] | None, repeats: int) -> WriterRun:
-    """The fastest of ``repeats`` runs, each in a fresh child process on ``cpus``."""
-    prefix = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
+def _writer_runs(
+    tar_path: Path, work: Path, cpus: set[int] | None, repeats: int, trees: list[Path | None]
+) -> dict[Path | None, list[WriterRun]]:
+    """For each tree (None: this one), ``repeats`` runs, each in a fresh child process on
+    ``cpus``, the trees taking turns; every blob must be the same."""
     out = work / "phase.zst"
-    runs = []
+    runs: dict[Path | None, list[WriterRun]] = {tree: [] for tree in trees}
     for _ in range(repeats):
-        argv = [*prefix, sys.executable, "-c", _WRITER_CHILD, str(tar_path), str(out)]
-        runs.append(WriterRun(**json.loads(run(argv, timeout=600).stdout)))
+        for tree in trees:
+            argv = [*_prefix(cpus, tree), "-c", _WRITER_CHILD, str(tar_path)]
+            runs[tree].append(WriterRun(**json.loads(run([*argv, str(out)], timeout=600).stdout)))
     out.unlink()
+    digests = {r.digest for tree_runs in runs.values() for r in tree_runs}
+    if len(digests) != 1:
+        raise SystemExit(f"the trees wrote different blobs: {sorted(digests)}")
+    return runs
+
+
+def _fastest(runs: list[WriterRun]) -> WriterRun:
     return min(runs, key=lambda r: r.wall_s)
+
+
+def _prefix(cpus: set[int] | None, tree: Path | None) -> list[str]:
+    """``taskset`` to ``cpus``, ``env PYTHONPATH=tree`` to import that lazyfs, and the Python
+    to run, with ``-P``: without it, ``-c`` and ``-m`` put the working directory (perhaps a
+    checkout with its own lazyfs) before PYTHONPATH."""
+    prefix = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
+    return [
+        *prefix,
+        *(["env", f"PYTHONPATH={tree}"] if tree is not None else []),
+        sys.executable,
+        "-P",
+    ]
+
+
+def _spread(tar_bytes: int, seconds: list[float]) -> str:
+    rates = [mb_per_s(tar_bytes, s) for s in seconds]
+    return (
+        f"min {min(seconds):.2f} s / median {median(seconds):.2f} s of {len(seconds)}"
+        f" ({min(rates):.0f}-{max(rates):.0f} MB/s)"
+    )
+
+
+def _add_before_after(
+    report: Report,
+    tar_bytes: int,
+    runs: dict[str, dict[Path | None, list[WriterRun]]],
+    e2e_runs: dict[str, dict[Path | None, list[float]]],
+    tree: Path,
+) -> None:
+    """This tree against the baseline tree: best and median, phase and end to end."""
+    for label in CORES:
+        after, before = runs[label][None], runs[label][tree]
+        report.add(
+            f"phase chunk+hash+compress, {label}, this tree vs baseline tree",
+            mb_per_s(tar_bytes, _fastest(after).wall_s),
+            "MB/s",
+            f"baseline tree {tree}",
+            mb_per_s(tar_bytes, _fastest(before).wall_s),
+            note=f"CPU {_fastest(after).cpu_s:.2f} s vs {_fastest(before).cpu_s:.2f} s; medians "
+            f"{median([r.wall_s for r in after]):.2f} s vs "
+            f"{median([r.wall_s for r in before]):.2f} s",
+        )
+        new, old = e2e_runs[label][None], e2e_runs[label][tree]
+        report.add(
+            f"lazyfs convert end to end, {label}, this tree vs baseline tree",
+            mb_per_s(tar_bytes, min(new)),
+            "MB/s",
+            f"baseline tree {tree}",
+            mb_per_s(tar_bytes, min(old)),
+            note=f"medians {median(new):.2f} s vs {median(old):.2f} s",
+        )
+    for name, key in (("this tree", None), ("baseline tree", tree)):
+        report.add(
+            f"phase chunk+hash+compress, {ALL_CORES} vs 1 core (speedup), {name}",
+            mb_per_s(tar_bytes, _fastest(runs[ALL_CORES][key]).wall_s),
+            "MB/s",
+            "the same, 1 core",
+            mb_per_s(tar_bytes, _fastest(runs[ONE_CORE][key]).wall_s),
+        )
 
 
 _WRITER_CHILD = "import sys; from lazyfs.bench.micro.convert import writer_child; writer_child()"
@@ -350,14 +448,17 @@ def _gunzip(blob_path: Path) -> int:
     return total + len(inflater.flush())
 
 
-def _convert_cli_seconds(source: str, work: Path, cpus: set[int] | None, repeats: int) -> float:
-    best = float("inf")
+def _convert_cli_seconds(
+    source: str, work: Path, cpus: set[int] | None, repeats: int, trees: list[Path | None]
+) -> dict[Path | None, list[float]]:
+    """Wall times of ``lazyfs convert`` per tree (None: this one), the trees taking turns."""
+    times: dict[Path | None, list[float]] = {tree: [] for tree in trees}
     for attempt in range(repeats):
-        out = work / f"out-oci-{attempt}"
-        prefix = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
-        argv = [*prefix, *lazyfs_argv("convert", "-q", source, f"oci:{out}:v1")]
-        try:
-            best = min(best, timed(functools.partial(run, argv, timeout=170)))
-        finally:
-            shutil.rmtree(out, ignore_errors=True)
-    return best
+        for tree in trees:
+            out = work / f"out-oci-{attempt}"
+            argv = [*_prefix(cpus, tree), "-m", "lazyfs", "convert", "-q", source, f"oci:{out}:v1"]
+            try:
+                times[tree].append(timed(functools.partial(run, argv, timeout=170)))
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+    return times

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -19,7 +20,13 @@ import zstandard
 
 from lazyfs.errors import LayoutError, TocError
 from lazyfs.formats.chunked.tarsplit import Crc64
-from lazyfs.model.verity import VerityHasher, format_verity, fsverity_digest
+from lazyfs.model.verity import (
+    BLOCK_SIZE_BYTES,
+    HASH_SIZE_BYTES,
+    VerityHasher,
+    format_verity,
+    fsverity_digest,
+)
 
 # What an op asks for. Ops are plain (kind, tar offset, length) tuples: batches cross a pipe.
 RAW = 0  # a frame only: headers, padding, trailer
@@ -30,6 +37,10 @@ FILE = 3  # no frame: sha256, fs-verity digest and CRC64 of a whole multi-chunk 
 Op = tuple[int, int, int]
 
 _STREAM_BYTES = 4 << 20  # a FILE op outside the batch's range is read in pieces of this size
+_ZERO_BLOCK = bytes(BLOCK_SIZE_BYTES)
+# The fs-verity descriptor (lazyfs/model/verity.py): version, hash algorithm, log2 block size,
+# salt size, reserved, data size, root hash, salt, reserved.
+_DESCRIPTOR = struct.Struct("<BBBBIQ64s32s144x")
 
 
 class ChunkDigests(NamedTuple):
@@ -142,10 +153,38 @@ def _read_pieces(fd: int, offset: int, length: int) -> Iterator[memoryview]:
 def _chunk_digests(piece: memoryview, crc64: bytes) -> ChunkDigests:
     return ChunkDigests(
         "sha256:" + hashlib.sha256(piece).hexdigest(),
-        format_verity(fsverity_digest(piece)),
+        format_verity(verity_digest(piece)),
         _all_zero(piece),
         crc64,
     )
+
+
+def verity_digest(data: memoryview) -> bytes:
+    """``fsverity_digest(data)`` (no salt) of one buffer, with less work per call than the
+    streaming hasher: a layer has 10^4 chunks, and this is a tenth of a chunk's CPU."""
+    size = len(data)
+    if not size:
+        return fsverity_digest(data)
+    sha256 = hashlib.sha256
+    whole = size - size % BLOCK_SIZE_BYTES
+    level = b"".join(
+        [sha256(data[i : i + BLOCK_SIZE_BYTES]).digest() for i in range(0, whole, BLOCK_SIZE_BYTES)]
+    )
+    if whole < size:  # the last block, zero-padded without a copy
+        last = sha256(data[whole:])
+        last.update(_ZERO_BLOCK[: whole + BLOCK_SIZE_BYTES - size])
+        level += last.digest()
+    while len(level) > HASH_SIZE_BYTES:
+        level += _ZERO_BLOCK[: -len(level) % BLOCK_SIZE_BYTES]
+        view = memoryview(level)
+        level = b"".join(
+            [
+                sha256(view[i : i + BLOCK_SIZE_BYTES]).digest()
+                for i in range(0, len(view), BLOCK_SIZE_BYTES)
+            ]
+        )
+    descriptor = _DESCRIPTOR.pack(1, 1, 12, 0, 0, size, level, b"")  # version, SHA-256, 4 KiB
+    return sha256(descriptor).digest()
 
 
 def _file_digests(pieces: Iterable[memoryview]) -> FileDigests:

@@ -1,17 +1,24 @@
 """Tar members as TOC entries: the metadata half of writing a layer.
 
-tarfile parses the headers (PAX and GNU extensions included); this module maps each member to
-its TOC entry the way containers/storage fills one, and recovers the raw name tar-split stores.
+tarfile parses the headers (PAX and GNU extensions included), but for plain ustar headers, the
+common case, which are parsed here the very way tarfile does it, ~3x faster (tarfile takes
+~60 µs a member on the 2-core VM of docs/benchmarks.md, a layer has 10^4 members); this module
+maps each member to its TOC entry the way containers/storage fills one, and recovers the raw
+name tar-split stores.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import struct
 import tarfile
+import zlib
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any
 
 from lazyfs.errors import TocError
 from lazyfs.formats.chunked.toc import TocEntry
@@ -32,18 +39,92 @@ _NAME_FIELD_BYTES = 100
 
 
 def iter_members(tar_path: Path) -> Iterator[tarfile.TarInfo]:
-    """The members of the tar at ``tar_path``, in order; TocError if it is not a tar."""
+    """The members of the tar at ``tar_path``, in order; TocError if it is not a tar.
+
+    The same members ``tarfile`` gives, faster: a plain ustar header (the common case) is
+    parsed here, straight from its 512 bytes; anything else (PAX and GNU extension headers, a
+    bad checksum, zero blocks, odd number fields, ...) is left to tarfile, which reads on from
+    the same offset, so it decides every case that is not plain.
+    """
     try:
         tar_size = tar_path.stat().st_size
-        with tarfile.open(tar_path, mode="r:", errors="surrogateescape") as archive:
+        with (
+            tar_path.open("rb") as source,
+            tarfile.open(fileobj=source, mode="r:", errors="surrogateescape") as archive,
+        ):
             # TarFile keeps every member it reads (~1 KB each); only the current one is needed.
             kept: list[tarfile.TarInfo] = archive.members  # type: ignore[attr-defined]
-            while (member := archive.next()) is not None:
+            fd = source.fileno()
+            member = archive.next()
+            while member is not None:
                 kept.clear()
                 _check_size(member, tar_size)
                 yield member
+                member = _plain_member(archive, fd) or archive.next()
     except tarfile.TarError as exc:
         raise TocError(f"layer is not a valid tar stream: {exc}") from exc
+
+
+# Types whose header alone is the member (no extension header, no sparse map).
+_PLAIN_TYPES = frozenset(
+    (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE)
+)
+# name mode uid gid size mtime chksum type linkname magic version uname gname devmajor devminor
+# prefix: the ustar header's fields.
+_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s")
+
+
+def _plain_member(archive: tarfile.TarFile, fd: int) -> tarfile.TarInfo | None:
+    """The member at the archive's offset, parsed as tarfile would, if its header is plain;
+    else None, and tarfile reads it. Mirrors ``TarInfo.frombuf`` and ``_proc_builtin``."""
+    offset: int = archive.offset
+    if archive.pax_headers:  # a global PAX header applies to every member: tarfile's job
+        return None
+    buf = os.pread(fd, _HEADER_BYTES, offset)
+    if len(buf) != _HEADER_BYTES or buf[156:157] not in _PLAIN_TYPES:
+        return None
+    name, *numbers, kind, link, _, _, uname, gname, major, minor, prefix = _USTAR.unpack_from(buf)
+    numbers += (major, minor)
+    try:
+        # What tarfile's nti gives whenever int() accepts the field; it refuses base-256
+        # fields (their first byte is 0x80 or 0xff), which are left to tarfile too.
+        mode, uid, gid, size, mtime, chksum, devmajor, devminor = [
+            int(field.partition(b"\0")[0] or b"0", 8) for field in numbers
+        ]
+    except ValueError:
+        return None
+    if chksum != 256 + _byte_sum(buf) - sum(numbers[5]):
+        return None  # perhaps a signed-char checksum, or a bad one: tarfile decides
+    encoding, errors = archive.encoding, archive.errors
+    info = tarfile.TarInfo()
+    info.mode, info.uid, info.gid, info.size, info.mtime = mode, uid, gid, size, mtime
+    info.chksum, info.devmajor, info.devminor, info.type = chksum, devmajor, devminor, kind
+    name_text = name.partition(b"\0")[0].decode(encoding, errors)
+    info.linkname = link.partition(b"\0")[0].decode(encoding, errors)
+    info.uname = uname.partition(b"\0")[0].decode(encoding, errors)
+    info.gname = gname.partition(b"\0")[0].decode(encoding, errors)
+    prefix_text = prefix.partition(b"\0")[0].decode(encoding, errors)
+    if kind == tarfile.AREGTYPE and name_text.endswith("/"):
+        info.type = tarfile.DIRTYPE  # V7 tar's directories
+    is_dir = info.type == tarfile.DIRTYPE
+    if is_dir:
+        name_text = name_text.rstrip("/")
+    if prefix_text:
+        name_text = prefix_text + "/" + name_text
+    info.name = name_text.rstrip("/") if is_dir else name_text
+    info.offset = offset
+    info.offset_data = offset + _HEADER_BYTES
+    blocks = -(-size // _HEADER_BYTES) if info.isreg() else 0  # = tarfile's _block()
+    archive.offset = info.offset_data + blocks * _HEADER_BYTES
+    return info
+
+
+def _byte_sum(block: bytes) -> int:
+    """The sum of the bytes of a header block. An ASCII block's sum is below 512 * 128, less
+    than Adler-32's modulus, so Adler-32's low half (1 + the sum) gives it, in C."""
+    if block.isascii():
+        return (zlib.adler32(block) & 0xFFFF) - 1
+    return sum(block)
 
 
 def _check_size(member: tarfile.TarInfo, tar_size: int) -> None:
@@ -59,13 +140,19 @@ def _check_size(member: tarfile.TarInfo, tar_size: int) -> None:
 
 def entry_for(member: tarfile.TarInfo) -> TocEntry:
     """The TOC entry of ``member``, without digests or offsets."""
+    return TocEntry(**entry_fields(member))
+
+
+def entry_fields(member: tarfile.TarInfo) -> dict[str, Any]:
+    """The fields of ``member``'s TOC entry, without digests or offsets: the writer adds them
+    and builds each entry once (a TocEntry costs ~10 µs to build, a layer has 10^4)."""
     if member.type == tarfile.GNUTYPE_SPARSE or member.issparse():
         raise TocError(f"sparse file {member.name!r} is not supported")
     kind = _TAR_TYPES.get(member.type)
     if kind is None:
         raise TocError(f"unsupported tar entry type {member.type!r} for {member.name!r}")
     pax = member.pax_headers
-    return TocEntry(
+    return dict(
         type=kind,
         name=_text(member.name),
         link_name=_text(member.linkname) if kind in ("symlink", "hardlink") else "",
