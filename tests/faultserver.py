@@ -101,6 +101,9 @@ class _State:
     counter: itertools.count[int] = field(default_factory=itertools.count)
     closing: threading.Event = field(default_factory=threading.Event)  # wakes stalled bodies
     scheme: str = "http"  # of the token realm and redirects: "https" when serving TLS
+    # The hosts the token realm and redirects name (test_proxy.py names ones only a proxy knows).
+    realm_host: str = "127.0.0.1"
+    redirect_host: str = "localhost"
 
 
 class FaultServer:
@@ -281,7 +284,7 @@ class _Handler(BaseHTTPRequestHandler):
         return all(action in token.grants.get(repo, set()) for repo, action in needed.items())
 
     def _challenge(self, path: str) -> str:
-        realm = f"{self.state.scheme}://127.0.0.1:{self._port()}/token"
+        realm = f"{self.state.scheme}://{self.state.realm_host}:{self._port()}/token"
         scopes = " ".join(
             f"repository:{repo}:{'pull' if action == 'pull' else 'pull,push'}"
             for repo, action in self._needed_scopes(path).items()
@@ -325,7 +328,8 @@ class _Handler(BaseHTTPRequestHandler):
         if data is None:
             return self._error(404, "BLOB_UNKNOWN", "blob unknown to registry")
         if allow_redirect and self.state.faults.redirect_blobs and self.command == "GET":
-            target = f"{self.state.scheme}://localhost:{self._port()}/storage/{digest}"
+            host = self.state.redirect_host
+            target = f"{self.state.scheme}://{host}:{self._port()}/storage/{digest}"
             return self._send(307, b"", {"Location": target})
         ranges = self._requested_ranges()
         if ranges and not self.state.faults.ignore_range:

@@ -9,12 +9,14 @@ import pytest
 from imagebuild import build_feature_image
 from lazyfs_run import mounted, run_lazyfs, stats
 from oracles import assert_trees_equal, tree_snapshot
+from test_service import start_service, stop
 
 from lazyfs.convert.imagebuild import BuiltImage
 from lazyfs.errors import UsageError
+from lazyfs.model.digest import Digest
 from lazyfs.model.reference import Reference
 from lazyfs.registry.localserver import LocalRegistry
-from lazyfs.registry.mirrors import MirrorConfig
+from lazyfs.registry.mirrors import REGISTRIES_CONF_ENV, MirrorConfig, system_mirrors
 
 
 def _config(tmp_path: Path, text: str) -> MirrorConfig:
@@ -115,3 +117,120 @@ def test_mount_through_proxy_mirror_with_first_mirror_down(
     assert_trees_equal(direct_tree, mounted_tree)
     assert served_by_proxy > 0
     assert origin_before >= 0
+
+
+# ------------------------------------------------------------ the host's registries.conf
+
+
+def test_registries_conf_from_the_environment_variable(tmp_path: Path) -> None:
+    path = tmp_path / "registries.conf"
+    path.write_text(
+        'unqualified-search-registries = ["docker.io"]\n'
+        '[[registry]]\nprefix = "r.example/app"\nlocation = "r.example/app"\n'
+        '[[registry.mirror]]\nlocation = "edge.local:5000/app"\ninsecure = true\n'
+        '[aliases]\n"x" = "docker.io/library/x"\n'
+    )
+    config = system_mirrors({REGISTRIES_CONF_ENV: str(path), "HOME": str(tmp_path)})
+    ref = Reference.parse("r.example/app/web:1")
+    assert [e.registry for e in config.endpoints(ref)] == ["edge.local:5000", "r.example"]
+    assert config.insecure_hosts() == frozenset({"edge.local:5000"})
+
+
+def test_a_missing_registries_conf_is_no_error(tmp_path: Path) -> None:
+    missing = tmp_path / "none.conf"
+    assert system_mirrors({REGISTRIES_CONF_ENV: str(missing)}).rules == ()
+
+
+@pytest.mark.parametrize("text", ["[[registry]\n", "[[registry]]\nblocked = 'yes'\n", None])
+def test_a_malformed_or_unreadable_registries_conf_is_a_one_line_error(
+    tmp_path: Path, text: str | None
+) -> None:
+    path = tmp_path / "registries.conf"
+    if text is None:
+        path.mkdir()  # unreadable as a file (root reads any mode, so not by chmod)
+    else:
+        path.write_text(text)
+    with pytest.raises(UsageError, match=str(path)) as caught:
+        system_mirrors({REGISTRIES_CONF_ENV: str(path)})
+    assert "\n" not in str(caught.value)
+
+
+def test_the_user_file_and_drop_ins_as_podman_reads_them(tmp_path: Path) -> None:
+    user = tmp_path / ".config" / "containers"
+    (user / "registries.conf.d").mkdir(parents=True)
+    (user / "registries.conf").write_text(
+        '[[registry]]\nlocation = "a.example"\n[[registry.mirror]]\nlocation = "m1.example"\n'
+        '[[registry]]\nlocation = "b.example"\n[[registry.mirror]]\nlocation = "m2.example"\n'
+    )
+    # A drop-in replaces the rules of its prefixes and keeps the others.
+    (user / "registries.conf.d" / "50-edge.conf").write_text(
+        '[[registry]]\nlocation = "a.example"\n[[registry.mirror]]\nlocation = "edge.local"\n'
+    )
+    (user / "registries.conf.d" / "ignored.txt").write_text("not toml [")
+    config = system_mirrors({"HOME": str(tmp_path)})
+    hosts = ("a.example", "b.example")
+    first = [config.endpoints(Reference.parse(f"{h}/x:1"))[0].registry for h in hosts]
+    assert first == ["edge.local", "m2.example"]
+
+
+def test_config_rules_replace_the_hosts_of_the_same_prefix() -> None:
+    host = MirrorConfig.loads(
+        '[[registry]]\nlocation = "a.example"\n[[registry.mirror]]\nlocation = "m1.example"\n'
+        '[[registry]]\nlocation = "b.example"\nblocked = true\n',
+        "host",
+    )
+    given = MirrorConfig.loads(
+        '[[registry]]\nlocation = "a.example"\n[[registry.mirror]]\nlocation = "m9.example"\n',
+        "--config",
+    )
+    merged = host.merged(given)
+    assert merged.endpoints(Reference.parse("a.example/x:1"))[0].registry == "m9.example"
+    with pytest.raises(UsageError, match=r"b\.example is blocked in host"):
+        merged.endpoints(Reference.parse("b.example/x:1"))
+
+
+def test_mirror_by_digest_only_skips_mirrors_for_tags() -> None:
+    config = MirrorConfig.loads(
+        '[[registry]]\nlocation = "a.example"\nmirror-by-digest-only = true\n'
+        '[[registry.mirror]]\nlocation = "m.example"\n',
+        "test",
+    )
+    tagged = Reference.parse("a.example/x:1")
+    assert [e.registry for e in config.endpoints(tagged)] == ["a.example"]
+    pinned = tagged.with_digest(Digest.of(b"manifest"))
+    assert [e.registry for e in config.endpoints(pinned)] == ["m.example", "a.example"]
+
+
+def test_the_service_reads_registries_conf_from_its_environment(
+    feature: BuiltImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The origin named in the reference is down; registries.conf sends the mount to a mirror.
+    A blocked prefix is refused in one line."""
+    dead = f"127.0.0.1:{_dead_port()}"
+    with LocalRegistry(tmp_path / "mirror") as mirror:
+        run_lazyfs("convert", "-q", feature.reference, f"{mirror.host}/app:v1")
+        conf = tmp_path / "registries.conf"
+        conf.write_text(
+            f'[[registry]]\nlocation = "{dead}"\n'
+            f'[[registry.mirror]]\nlocation = "{mirror.host}"\n'
+            f'[[registry]]\nprefix = "{mirror.host}/secret"\nlocation = "{mirror.host}/secret"\n'
+            "blocked = true\n"
+        )
+        with monkeypatch.context() as env:
+            env.setenv(REGISTRIES_CONF_ENV, str(conf))
+            served = start_service(tmp_path / "svc")
+        try:
+            mnt = tmp_path / "mnt"
+            served.mount(f"{dead}/app:v1", mnt)
+            assert tree_snapshot(mnt)
+            assert mirror.access_log_summary().count("GET", "/v2/app/manifests/") > 0
+            served.call("umount", str(mnt))
+            (tmp_path / "blocked").mkdir()
+            refused = run_lazyfs(
+                "mount", "--socket", str(served.socket), f"{mirror.host}/secret/app:v1",
+                str(tmp_path / "blocked"), check=False,
+            )  # fmt: skip
+            assert refused.returncode != 0
+            assert refused.stderr.strip().count("\n") == 0 and "blocked" in refused.stderr
+        finally:
+            stop(served)

@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import os
+import socket
 import stat
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -15,11 +16,12 @@ import anyio
 import pytest
 from faultserver import FaultServer
 
-from lazyfs.config import Credentials, RegistryConfig, RetryConfig
+from lazyfs.config import RegistryConfig, RetryConfig
 from lazyfs.errors import (
     AuthError,
     AuthFileError,
     IntegrityError,
+    RegistryUnreachableError,
     TransientRegistryError,
     UnsupportedMediaTypeError,
     UsageError,
@@ -31,12 +33,14 @@ from lazyfs.model.reference import Reference
 from lazyfs.registry.auth import parse_www_authenticate
 from lazyfs.registry.client import RegistryClient
 from lazyfs.registry.credentials import (
+    Credentials,
     CredentialSource,
     DockerConfigCredentials,
     StaticCredentials,
     auth_file_paths,
     parse_creds,
 )
+from lazyfs.registry.wire import ConnectionRefusedRegistryError
 
 pytestmark = pytest.mark.anyio
 
@@ -537,3 +541,31 @@ def test_parse_www_authenticate() -> None:
         "invalid_token",
     )
     assert parse_www_authenticate("") == []
+
+
+# ------------------------------------------------------------- refused, with a cached answer
+
+
+def _refusing_ref() -> Reference:
+    """A loopback port nothing listens on: connections are refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return Reference.parse(f"127.0.0.1:{port}/test/app:latest")
+
+
+async def test_refused_with_a_cached_fallback_gets_one_immediate_retry() -> None:
+    slow = RegistryConfig(retry=RetryConfig(max_attempts=5, initial_backoff_s=30.0))
+    async with RegistryClient(slow) as client:
+        with anyio.fail_after(20):  # not a timing assertion: a 30 s backoff would hang here
+            with pytest.raises(ConnectionRefusedRegistryError):
+                await client.get_manifest(_refusing_ref(), cached_fallback=True)
+        assert client.stats.retries == 1
+        assert client.stats.requests["GET"] == 2
+
+
+async def test_refused_without_a_fallback_is_retried_with_backoff() -> None:
+    async with RegistryClient(FAST) as client:
+        with pytest.raises(RegistryUnreachableError):
+            await client.get_manifest(_refusing_ref())
+        assert client.stats.retries == FAST_RETRY.max_attempts - 1

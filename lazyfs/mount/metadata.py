@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from functools import partial
 
 import anyio.to_thread
 
@@ -43,8 +44,11 @@ class MetadataFetcher:
         """The manifest or index ``ref`` names: its digest, bytes and media type if known."""
         tag_key = keys.tag_key(ref)
         if not self.offline:
+            # With a digest remembered for the tag, a refused connection falls back at once.
+            fallback = await self.get(tag_key) is not None
+            get = partial(self.client.get_manifest, cached_fallback=fallback)
             try:
-                fetched = await self.failover.first(ref, self.client.get_manifest)
+                fetched = await self.failover.first(ref, get)
             except _OFFLINE_ERRORS as exc:
                 log.warning("registry unreachable (%s); trying the cache", exc)
                 self.offline = True

@@ -2,8 +2,12 @@
 
 Every public call is one logical operation wrapped in the retry policy (RetryConfig):
 transient failures (5xx, 429, timeouts, broken connections, truncated bodies) are retried with
-exponential backoff and jitter, honouring ``Retry-After``. Each attempt sends its requests
-through transport.py (auth, redirects, TLS) and reads the answers with bodies.py.
+exponential backoff and jitter, honouring ``Retry-After``. A refused connection (nothing
+listens) where the caller has a cached answer (``cached_fallback``: an offline remount) gets one
+immediate retry, then fails, so the cache answers in milliseconds instead of after ~2 s of
+backoff; without a fallback it is retried like any other unreachable registry. Each attempt
+sends its requests through transport.py (auth, redirects, TLS) and reads the answers with
+bodies.py.
 
 Everything fetched is verified against its digest before it is returned or committed to a file.
 Local files are written and read through lazyfs/localfiles.py; this module does no disk I/O.
@@ -57,7 +61,12 @@ from lazyfs.registry.bodies import (
 )
 from lazyfs.registry.credentials import CredentialSource
 from lazyfs.registry.transport import Call, RegistryStats, Transport
-from lazyfs.registry.wire import RangeNotSatisfiableError, ThrottledError, media_type_of
+from lazyfs.registry.wire import (
+    ConnectionRefusedRegistryError,
+    RangeNotSatisfiableError,
+    ThrottledError,
+    media_type_of,
+)
 
 # RegistryStats lives in transport.py (which counts requests); it is part of this API too.
 __all__ = [
@@ -137,10 +146,17 @@ class RegistryClient:
     # ------------------------------------------------------------------------------ manifests
 
     async def get_manifest(
-        self, ref: Reference, accept: Sequence[str] = ALL_MANIFEST_TYPES
+        self,
+        ref: Reference,
+        accept: Sequence[str] = ALL_MANIFEST_TYPES,
+        *,
+        cached_fallback: bool = False,
     ) -> FetchedManifest:
-        """Fetch the manifest or index ``ref`` names, verified against its digest."""
-        return await self._retrying(partial(self._get_manifest_once, ref, tuple(accept)))
+        """Fetch the manifest or index ``ref`` names, verified against its digest;
+        ``cached_fallback``: the caller has a cached one, so a refused connection fails fast."""
+        return await self._retrying(
+            partial(self._get_manifest_once, ref, tuple(accept)), cached_fallback=cached_fallback
+        )
 
     async def resolve(self, ref: Reference) -> Digest:
         """The digest ``ref`` names: HEAD the tag, falling back to GET without a digest header."""
@@ -462,21 +478,24 @@ class RegistryClient:
 
     # -------------------------------------------------------------------------------- retries
 
-    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run ``attempt``, retrying transient failures per RetryConfig."""
+    async def _retrying(
+        self, attempt: Callable[[], Awaitable[T]], *, cached_fallback: bool = False
+    ) -> T:
+        """Run ``attempt``, retrying transient failures per RetryConfig; with
+        ``cached_fallback``, a refused connection gets one immediate retry only."""
         policy = self.config.retry
         number = 1
         while True:
             try:
                 return await attempt()
             except (TransientRegistryError, RegistryUnreachableError) as exc:
-                if number >= policy.max_attempts:
+                refused = cached_fallback and isinstance(exc, ConnectionRefusedRegistryError)
+                attempts = min(2, policy.max_attempts) if refused else policy.max_attempts
+                if number >= attempts:
                     raise
-                delay = self._backoff_s(number, exc)
+                delay = 0.0 if refused else self._backoff_s(number, exc)
                 self.stats.retries += 1
-                log.info(
-                    "%s; retry %d of %d in %.2f s", exc, number, policy.max_attempts - 1, delay
-                )
+                log.info("%s; retry %d of %d in %.2f s", exc, number, attempts - 1, delay)
                 await anyio.sleep(delay)
                 number += 1
 

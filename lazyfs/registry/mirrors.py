@@ -12,13 +12,28 @@
     [[registry.mirror]]
     location = "regional-mirror.example"
 
-Pulls try each mirror in order, then the origin. The longest matching prefix wins.
+Pulls try each mirror in order, then the origin. The longest matching prefix wins. As in
+containers-registries.conf(5), ``blocked = true`` refuses pulls of matching references, and
+``mirror-by-digest-only = true`` uses the mirrors only for references by digest (a mount reads
+its blobs and pinned manifest by digest, so only the tag lookup skips them). Other keys and
+tables (``unqualified-search-registries``, ``[aliases]``, ...) are not about mirrors and are
+ignored; so is the v1 format (``[registries.search]``).
+
+Where the rules come from (:func:`system_mirrors`, as podman reads them): the file
+``$CONTAINERS_REGISTRIES_CONF`` names, alone; without it, ``~/.config/containers/
+registries.conf`` if it exists, else ``/etc/containers/registries.conf``, then the drop-ins
+``*.conf`` of ``/etc/containers/registries.conf.d`` and ``~/.config/containers/
+registries.conf.d``, in name order. A missing file or directory is no error; an unreadable or
+malformed one is a UsageError naming it. Each later source (a drop-in, then ``--config``)
+replaces the rules of the same prefix and adds the others (:meth:`MirrorConfig.merged`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +53,9 @@ class RegistryRule:
     prefix: str
     origin: Endpoint
     mirrors: tuple[Endpoint, ...]
+    blocked: bool = False
+    mirror_by_digest_only: bool = False
+    source: str = ""  # the file it came from, for messages
 
     def matches(self, name: str) -> bool:
         return name == self.prefix or name.startswith(self.prefix.rstrip("/") + "/")
@@ -72,7 +90,17 @@ class MirrorConfig:
         rule = self._rule_for(ref.name)
         if rule is None:
             return [ref]
-        return [_rewrite(ref, rule.prefix, e.location) for e in (*rule.mirrors, rule.origin)]
+        if rule.blocked:
+            raise UsageError(f"{ref}: registry {rule.prefix} is blocked in {rule.source}")
+        mirrors = rule.mirrors if ref.digest is not None or not rule.mirror_by_digest_only else ()
+        return [_rewrite(ref, rule.prefix, e.location) for e in (*mirrors, rule.origin)]
+
+    def merged(self, later: MirrorConfig) -> MirrorConfig:
+        """These rules with ``later``'s on top: a rule of the same prefix replaces one of
+        these, the others are added (how drop-ins and ``--config`` combine)."""
+        replaced = {rule.prefix for rule in later.rules}
+        kept = tuple(rule for rule in self.rules if rule.prefix not in replaced)
+        return MirrorConfig(kept + later.rules)
 
     def insecure_hosts(self) -> frozenset[str]:
         endpoints = [e for rule in self.rules for e in (*rule.mirrors, rule.origin)]
@@ -93,14 +121,28 @@ def _rule(table: Any, path: str) -> RegistryRule:
     mirrors = table.get("mirror", [])
     if not isinstance(mirrors, list):
         raise UsageError(f"{path}: [[registry.mirror]] must be an array of tables")
-    origin = Endpoint(location, bool(table.get("insecure", False)))
-    return RegistryRule(_normalize(prefix), origin, tuple(_endpoint(m, path) for m in mirrors))
+    origin = Endpoint(location, _flag(table, "insecure", path))
+    return RegistryRule(
+        _normalize(prefix),
+        origin,
+        tuple(_endpoint(m, path) for m in mirrors),
+        blocked=_flag(table, "blocked", path),
+        mirror_by_digest_only=_flag(table, "mirror-by-digest-only", path),
+        source=path,
+    )
 
 
 def _endpoint(table: Any, path: str) -> Endpoint:
     if not isinstance(table, dict) or not _text(table, "location", path):
         raise UsageError(f"{path}: each [[registry.mirror]] needs a location")
-    return Endpoint(_text(table, "location", path), bool(table.get("insecure", False)))
+    return Endpoint(_text(table, "location", path), _flag(table, "insecure", path))
+
+
+def _flag(table: dict[str, Any], key: str, path: str) -> bool:
+    value = table.get(key, False)
+    if not isinstance(value, bool):
+        raise UsageError(f"{path}: {key} must be true or false")
+    return value
 
 
 def _text(table: dict[str, Any], key: str, path: str) -> str:
@@ -125,6 +167,64 @@ def _rewrite(ref: Reference, prefix: str, location: str) -> Reference:
     name = f"{location.rstrip('/')}/{rest}" if rest else location
     rewritten = Reference.parse(name)
     return Reference(rewritten.registry, rewritten.repository, ref.tag, ref.digest)
+
+
+# ---------------------------------------------------------------- the host's registries.conf
+
+REGISTRIES_CONF_ENV = "CONTAINERS_REGISTRIES_CONF"
+SYSTEM_REGISTRIES_CONF = Path("/etc/containers/registries.conf")
+
+
+def system_mirrors(environ: Mapping[str, str] = os.environ) -> MirrorConfig:
+    """The rules podman would use, from the files named in this module's docstring."""
+    override = environ.get(REGISTRIES_CONF_ENV)
+    if override:
+        return _load_if_present(Path(override))
+    home = environ.get("HOME")
+    user_dir = Path(home) / ".config" / "containers" if home else None
+    user_file = user_dir / "registries.conf" if user_dir is not None else None
+    main = user_file if user_file is not None and _is_file(user_file) else SYSTEM_REGISTRIES_CONF
+    config = _load_if_present(main)
+    drop_in_dirs = [SYSTEM_REGISTRIES_CONF.with_suffix(".conf.d")]
+    if user_dir is not None:
+        drop_in_dirs.append(user_dir / "registries.conf.d")
+    for directory in drop_in_dirs:
+        for path in _drop_ins(directory):
+            config = config.merged(_load_if_present(path))
+    return config
+
+
+def _load_if_present(path: Path) -> MirrorConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return MirrorConfig()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read registries config {path}: {_reason(exc)}") from exc
+    return MirrorConfig.loads(text, str(path))
+
+
+def _drop_ins(directory: Path) -> list[Path]:
+    try:
+        names = sorted(entry.name for entry in os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        raise UsageError(f"cannot read registries config {directory}: {_reason(exc)}") from exc
+    return [directory / name for name in names if name.endswith(".conf")]
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _reason(exc: OSError | UnicodeDecodeError) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8"
+    return exc.strerror or str(exc)
 
 
 class EndpointOrder:

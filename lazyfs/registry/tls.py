@@ -16,6 +16,11 @@ pool of its registry's certificates. The registry travels in ``request.extension
 redirects (object storage) and token fetches use the registry's certificates, as they do with
 containers/image's one ``http.Client`` per registry. Requests without it use their own origin's.
 Each pool's ssl context is built once, in a worker thread: loading the system CAs costs ~40 ms.
+
+A pool also has its proxy (proxy.py: HTTP_PROXY, HTTPS_PROXY, NO_PROXY, Go's rules), chosen per
+request URL, so registry requests, token requests and redirects each go through the proxy their
+own URL calls for; an HTTPS request through a proxy is tunnelled (CONNECT), with the registry's
+certificates end to end.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import httpx
 
 from lazyfs.config import RegistryConfig
 from lazyfs.errors import CertificateError
+from lazyfs.registry.proxy import ProxyRules
 from lazyfs.registry.wire import url_origin
 
 log = logging.getLogger(__name__)
@@ -38,8 +44,8 @@ log = logging.getLogger(__name__)
 # The ``request.extensions`` key naming the registry a request is made for.
 REGISTRY_EXTENSION = "lazyfs.registry"
 
-# A pool per (certificate directory, verify): registries without a directory share one.
-_PoolKey = tuple[Path | None, bool]
+# A pool per (certificate directory, verify, proxy): registries without a directory share one.
+_PoolKey = tuple[Path | None, bool, str | None]
 
 
 class RegistryPools(httpx.AsyncBaseTransport):
@@ -49,18 +55,25 @@ class RegistryPools(httpx.AsyncBaseTransport):
         self._config = config
         self._dirs: dict[str, Path | None] = {}
         self._pools: dict[_PoolKey, httpx.AsyncHTTPTransport] = {}
-        # Built now, so that a bad --cert-dir fails before any request.
-        self._default = self._pool((config.cert_dir, config.tls_verify is not False))
+        # Built now, so that a bad proxy variable or --cert-dir fails before any request.
+        self._proxies = ProxyRules(config.proxy)
+        self._default = (config.cert_dir, config.tls_verify is not False)
+        self._pool((*self._default, None))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        pool = await self._pool_for(request) if request.url.scheme == "https" else self._default
+        proxy = self._proxies.for_url(request.url)
+        via = str(proxy) if proxy is not None else None
+        if request.url.scheme == "https":
+            pool = await self._pool_for(request, via)
+        else:
+            pool = await self._built((*self._default, via))
         return await pool.handle_async_request(request)
 
     async def aclose(self) -> None:
         for pool in list(self._pools.values()):
             await pool.aclose()
 
-    async def _pool_for(self, request: httpx.Request) -> httpx.AsyncHTTPTransport:
+    async def _pool_for(self, request: httpx.Request, via: str | None) -> httpx.AsyncHTTPTransport:
         origin = url_origin(request.url)
         registry = str(request.extensions.get(REGISTRY_EXTENSION, origin))
         verify = self._config.tls_verify is not False and (
@@ -69,21 +82,26 @@ class RegistryPools(httpx.AsyncBaseTransport):
         if registry not in self._dirs:
             found = await anyio.to_thread.run_sync(cert_dir_for, self._config, registry)
             self._dirs[registry] = found
-        key = (self._dirs[registry], verify)
+        return await self._built((self._dirs[registry], verify, via))
+
+    async def _built(self, key: _PoolKey) -> httpx.AsyncHTTPTransport:
         pool = self._pools.get(key)
         if pool is None:
             pool = await anyio.to_thread.run_sync(self._pool, key)
         return pool
 
     def _pool(self, key: _PoolKey) -> httpx.AsyncHTTPTransport:
-        directory, verify = key
-        pool = _connection_pool(self._config, ssl_context(directory, verify=verify))
+        directory, verify, via = key
+        pool = _connection_pool(self._config, ssl_context(directory, verify=verify), via)
         return self._pools.setdefault(key, pool)  # another task may have built one meanwhile
 
 
-def _connection_pool(config: RegistryConfig, context: ssl.SSLContext) -> httpx.AsyncHTTPTransport:
+def _connection_pool(
+    config: RegistryConfig, context: ssl.SSLContext, proxy: str | None
+) -> httpx.AsyncHTTPTransport:
     return httpx.AsyncHTTPTransport(
         verify=context,
+        proxy=proxy,
         http1=True,
         http2=False,
         limits=httpx.Limits(max_connections=config.max_connections),

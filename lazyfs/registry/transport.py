@@ -227,6 +227,6 @@ def _http_client(config: RegistryConfig) -> httpx.AsyncClient:
         transport=RegistryPools(config),  # per registry: its certificates, insecure or not
         timeout=timeout,
         follow_redirects=False,  # done by hand so Authorization never leaves its origin
-        trust_env=False,
+        trust_env=False,  # proxies: RegistryPools, by Go's rules (proxy.py), not httpx's
         headers={"User-Agent": f"lazyfs/{__version__}"},
     )

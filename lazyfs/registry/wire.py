@@ -7,6 +7,7 @@ classes only. Messages are one line and start with what was being fetched.
 from __future__ import annotations
 
 import email.utils
+import errno
 import json
 import ssl
 import time
@@ -44,6 +45,11 @@ class ThrottledError(TransientRegistryError):
     def __init__(self, message: str, retry_after_s: float | None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class ConnectionRefusedRegistryError(RegistryUnreachableError):
+    """Nothing listens at the registry's address: the retry policy (client.py) gives it one
+    immediate retry, not a backoff, when the caller has a cached answer to fall back to."""
 
 
 class RangeNotSatisfiableError(RegistryProtocolError):
@@ -94,6 +100,8 @@ def transport_error(exc: httpx.HTTPError, host: str, what: str) -> RegistryError
             "(put its CA in /etc/containers/certs.d/HOST/ or give --cert-dir, "
             "or use --tls-verify=false)"
         )
+    if isinstance(exc, httpx.ConnectError) and _refused(exc):
+        return ConnectionRefusedRegistryError(f"{what}: cannot reach registry {host}: {detail}")
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         return RegistryUnreachableError(f"{what}: cannot reach registry {host}: {detail}")
     if isinstance(exc, httpx.TimeoutException):
@@ -101,6 +109,17 @@ def transport_error(exc: httpx.HTTPError, host: str, what: str) -> RegistryError
     if isinstance(exc, httpx.NetworkError | httpx.RemoteProtocolError):
         return TransientRegistryError(f"{what}: connection to {host} broke: {detail}")
     return RegistryProtocolError(f"{what}: bad exchange with {host}: {detail}")
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether every connection attempt behind ``exc`` was refused (ECONNREFUSED); trio
+    groups the attempts of a host with several addresses."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_refused(inner) for inner in exc.exceptions)
+    if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
+        return True
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and _refused(cause)
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
