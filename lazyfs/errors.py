@@ -126,6 +126,10 @@ class CacheError(LazyfsError):
     """The local chunk cache failed."""
 
 
+class PinTooLargeError(CacheError):
+    """``lazyfs pin``: pinned data would leave the cache's bound no room; nothing was pinned."""
+
+
 class ServiceError(LazyfsError):
     """The mount service (``lazyfs serve``) could not do what a client asked."""
 

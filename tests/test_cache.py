@@ -15,12 +15,14 @@ import diskcache
 import pytest
 
 from lazyfs.cache.store import ChunkCache
+from lazyfs.errors import CacheError
 from lazyfs.model.verity import format_verity, fsverity_digest
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = 1000  # older caches kept chunks under 32 KiB inside SQLite; now every chunk is a file
 LARGE = 64 << 10
 OLD_MIN_FILE_BYTES = 32 << 10  # the disk_min_file_size of those older caches
+BOUND = 4 << 20  # for eviction tests: it covers the stores' databases and WAL files too
 
 
 def verity_of(data: bytes) -> str:
@@ -155,10 +157,10 @@ def test_verify_reads_keeps_good_entries(directory: Path) -> None:
 
 
 def test_size_limit_evicts_least_recently_used(directory: Path) -> None:
-    limit = 1 << 20
+    limit = BOUND
     cache = ChunkCache(directory, limit)
     try:
-        entries = [chunk(LARGE, i) for i in range(48)]  # 3 MiB through a 1 MiB cache
+        entries = [chunk(LARGE, i) for i in range(144)]  # 9 MiB through a 4 MiB cache
         hot = [entries[0], entries[1]]
         for index, (key, data) in enumerate(entries):
             cache.put_chunk(key, data)
@@ -179,9 +181,9 @@ def test_size_limit_evicts_least_recently_used(directory: Path) -> None:
 
 
 def test_eviction_takes_the_least_recently_read_first(directory: Path) -> None:
-    cache = ChunkCache(directory, 1 << 20)
+    cache = ChunkCache(directory, BOUND)
     try:
-        old = [chunk(LARGE, i) for i in range(12)]  # 768 KiB: fits
+        old = [chunk(LARGE, i) for i in range(36)]  # 2.25 MiB: fits, with the stores and WAL
         for key, data in old:
             cache.put_chunk(key, data)
         assert len(cache.chunk_keys()) == len(old)
@@ -189,13 +191,13 @@ def test_eviction_takes_the_least_recently_read_first(directory: Path) -> None:
         for key, data in hot:
             assert cache.get_chunk(key) == data
         seed = 100
-        while len(cache.chunk_keys()) > len(old) - len(hot):  # write until a cull happens
-            assert seed < 200, "nothing was ever evicted"
+        cold = {key for key, _ in old[2:]}
+        while cold & set(cache.chunk_keys()):  # write until every cold one was evicted
+            assert seed < 400, "nothing was ever evicted"
             cache.put_chunk(*chunk(LARGE, seed))
             seed += 1
-        keys = set(cache.chunk_keys())
-        evicted = {key for key, _ in old} - keys
-        assert evicted == {key for key, _ in old[2:]}  # exactly the least recently used
+            keys = set(cache.chunk_keys())
+            assert {key for key, _ in hot} <= keys  # the least recently used go first
         for key, data in hot:
             assert cache.get_chunk(key) == data
     finally:
@@ -256,20 +258,20 @@ def test_load_chunks_with_verify_reads_drops_a_rotted_file(directory: Path) -> N
 def test_reads_noted_without_sqlite_count_for_eviction(directory: Path) -> None:
     """load_chunks and note_read write no access time at once; the next put_chunks does, in
     its own transaction, before it evicts: the chunks read survive, as with get_chunk."""
-    cache = ChunkCache(directory, 1 << 20)
+    cache = ChunkCache(directory, BOUND)
     try:
-        old = [chunk(LARGE, i) for i in range(12)]  # 768 KiB: fits
+        old = [chunk(LARGE, i) for i in range(36)]  # 2.25 MiB: fits, with the stores and WAL
         cache.put_chunks(old)
         hot = old[:2]
         cache.load_chunks([hot[0][0]])
         cache.note_read(hot[1][0])
         seed = 100
-        while len(cache.chunk_keys()) > len(old) - len(hot):
-            assert seed < 200, "nothing was ever evicted"
+        cold = {key for key, _ in old[2:]}
+        while cold & set(cache.chunk_keys()):
+            assert seed < 400, "nothing was ever evicted"
             cache.put_chunks([chunk(LARGE, seed)])
             seed += 1
-        keys = set(cache.chunk_keys())
-        assert {key for key, _ in old} - keys == {key for key, _ in old[2:]}
+            assert {key for key, _ in hot} <= set(cache.chunk_keys())
     finally:
         cache.close()
 
@@ -307,7 +309,7 @@ def test_metadata_is_separate_and_survives_chunk_eviction(directory: Path) -> No
             cache.put_meta(key, value)
         cache.put_alias("sha256:" + "ab" * 32, "sha256:" + "cd" * 32)
         assert cache.chunk_keys() == []
-        assert cache.chunk_bytes == empty  # metadata does not count against the chunk limit
+        assert cache.chunk_bytes == empty  # not in the chunk store (counted, never evicted)
         for key, data in (chunk(LARGE, i) for i in range(64)):  # 4 MiB through 1 MiB
             cache.put_chunk(key, data)
         for key, value in meta.items():
@@ -426,6 +428,12 @@ def stalling_open(path, mode="r", *args, **kwargs):
     file = real_open(path, mode, *args, **kwargs)
     return Stalling(file) if "x" in mode else file
 diskcache.core.open = stalling_open
+# store.py writes new chunk files itself (``_ChunkDisk.write_new``), with os.write.
+real_write = os.write
+def stalling_write(fd, data):
+    real_write(fd, bytes(data[:1000]))  # a part only
+    stall()
+os.write = stalling_write
 """
 
 # The row is inserted but its transaction is not committed when the writer dies.
@@ -435,6 +443,12 @@ def stalling_insert(self, *args):
     real_insert(self, *args)
     stall()
 diskcache.core.Cache._row_insert = stalling_insert
+# store.py inserts the rows of new chunks itself, all at once (``ChunkCache._insert_chunks``).
+real_insert_chunks = ChunkCache._insert_chunks
+def stalling_insert_chunks(self, *args):
+    real_insert_chunks(self, *args)
+    stall()
+ChunkCache._insert_chunks = stalling_insert_chunks
 """
 
 _PUT_ONE = """
@@ -511,3 +525,59 @@ def test_writer_killed_at_an_arbitrary_point_leaves_only_valid_entries(directory
             assert data is not None and verity_of(data) == key
     finally:
         cache.close()
+
+
+def test_put_chunks_rows_are_diskcache_s_own(cache: ChunkCache) -> None:
+    """put_chunks writes new chunks' files and rows itself, all at once: diskcache must read
+    them as its own (values, count, size), and a chunk already stored is replaced as
+    diskcache's set does."""
+    entries = [chunk(size, 30 + size) for size in (1, SMALL, LARGE, 1 << 20)]
+    names = cache.put_chunks([*entries, entries[0]])  # a chunk twice in one request
+    assert sorted(names) == sorted(key for key, _ in entries)
+    store = cache._chunks
+    assert len(store) == len(entries) == len(value_files(cache.directory))
+    assert cache.chunk_bytes_stored == sum(len(data) for _, data in entries)
+    for key, data in entries:
+        assert store.get(key) == data  # diskcache's own read
+    again = cache.put_chunks([entries[1], chunk(7, 7)])
+    assert again[entries[1][0]] != names[entries[1][0]]  # replaced, by diskcache's set
+    assert len(value_files(cache.directory)) == len(entries) + 1  # the old file is gone
+    assert cache.get_chunk(entries[1][0]) == entries[1][1]
+
+
+def test_put_chunks_after_eviction_emptied_the_directory(directory: Path) -> None:
+    """diskcache removes a directory its last file leaves; the next write makes it again."""
+    cache = ChunkCache(directory, 1 << 30)
+    try:
+        first = chunk(LARGE, 40)
+        cache.put_chunks([first])
+        cache.drop_chunk(first[0])
+        assert value_files(directory) == []
+        second = chunk(LARGE, 41)
+        names = cache.put_chunks([second])
+        assert (cache.layout.chunks_dir / names[second[0]]).read_bytes() == second[1]
+    finally:
+        cache.close()
+
+
+def test_put_chunks_rolled_back_leaves_no_files(
+    cache: ChunkCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept = chunk(SMALL, 50)
+    cache.put_chunks([kept])
+    disk = cache._chunks._disk
+    real = disk.write_new
+    calls: list[int] = []
+
+    def full_on_second(data: bytes) -> str:
+        calls.append(len(data))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return str(real(data))
+
+    monkeypatch.setattr(disk, "write_new", full_on_second)
+    with pytest.raises(CacheError):
+        cache.put_chunks([chunk(LARGE, 51), chunk(LARGE, 52)])
+    monkeypatch.undo()
+    assert len(calls) == 2
+    assert len(value_files(cache.directory)) == 1 and cache.chunk_keys() == [kept[0]]

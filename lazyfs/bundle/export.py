@@ -22,6 +22,7 @@ import anyio
 import anyio.to_thread
 import zstandard
 
+from lazyfs.bundle import tocdelta
 from lazyfs.bundle.format import (
     BUNDLE_ARTIFACT_TYPE,
     CONTENTS_MEDIA_TYPE,
@@ -30,6 +31,8 @@ from lazyfs.bundle.format import (
     BundleContents,
     BundleImage,
 )
+from lazyfs.bundle.inventory import Inventory
+from lazyfs.bundle.tocdelta import TocDelta
 from lazyfs.cache import keys
 from lazyfs.cache.store import ChunkCache
 from lazyfs.config import ResolverConfig
@@ -41,9 +44,8 @@ from lazyfs.model.digest import Digest
 from lazyfs.model.manifests import OCI_EMPTY, OCI_MANIFEST, Descriptor, Manifest
 from lazyfs.model.platform import Platform
 from lazyfs.model.reference import Reference
-from lazyfs.mount.fill import fill_order
 from lazyfs.mount.image import ImageOptions, MountedImage, PrefetchOptions
-from lazyfs.mount.prefetch import embedded_order
+from lazyfs.mount.imagechunks import chunk_keys, stored_chunks
 from lazyfs.mount.resolver import SharedChunks
 from lazyfs.mount.tree import LayerChunk, Node
 from lazyfs.registry.client import RegistryClient
@@ -61,6 +63,9 @@ class ExportSummary:
     skipped_chunks: int = 0  # the target has them (--have)
     bundle_bytes: int = 0
     fetched_bytes: int = 0  # fetched from the registry to complete the local cache
+    toc_deltas: int = 0  # TOCs sent as a delta against one the target holds (tocdelta.py)
+    toc_bytes: int = 0  # those TOCs' own size
+    toc_delta_bytes: int = 0  # what their deltas took instead
 
 
 @dataclass
@@ -68,6 +73,7 @@ class _Collected:
     images: list[BundleImage] = field(default_factory=list)
     metadata: dict[str, bytes] = field(default_factory=dict)
     chunks: list[str] = field(default_factory=list)  # fs-verity digests, in order, once each
+    tocs: set[str] = field(default_factory=set)  # the zstd:chunked TOCs among the metadata
 
 
 async def export_bundle(
@@ -78,7 +84,9 @@ async def export_bundle(
     platform: Platform,
     have: frozenset[str] = frozenset(),
     step: Callable[[str], None] = lambda _: None,
+    held: Inventory | None = None,
 ) -> ExportSummary:
+    """``held``: the target's whole inventory; with its blobs, TOCs may go as deltas."""
     collected, summary = _Collected(), ExportSummary()
     async with anyio.create_task_group() as tasks:
         shared = SharedChunks(cache, ResolverConfig(), tasks)
@@ -94,7 +102,7 @@ async def export_bundle(
             collected.chunks.extend(found)
         tasks.cancel_scope.cancel()
     step(f"writing {output}")
-    await anyio.to_thread.run_sync(_write, collected, output, cache, have, summary)
+    await anyio.to_thread.run_sync(_write, collected, output, cache, have, summary, held)
     summary.images = len(refs)
     return summary
 
@@ -110,14 +118,15 @@ async def _collect(
     collected.images.append(BundleImage(str(ref), root))
     wanted = [keys.blob_key(root), keys.blob_key(opened.reference.digest or root)]
     wanted.append(keys.blob_key(opened.manifest.config.digest))
-    wanted.extend(_layer_keys(ref, opened.manifest))
+    layer_keys = _layer_keys(ref, opened.manifest)
+    wanted.extend(layer_keys)
+    collected.tocs.update(key for key in layer_keys if key.startswith("blob:"))
     for key in wanted:
         value = await anyio.to_thread.run_sync(cache.get_meta, key)
         if value is None:
             raise BundleError(f"{ref}: {key} is not in the cache")
         collected.metadata[key] = value
-    tree = opened.tree
-    return await anyio.to_thread.run_sync(lambda: fill_order(tree, embedded_order(tree)))
+    return await anyio.to_thread.run_sync(stored_chunks, opened.tree)
 
 
 def _layer_keys(ref: Reference, manifest: Manifest) -> list[str]:
@@ -144,14 +153,9 @@ def _chunk_keys(
 ) -> list[str]:
     """Worker thread: the fs-verity digest each chunk is cached under."""
     found = []
-    for _node, chunk in order:
-        ref = chunk.ref
-        if image.opened.layers[chunk.layer].check == "verity":
-            verity: str | None = ref.verity
-        else:  # sha256-checked layers: cached by fs-verity digest, found through the alias
-            verity = cache.get_alias(ref.sha256)
+    for (_node, chunk), verity in zip(order, chunk_keys(image.opened, cache, order), strict=True):
         if verity is None:
-            raise BundleError(f"chunk {ref.sha256} of {image.opened.reference} is not cached")
+            raise BundleError(f"chunk {chunk.ref.sha256} of {image.opened.reference} is not cached")
         found.append(verity)
     return found
 
@@ -162,15 +166,20 @@ def _write(
     cache: ChunkCache,
     have: frozenset[str],
     summary: ExportSummary,
+    held: Inventory | None = None,
 ) -> None:
     with _staged(output) as layout_dir:
         layout = OciLayout.create(layout_dir)
+        deltas = _toc_deltas(layout, collected, cache, held, summary)
+        delta_keys = {delta.key for delta in deltas}
         metadata = tuple(
-            (key, layout.add_blob_bytes(value)) for key, value in collected.metadata.items()
+            (key, layout.add_blob_bytes(value))
+            for key, value in collected.metadata.items()
+            if key not in delta_keys
         )
-        summary.metadata_entries = len(metadata)
+        summary.metadata_entries = len(metadata) + len(deltas)
         packs, chunks = _write_packs(layout, collected.chunks, cache, have, summary)
-        contents = BundleContents(tuple(collected.images), metadata, packs, chunks)
+        contents = BundleContents(tuple(collected.images), metadata, packs, chunks, deltas)
         data = contents.to_json()
         layer = Descriptor(CONTENTS_MEDIA_TYPE, layout.add_blob_bytes(data), len(data))
         config = Descriptor(OCI_EMPTY, layout.add_blob_bytes(b"{}"), 2)
@@ -180,6 +189,46 @@ def _write(
         descriptor = Descriptor(OCI_MANIFEST, layout.add_blob_bytes(manifest), len(manifest))
         layout.tag(descriptor.with_annotations({}), "lazyfs-bundle")
     summary.bundle_bytes = _size(output)
+
+
+def _toc_deltas(
+    layout: OciLayout,
+    collected: _Collected,
+    cache: ChunkCache,
+    held: Inventory | None,
+    summary: ExportSummary,
+) -> tuple[TocDelta, ...]:
+    """Worker thread: the TOCs that can go as deltas against one the target holds."""
+    if held is None or not held.blobs or held.zstd != tocdelta.zstd_library():
+        return ()  # another zstd may recompress differently: the TOC would not come back
+    bases = _base_tocs(held.blobs, cache)
+    deltas = []
+    for key in sorted(collected.tocs):
+        value = collected.metadata[key]
+        target = tocdelta.toc_json(value, f"TOC {key}")
+        base = tocdelta.pick_base(target, bases)
+        encoded = None if base is None else tocdelta.encode(value, target, bases[base])
+        if base is None or encoded is None or len(encoded[0]) >= len(value):
+            continue
+        data, level = encoded
+        deltas.append(TocDelta(key, base, layout.add_blob_bytes(data), len(target), level))
+        summary.toc_deltas += 1
+        summary.toc_bytes += len(value)
+        summary.toc_delta_bytes += len(data)
+    return tuple(deltas)
+
+
+def _base_tocs(blobs: frozenset[str], cache: ChunkCache) -> dict[str, bytes]:
+    """The TOCs (key: JSON) both the target and this node hold; other blobs are JSON."""
+    found = {}
+    for key in sorted(blobs):
+        value = cache.get_meta(key)
+        if value is not None and tocdelta.is_zstd(value):
+            try:
+                found[key] = tocdelta.toc_json(value, f"TOC {key}")
+            except BundleError:
+                continue  # not a TOC after all: no base
+    return found
 
 
 def _write_packs(

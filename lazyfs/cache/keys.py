@@ -25,9 +25,12 @@ def estargz_toc_key(toc_digest: str) -> str:
     return f"estargz-toc:{toc_digest}"
 
 
+LOCAL_LAYER_PREFIX = "local-layer:"
+
+
 def local_layer_key(source: Digest) -> str:
     """The digest of the local zstd:chunked blob a plain layer was converted into."""
-    return f"local-layer:{source}"
+    return f"{LOCAL_LAYER_PREFIX}{source}"
 
 
 def local_toc_key(local: Digest) -> str:

@@ -10,7 +10,11 @@ CACHE_DIR/
   logs/      the log of the mount service that owns this cache (and of older daemons)
   service.json  where that service listens (socket, root, pid): how clients find it
   service.lock  flock held by that service for its whole life: one service per cache
+  bound.json    the cache's size bound, covering everything above (bound.py)
 ```
+
+Pins live in a table of their own inside the chunk store's SQLite database (pins.py), so that
+every process that evicts sees them in the same transaction as the rows it deletes.
 """
 
 from __future__ import annotations
@@ -54,3 +58,7 @@ class CacheLayout:
     @property
     def service_lock(self) -> Path:
         return self.root / "service.lock"
+
+    @property
+    def bound_file(self) -> Path:
+        return self.root / "bound.json"

@@ -13,7 +13,7 @@ import hashlib
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lazyfs.cache.layout import CacheLayout
@@ -29,12 +29,26 @@ _READ_BYTES = 1 << 20
 class CacheUsage:
     directory: str
     chunks: int
-    chunk_bytes: int  # what diskcache counts against the bound
+    chunk_bytes: int  # the chunk store: its chunk files and its SQLite database
     metadata_bytes: int
     local_blobs: int
     local_blob_bytes: int
-    disk_bytes: int  # what du(1) would say of the whole directory
+    other_bytes: int  # scratch, blobs being written, logs, state files, WAL files
+    counted_bytes: int  # what the bound counts: the four above
+    disk_bytes: int  # what du(1) would say of the whole directory (blocks allocated)
     size_limit_bytes: int
+    pinned_images: int
+    pinned_chunks: int
+    pinned_bytes: int  # uncompressed bytes of the pinned chunks, cached or not
+    pinned_cached_bytes: int  # of those, the ones in the cache now
+    pins: list[dict[str, object]]
+
+
+@dataclass(frozen=True)
+class GcReport:
+    chunks_evicted: int
+    blobs_evicted: int
+    scratch_entries_removed: int
 
 
 @dataclass(frozen=True)
@@ -46,16 +60,24 @@ class VerifyReport:
 
 
 def usage(cache: ChunkCache) -> CacheUsage:
-    blobs = list(_local_blobs(cache.layout))
+    totals = cache.totals(fresh=True)
+    images, pinned = cache.pinned()
     return CacheUsage(
         str(cache.directory),
         cache.chunk_count,
-        cache.chunk_bytes,
-        cache.meta_bytes,
-        len(blobs),
-        sum(path.stat().st_size for path, _ in blobs),
+        totals.chunk_store_bytes,
+        totals.meta_bytes,
+        len(cache.blobs.files()),
+        totals.blob_bytes,
+        totals.other_bytes,
+        totals.counted_bytes,
         disk_bytes(cache.directory),
         cache.size_limit_bytes,
+        pinned.images,
+        pinned.chunks,
+        pinned.bytes,
+        pinned.cached_bytes,
+        [asdict(image) for image in images],
     )
 
 
@@ -78,15 +100,16 @@ def verify(cache: ChunkCache) -> VerifyReport:
     return VerifyReport(checked, dropped, blobs_checked, blobs_dropped)
 
 
-def gc(cache: ChunkCache) -> tuple[int, int]:
-    """Evict chunks down to the bound, and remove scratch space left by interrupted
-    conversions; (chunks evicted, scratch entries removed)."""
-    evicted = cache.evict_to_bound()
+def gc(cache: ChunkCache) -> GcReport:
+    """Remove scratch space left by interrupted conversions, then evict down to the bound."""
+    removed = 0
     try:
         with _service_absent(cache.layout, "gc"):
-            return evicted, _remove_scratch(cache.layout)
+            removed = _remove_scratch(cache.layout)
     except UsageError:  # a running service may be converting a layer there right now
-        return evicted, 0
+        pass
+    chunks, blobs = cache.evict_to_bound()
+    return GcReport(chunks, blobs, removed)
 
 
 def _remove_scratch(layout: CacheLayout) -> int:
@@ -102,7 +125,7 @@ def _remove_scratch(layout: CacheLayout) -> int:
 
 
 def clear(cache: ChunkCache) -> None:
-    """Drop every chunk, every piece of metadata and every local blob."""
+    """Drop every chunk, every piece of metadata, every pin and every local blob."""
     with _service_absent(cache.layout, "clear"):
         cache.clear()
         if cache.layout.blobs_dir.exists():

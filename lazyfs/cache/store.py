@@ -6,7 +6,11 @@
 - ``put_chunk`` is only called with bytes the resolver has verified. Writes are atomic: diskcache
   commits a row only after its value file is complete, so a killed daemon leaves at worst an
   orphan file, never an entry that reads as valid.
-- The chunk cache is bounded by ``size_limit_bytes`` with least-recently-used eviction.
+- One bound covers everything under the cache directory (bound.py: stored with the cache).
+  Eviction is lazyfs code, not diskcache's cull (whose chunk store is opened with eviction
+  policy ``none``): when a write takes the total past the bound, local blobs no process holds go
+  first, least recently used (blobs.py), then chunks, least recently used, never a pinned one
+  (pins.py). Metadata, scratch space, logs and state files count but are never evicted.
 - Every chunk is a file of its own (``disk_min_file_size`` 0), named by when it was written
   (``_ChunkDisk``: the chunks of one fetch share a directory), so that a warm read can be one
   ``preadv`` of just the bytes asked for (chunkfiles.py: ``ChunkCache.files``). Reads through
@@ -36,11 +40,15 @@ from typing import Any
 
 import diskcache
 
+from lazyfs.cache import pins
 from lazyfs.cache.blobs import LocalBlobs
+from lazyfs.cache.bound import read_bound, settle_bound
 from lazyfs.cache.chunkfiles import ChunkFiles
-from lazyfs.cache.keys import alias_key
+from lazyfs.cache.keys import LOCAL_LAYER_PREFIX, alias_key
 from lazyfs.cache.layout import CacheLayout
-from lazyfs.errors import CacheError
+from lazyfs.cache.usage import CacheTotals, OtherFiles, wal_bytes
+from lazyfs.errors import CacheError, PinTooLargeError
+from lazyfs.model.digest import Digest
 from lazyfs.model.verity import format_verity, fsverity_digest
 
 log = logging.getLogger(__name__)
@@ -52,6 +60,20 @@ _SQL_BATCH = 500  # keys per IN (...) query, well under SQLite's limit on parame
 # diskcache's row modes (diskcache.core): bytes inline in SQLite, or in a file of their own.
 _MODE_RAW = 1
 _MODE_BINARY = 2
+# The WAL counts against the bound too: checkpoint it every 256 pages (1 MiB; SQLite's default
+# is 4 MiB) and truncate it to 1 MiB after, in every connection (diskcache applies sqlite_*
+# settings as pragmas to each one).
+_WAL_SETTINGS = {"sqlite_wal_autocheckpoint": 256, "sqlite_journal_size_limit": 1 << 20}
+_EVICT_BATCH = 256
+_WARN_EVERY_S = 60.0  # rows per eviction transaction
+_LRU_INDEX = "CREATE INDEX IF NOT EXISTS Cache_access_time ON Cache (access_time)"  # diskcache's
+# The row diskcache's ``set`` inserts for a str key whose bytes are in a file: raw key, stored
+# and accessed now, no expiry or tag, mode binary, no inline value.
+_INSERT_FILE_ROW = (
+    "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag, size,"
+    f" mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, NULL, ?, {_MODE_BINARY}, ?, NULL)"
+)
+_CREATE_ATTEMPTS = 10  # as diskcache: another writer may remove an emptied directory meanwhile
 
 
 class _ChunkDisk(diskcache.Disk):  # type: ignore[misc]  # diskcache has no type hints
@@ -72,6 +94,35 @@ class _ChunkDisk(diskcache.Disk):  # type: ignore[misc]  # diskcache has no type
         name = f"w{self._session}-{number // _FILES_PER_DIRECTORY:06x}/{os.urandom(12).hex()}.val"
         return name, os.path.join(self._directory, name)
 
+    def write_new(self, data: bytes) -> str:
+        """Write ``data`` to a new file of its own; its name (relative to the directory).
+
+        What ``store`` does for bytes, with less work per chunk: diskcache writes a value as
+        the lines of a BytesIO (a verified chunk has hundreds) and tries makedirs first each
+        time; here one write, and makedirs only when the directory is missing (diskcache's
+        ``remove`` deletes directories that become empty, so it may be missing again)."""
+        name: str
+        path: str
+        name, path = self.filename()
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                break
+            except FileNotFoundError:
+                if attempt == _CREATE_ATTEMPTS - 1:
+                    raise
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except BaseException:
+            os.close(fd)
+            self.remove(name)
+            raise
+        os.close(fd)
+        return name
+
 
 @dataclass(frozen=True)
 class LoadedChunk:
@@ -88,29 +139,40 @@ class ChunkCache:
     def __init__(
         self, directory: Path, size_limit_bytes: int | None, *, verify_reads: bool = False
     ) -> None:
-        """``size_limit_bytes`` None keeps the bound stored with the cache (diskcache keeps
-        its settings in the cache's own database)."""
+        """``size_limit_bytes`` None keeps the bound stored with the cache (bound.py); another
+        value replaces it."""
         self.directory = directory
         self.layout = CacheLayout(directory)
-        self.blobs = LocalBlobs(self.layout.blobs_dir, self.layout.staging_dir)
+        self.blobs = LocalBlobs(self.layout.blobs_dir, self.layout.staging_dir, self._converted)
         self._verify_reads = verify_reads
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            bound = {} if size_limit_bytes is None else {"size_limit": size_limit_bytes}
+            existed = (self.layout.chunks_dir / "cache.db").exists()
             self._chunks = diskcache.Cache(
                 str(self.layout.chunks_dir),
-                **bound,
-                eviction_policy="least-recently-used",
-                cull_limit=10,
+                eviction_policy="none",  # lazyfs evicts (``_enforce_bound``), honouring pins
+                cull_limit=0,
                 disk=_ChunkDisk,
                 disk_min_file_size=_CHUNK_FILE_MIN_BYTES,
+                **_WAL_SETTINGS,
             )
+            legacy = int(self._chunks.size_limit) if existed else None  # diskcache kept it
+            self._chunks._sql(_LRU_INDEX)
+            with self._chunks.transact():
+                pins.create(self._chunks._con)
             self._meta = diskcache.Cache(
-                str(self.layout.meta_dir), size_limit=_META_SIZE_LIMIT_BYTES, eviction_policy="none"
+                str(self.layout.meta_dir),
+                size_limit=_META_SIZE_LIMIT_BYTES,
+                eviction_policy="none",
+                **_WAL_SETTINGS,
             )
+            self._bound = settle_bound(self.layout.bound_file, size_limit_bytes, legacy)
             self.files = ChunkFiles(self.layout.chunks_dir)
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             raise CacheError(f"cannot open cache at {directory}: {exc}") from exc
+        self._other = OtherFiles(self.layout)
+        self._warned = -_WARN_EVERY_S  # when the bound last could not be met (logged)
+        self._bound_stamp = self._bound_file_stamp()
         # Chunks read without a SQLite write, by fs-verity digest: when (time.time()).
         self._reads: dict[str, float] = {}
         self._reads_lock = threading.Lock()
@@ -128,6 +190,8 @@ class ChunkCache:
         ):
             self._chunks.delete(verity)  # bit rot or tampering on disk: drop it and refetch
             return None
+        if data is not None:
+            self.note_read(verity)  # diskcache's get no longer writes access times (policy none)
         return data
 
     def get_chunks(self, verities: Sequence[str | None]) -> list[bytes | None]:
@@ -141,10 +205,7 @@ class ChunkCache:
 
     def put_chunk(self, verity: str, data: bytes) -> None:
         """Store verified chunk bytes."""
-        try:
-            self._chunks.set(verity, data)
-        except (OSError, diskcache.Timeout) as exc:
-            raise CacheError(f"cannot write chunk {verity} to the cache: {exc}") from exc
+        self.put_chunks([(verity, data)])
 
     def put_chunks(
         self, chunks: Sequence[tuple[str, bytes]], aliases: Sequence[tuple[str, str]] = ()
@@ -154,17 +215,18 @@ class ChunkCache:
         the chunk directory). The access times noted since the last write go in the same
         transaction, before the writes that may evict."""
         names: dict[str, str] = {}
+        written: list[str] = []
         try:
             if chunks:
                 reads = self._take_reads()
                 try:
                     with self._chunks.transact():
                         self._write_reads(reads)
-                        for verity, data in chunks:
-                            self._chunks.set(verity, data)
-                        names = self._file_names([verity for verity, _ in chunks])
+                        names = self._insert_chunks(chunks, written)
                 except BaseException:
                     self._give_back_reads(reads)
+                    for name in written:  # rolled back: no row names them
+                        self._chunks._disk.remove(name)
                     raise
             if aliases:
                 with self._meta.transact():
@@ -172,6 +234,35 @@ class ChunkCache:
                         self._meta.set(alias_key(sha256), verity.encode())
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             raise CacheError(f"cannot write {len(chunks)} chunks to the cache: {exc}") from exc
+        if chunks:
+            self._enforce_bound()
+        return names
+
+    def _insert_chunks(
+        self, chunks: Sequence[tuple[str, bytes]], written: list[str]
+    ) -> dict[str, str]:
+        """Inside a transaction of the chunk store: each chunk in a file of its own and its
+        row, as diskcache's ``set`` makes them, for many chunks at once (one query for the
+        rows there are, one insert for all; diskcache's triggers keep its count and size);
+        the file of each, by fs-verity digest. ``written`` collects the new files, for the
+        caller to remove if the transaction rolls back. A chunk that has a row already (an
+        other writer stored it meanwhile) goes through ``set``, which replaces it as before."""
+        wanted = dict(chunks)  # a chunk asked for twice in one request is stored once
+        present = self._rows(list(wanted))
+        now = time.time()
+        rows = []
+        disk = self._chunks._disk
+        for verity, data in wanted.items():
+            if verity in present:
+                self._chunks.set(verity, data)
+                continue
+            name = disk.write_new(data)
+            written.append(name)
+            rows.append((verity, now, now, len(data), name))
+        self._chunks._con.executemany(_INSERT_FILE_ROW, rows)
+        names = {verity: name for verity, _now, _at, _size, name in rows}
+        if len(names) < len(wanted):
+            names |= self._file_names([verity for verity in wanted if verity not in names])
         return names
 
     def load_chunks(self, verities: Sequence[str | None]) -> list[LoadedChunk | None]:
@@ -316,11 +407,16 @@ class ChunkCache:
     def get_meta(self, key: str) -> bytes | None:
         return self._get(self._meta, key)
 
+    def meta_keys(self) -> list[str]:
+        """Every metadata key (a bundle inventory lists the blobs: bundle/inventory.py)."""
+        return [str(key) for key in self._meta.iterkeys()]
+
     def put_meta(self, key: str, data: bytes) -> None:
         try:
             self._meta.set(key, data)
         except (OSError, diskcache.Timeout) as exc:
             raise CacheError(f"cannot write {key} to the cache: {exc}") from exc
+        self._enforce_bound()
 
     @property
     def chunk_bytes(self) -> int:
@@ -328,7 +424,7 @@ class ChunkCache:
 
     @property
     def size_limit_bytes(self) -> int:
-        return int(self._chunks.size_limit)
+        return self._bound
 
     @property
     def chunk_count(self) -> int:
@@ -344,19 +440,166 @@ class ChunkCache:
         except (OSError, diskcache.Timeout) as exc:
             raise CacheError(f"cannot drop chunk {verity}: {exc}") from exc
 
-    def evict_to_bound(self) -> int:
-        """Evict least recently used chunks until the bound holds; the number evicted."""
+    def evict_to_bound(self) -> tuple[int, int]:
+        """Evict until the bound holds (``lazyfs cache gc``); (chunks, blobs) evicted."""
+        self.flush_reads()
+        return self._enforce_bound(fresh=True)
+
+    def totals(self, *, fresh: bool = False) -> CacheTotals:
+        """What the bound counts, now (the walk outside the stores may be a second old)."""
+        self._follow_bound()
+        other = self._other.usage(self.blobs.changed, fresh=fresh)
         try:
-            return int(self._chunks.cull())
-        except (OSError, diskcache.Timeout) as exc:
-            raise CacheError(f"cannot evict chunks: {exc}") from exc
+            chunk_store, meta = int(self._chunks.volume()), int(self._meta.volume())
+        except (sqlite3.Error, diskcache.Timeout) as exc:
+            raise CacheError(f"cannot measure the cache at {self.directory}: {exc}") from exc
+        wal = wal_bytes(self.layout)
+        return CacheTotals(chunk_store, meta, other.blob_bytes, other.other_bytes + wal)
+
+    def _bound_file_stamp(self) -> int:
+        try:
+            return os.stat(self.layout.bound_file).st_mtime_ns
+        except OSError:
+            return 0
+
+    def _follow_bound(self) -> None:
+        """Take up a bound another process stored since (``lazyfs serve --cache-size``)."""
+        stamp = self._bound_file_stamp()
+        if stamp and stamp != self._bound_stamp:
+            with contextlib.suppress(CacheError):  # a broken file: keep the bound in force
+                self._bound = read_bound(self.layout.bound_file) or self._bound
+            self._bound_stamp = stamp
+
+    def _enforce_bound(self, *, fresh: bool = False) -> tuple[int, int]:
+        """If the total is past the bound: evict unheld local blobs, then unpinned chunks,
+        least recently used first, until it holds; (chunks, blobs) evicted."""
+        over = self.totals(fresh=fresh).counted_bytes - self._bound
+        if over <= 0:
+            return 0, 0
+        self.blobs.sweep()  # let go of idle blobs first, so that they can be evicted
+        blobs, freed = self.blobs.evict(over)
+        chunks = self._evict_chunks(over - freed) if over > freed else 0
+        if over > freed and not chunks and time.monotonic() - self._warned > _WARN_EVERY_S:
+            self._warned = time.monotonic()
+            log.warning(
+                "the cache at %s is %d bytes past its bound of %d: what is left is pinned, in "
+                "use or never evicted (metadata, scratch)",
+                self.directory,
+                over - freed,
+                self._bound,
+            )
+        return chunks, blobs
+
+    def _evict_chunks(self, over_bytes: int) -> int:
+        """Delete unpinned chunks, least recently used first, until ``over_bytes`` are freed.
+        Victims are chosen and deleted in one transaction, so a pin committed by any process
+        before it is honoured; files go after the commit, as diskcache's cull does."""
+        evicted = freed = 0
+        try:
+            while freed < over_bytes:
+                with self._chunks.transact():
+                    con = self._chunks._con
+                    rows = con.execute(pins.UNPINNED_LRU, (_EVICT_BATCH,)).fetchall()
+                    victims = []
+                    for rowid, filename, size in rows:
+                        if freed >= over_bytes:
+                            break
+                        victims.append((rowid, filename))
+                        freed += int(size)
+                    con.executemany(
+                        "DELETE FROM Cache WHERE rowid = ?", [(rowid,) for rowid, _ in victims]
+                    )
+                for _rowid, filename in victims:
+                    if filename is not None:
+                        self._chunks._disk.remove(filename)
+                evicted += len(victims)
+                if len(rows) < _EVICT_BATCH and len(victims) == len(rows):
+                    break  # nothing unpinned is left
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            raise CacheError(f"cannot evict chunks from {self.directory}: {exc}") from exc
+        return evicted
+
+    def _converted(self, blob: Digest) -> bool:
+        """Whether ``blob`` is a plain layer converted here: a mount's only source of it."""
+        low = LOCAL_LAYER_PREFIX
+        high = low[:-1] + chr(ord(low[-1]) + 1)  # every key with the prefix sorts in [low, high)
+        try:
+            row = self._meta._sql(
+                "SELECT 1 FROM Cache WHERE key >= ? AND key < ? AND value = ? LIMIT 1",
+                (low, high, str(blob).encode()),
+            ).fetchone()
+        except (sqlite3.Error, diskcache.Timeout):
+            return True  # when in doubt, keep holding it
+        return row is not None
+
+    # ------------------------------------------------------------------------------- pins
+
+    def pin(self, image: pins.PinnedImage, chunks: Sequence[tuple[str, int]]) -> pins.PinTotals:
+        """Pin ``chunks`` (fs-verity digest, uncompressed size) for ``image``, replacing an
+        earlier pin of it, unless pinned bytes with what is never evicted would pass the
+        bound: then nothing is pinned (CacheError)."""
+        fixed = self._fixed_bytes()
+        try:
+            with self._chunks.transact():
+                con = self._chunks._con
+                pins.replace(con, image, chunks, time.time())
+                pinned = pins.pinned_bytes(con)
+                if pinned + fixed > self._bound:
+                    raise PinTooLargeError(
+                        f"cannot pin {image.reference}: pinned chunks would take {pinned} bytes "
+                        f"and metadata and state {fixed}, more than the cache's bound of "
+                        f"{self._bound} bytes (raise it with --cache-size)"
+                    )
+                totals = pins.totals(con)
+        except (sqlite3.Error, diskcache.Timeout) as exc:
+            raise CacheError(f"cannot pin {image.reference}: {exc}") from exc
+        self._enforce_bound()
+        return totals
+
+    def unpin(self, reference: str, image: str | None) -> list[str]:
+        """Release the pins ``reference`` (or the manifest digest ``image``) names; the
+        images released (none: it was not pinned)."""
+        try:
+            with self._chunks.transact():
+                con = self._chunks._con
+                found = pins.find(con, reference, image)
+                for digest in found:
+                    pins.remove_image(con, digest)
+        except (sqlite3.Error, diskcache.Timeout) as exc:
+            raise CacheError(f"cannot unpin {reference}: {exc}") from exc
+        return found
+
+    def pinned(self) -> tuple[list[pins.PinnedImage], pins.PinTotals]:
+        try:
+            with self._chunks.transact():
+                con = self._chunks._con
+                return pins.images(con), pins.totals(con)
+        except (sqlite3.Error, diskcache.Timeout) as exc:
+            raise CacheError(f"cannot read the pins of {self.directory}: {exc}") from exc
+
+    def _fixed_bytes(self) -> int:
+        """What the bound counts and eviction never frees: metadata, scratch, logs, state,
+        the chunk store's database itself."""
+        totals = self.totals(fresh=True)
+        return (
+            totals.meta_bytes
+            + totals.other_bytes
+            + max(0, totals.chunk_store_bytes - self.chunk_bytes_stored)
+        )
+
+    @property
+    def chunk_bytes_stored(self) -> int:
+        """Bytes of the chunks themselves (diskcache's running sum of value sizes)."""
+        return int(self._chunks.reset("size"))
 
     def clear(self) -> None:
-        """Drop every chunk and every piece of metadata."""
+        """Drop every chunk, every piece of metadata and every pin."""
         try:
             self._chunks.clear()
             self._meta.clear()
-        except (OSError, diskcache.Timeout) as exc:
+            with self._chunks.transact():
+                pins.clear(self._chunks._con)
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             raise CacheError(f"cannot clear the cache: {exc}") from exc
 
     def close(self) -> None:
@@ -367,6 +610,7 @@ class ChunkCache:
         except CacheError as exc:
             log.warning("%s", exc)
         self.files.close()
+        self.blobs.close()
         self._chunks.close()
         self._meta.close()
 

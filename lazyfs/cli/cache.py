@@ -33,9 +33,12 @@ def run_cache(args: argparse.Namespace) -> int:
                 f"{result['blobs_dropped']} blobs that did not match their digests"
             )
         elif args.action == "gc":
-            evicted, removed = maintenance.gc(cache)
-            result = {"chunks_evicted": evicted, "scratch_entries_removed": removed}
-            text = f"evicted {evicted} chunks; removed {removed} scratch entries"
+            report = maintenance.gc(cache)
+            result = asdict(report)
+            text = (
+                f"evicted {report.chunks_evicted} chunks and {report.blobs_evicted} local blobs; "
+                f"removed {report.scratch_entries_removed} scratch entries"
+            )
         else:
             maintenance.clear(cache)
             result, text = {"cleared": str(directory)}, f"cleared {directory}"
@@ -51,15 +54,20 @@ def run_cache(args: argparse.Namespace) -> int:
 def _usage_text(usage: dict[str, Any]) -> str:
     from lazyfs.cli.progress import human_bytes  # it loads the converter: only when needed
 
-    return "\n".join(
-        [
-            f"chunks        {usage['chunks']:>10}  {human_bytes(usage['chunk_bytes'])}"
-            f" of {human_bytes(usage['size_limit_bytes'])}",
-            f"metadata      {'':>10}  {human_bytes(usage['metadata_bytes'])}",
-            f"local blobs   {usage['local_blobs']:>10}  {human_bytes(usage['local_blob_bytes'])}",
-            f"on disk       {'':>10}  {human_bytes(usage['disk_bytes'])}",
-        ]
-    )
+    lines = [
+        f"chunks        {usage['chunks']:>10}  {human_bytes(usage['chunk_bytes'])}",
+        f"  pinned      {usage['pinned_chunks']:>10}  {human_bytes(usage['pinned_bytes'])}"
+        f" ({human_bytes(usage['pinned_cached_bytes'])} cached) for"
+        f" {usage['pinned_images']} images",
+        f"metadata      {'':>10}  {human_bytes(usage['metadata_bytes'])}",
+        f"local blobs   {usage['local_blobs']:>10}  {human_bytes(usage['local_blob_bytes'])}",
+        f"other         {'':>10}  {human_bytes(usage['other_bytes'])}",
+        f"counted       {'':>10}  {human_bytes(usage['counted_bytes'])}"
+        f" of {human_bytes(usage['size_limit_bytes'])} (the bound)",
+        f"on disk       {'':>10}  {human_bytes(usage['disk_bytes'])}",
+    ]
+    lines.extend(f"pinned: {pin['reference']} ({pin['image']})" for pin in usage["pins"])
+    return "\n".join(lines)
 
 
 def add_parsers(commands: Any) -> None:

@@ -30,6 +30,8 @@ COMMAND_MODULES = {
     "podman-config": "lazyfs.cli.podman",
     "profile": "lazyfs.cli.profile",
     "bundle": "lazyfs.cli.bundle",
+    "pin": "lazyfs.cli.pin",
+    "unpin": "lazyfs.cli.pin",
 }
 _GLOBAL_OPTIONS_WITH_VALUES = frozenset({"--log-level"})
 

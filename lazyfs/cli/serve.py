@@ -107,7 +107,12 @@ def _positive_int(text: str) -> int:
 def add_parsers(commands: Any) -> None:
     serve = commands.add_parser("serve", help="run the mount service that serves every image")
     serve.add_argument("--cache-dir", type=Path, default=default_cache_dir())
-    serve.add_argument("--cache-size", type=parse_size, default=10 << 30, help="default 10G")
+    serve.add_argument(
+        "--cache-size",
+        type=parse_size,
+        default=None,
+        help="bound of all under --cache-dir, stored with it (default: the stored one; 10G)",
+    )
     serve.add_argument(
         "--run-dir",
         type=Path,

@@ -31,7 +31,7 @@ class ServiceSettings:
     """What a service started on demand is given."""
 
     cache_dir: Path
-    cache_size_bytes: int
+    cache_size_bytes: int | None  # None: the bound stored with the cache
     idle_exit_s: float
     verify_cache_reads: bool = False
     log_level: str = "info"
@@ -61,7 +61,7 @@ def start_service(settings: ServiceSettings) -> tuple[Path, int]:
     argv = [
         sys.executable, "-m", "lazyfs", "--log-level", settings.log_level, "serve",
         "--cache-dir", str(settings.cache_dir),
-        "--cache-size", str(settings.cache_size_bytes),
+        *(["--cache-size", str(settings.cache_size_bytes)] if settings.cache_size_bytes else []),
         "--run-dir", str(paths.run_dir),
         "--idle-exit", str(settings.idle_exit_s),
         "--lock-wait", str(LOCK_WAIT_S),
