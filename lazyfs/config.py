@@ -30,6 +30,27 @@ def default_per_host_cert_dirs() -> tuple[Path, ...]:
 
 
 @dataclass(frozen=True)
+class ProxyConfig:
+    """HTTP_PROXY, HTTPS_PROXY and NO_PROXY (or their lowercase forms, the uppercase one first,
+    as Go's net/http reads them); empty: unset. Applied by lazyfs/registry/proxy.py."""
+
+    http_proxy: str = ""
+    https_proxy: str = ""
+    no_proxy: str = ""
+
+    @classmethod
+    def from_environment(cls) -> ProxyConfig:
+        def first(*names: str) -> str:
+            return next((os.environ[n] for n in names if os.environ.get(n)), "")
+
+        return cls(
+            first("HTTP_PROXY", "http_proxy"),
+            first("HTTPS_PROXY", "https_proxy"),
+            first("NO_PROXY", "no_proxy"),
+        )
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     """How to talk to registries."""
 
@@ -54,14 +75,8 @@ class RegistryConfig:
     # (fetch_timeout_s) apply to each socket read, so a trickling body never meets them.
     stall_timeout_s: float = 30.0
     stall_min_bytes: int = 16 << 10
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """A user name and secret for one registry. ``repr`` never shows the secret."""
-
-    username: str
-    password: str = field(repr=False)
+    # Proxies for registry, token and redirect requests: this process's environment.
+    proxy: ProxyConfig = field(default_factory=ProxyConfig.from_environment)
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,10 @@ class ResolverConfig:
     # (lazyfs/mount/readahead.py). A maximum of 0 turns it off.
     readahead_min_bytes: int = 64 << 10
     readahead_max_bytes: int = 4 << 20
+    # Of that, what may go to the files after the missed one (the rest of the missed file may
+    # take all of it), also about one bandwidth-delay product: more of them go unused than are
+    # read, and on a high-RTT link each round trip saved still pays (docs/benchmarks.md).
+    readahead_next_files_max_bytes: int = 256 << 10
     # Prefetch of an access profile (lazyfs/mount/prefetch.py): batches of about this many
     # compressed bytes, this many at a time. Measured on the bench's `wan` link (python image):
     # 1 MiB x 4 started 0.3-0.5 s sooner than 1 MiB x 2 or 512 KiB x 4, as fast as 2-4 MiB batches
@@ -111,7 +130,9 @@ class CacheConfig:
     """The local chunk and metadata cache."""
 
     directory: Path
-    size_limit_bytes: int = 10 << 30
+    # Everything under the directory; None: the bound stored with the cache (cache/bound.py:
+    # 10 GiB for a new one). Another value replaces the stored bound.
+    size_limit_bytes: int | None = None
     # Re-hash chunks read back from the cache. Off by default; see docs/benchmarks.md.
     verify_reads: bool = False
 
@@ -140,3 +161,10 @@ class LimitsConfig:
     max_image_layers: int = 500
     # An image config blob (configs with a long history are a few hundred KiB).
     max_config_bytes: int = 16 << 20
+    # All TOCs of one image together (a manifest may list max_image_layers layers, each with a
+    # TOC up to the caps above): checked from the manifest's position annotations before any
+    # TOC is fetched, and as eStargz TOCs (whose sizes no annotation gives) arrive.
+    max_image_toc_bytes: int = 512 << 20
+    max_image_toc_compressed_bytes: int = 256 << 20
+    # Entries of all the image's TOCs: about 1.5 KB each once parsed, so about 1.5 GiB.
+    max_image_toc_entries: int = 1_000_000

@@ -47,6 +47,25 @@ def test_following_walks_blob_order_across_files_until_the_budget() -> None:
     assert index.following(a.chunks[0], 0) == []
 
 
+def test_ahead_of_takes_the_rest_of_the_file_then_the_next_files() -> None:
+    a = _node(2, [(0, 100), (100, 200), (200, 300)])
+    b, c = _node(3, [(300, 350)]), _node(4, [(350, 450), (450, 550)])
+    root = Node(kind="dir", mode=0o755, inode=1, children={})
+    index = BlobIndex.of_tree(Tree({1: root, 2: a, 3: b, 4: c}, {1: ()}))
+
+    def offsets(picked: list[tuple[Node, LayerChunk]]) -> list[int]:
+        return [chunk.ref.blob_offset for _, chunk in picked]
+
+    # the whole rest of the file, whatever the next files' share
+    assert offsets(index.ahead_of(a.chunks[0], a, 200, 0)) == [100, 200]
+    # then the next files, each chunk only if it fits
+    assert offsets(index.ahead_of(a.chunks[0], a, 200, 160)) == [100, 200, 300, 350]
+    # a file longer than its share: nothing of the files after it
+    assert offsets(index.ahead_of(a.chunks[0], a, 150, 1000)) == [100]
+    # the missed chunk was the file's last: straight to the next files
+    assert offsets(index.ahead_of(a.chunks[2], a, 1000, 50)) == [300]
+
+
 def test_budget_allows_as_much_ahead_as_reads_needed() -> None:
     budget = ReadaheadBudget()
     assert budget.allowance_bytes == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import struct
 
@@ -598,3 +599,20 @@ def test_base64_of_xattrs_matches_standard_padding() -> None:
     assert parsed == {
         f"user.{i}": base64.standard_b64encode(v).decode() for i, v in enumerate(values)
     }
+
+
+def test_parsed_entries_are_the_dataclass_s_own() -> None:
+    """Parsing builds entries without TocEntry's __init__ (speed): they must be the same
+    values, equal, frozen, and ``replace`` must work on them."""
+    made = [
+        TocEntry(type="dir", name="d", mode=0o755, modtime="2023-01-02T03:04:05Z"),
+        TocEntry(type="reg", name="d/f", size=3, offset=10, end_offset=20, xattrs={"user.a": b"1"}),
+        TocEntry(type="symlink", name="l", link_name="d/f"),
+    ]
+    parsed = Toc.parse(Toc(tuple(made)).to_json()).entries
+    assert parsed == tuple(made)
+    assert parsed[0].xattrs == {} and parsed[0].xattrs is not parsed[2].xattrs
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        parsed[0].name = "x"  # type: ignore[misc]
+    assert dataclasses.replace(parsed[1], size=4) == dataclasses.replace(made[1], size=4)
+    assert file_chunks([parsed[1]]) == file_chunks([made[1]])

@@ -37,7 +37,16 @@ from lazyfs.errors import TocError
 from lazyfs.formats.chunked.toc import Toc, TocEntry, file_chunks, parse_rfc3339_ns
 from lazyfs.formats.chunked.writer import write_chunked_layer
 from lazyfs.model.verity import format_verity, fsverity_digest
-from lazyfs.mount.tree import ROOT_INODE, LayerChunk, Node, Tree, build_tree
+from lazyfs.mount.tree import (
+    ROOT_INODE,
+    LayerChunk,
+    Node,
+    Tree,
+    _split,
+    build_layer_tree,
+    build_tree,
+    build_trees,
+)
 
 NS = 1_000_000_000
 _TYPES = {
@@ -666,3 +675,93 @@ def test_writer_layers_give_the_same_tree() -> None:
     assert len(node_at(actual, "a/big").chunks) > 1
     with tarfile.open(fileobj=io.BytesIO(layer_tar_bytes(layers[0]))) as tar:
         assert len(tar.getmembers()) == len(layers[0])
+
+
+# --- building the merged tree and the layers' own trees at once ---------------------------------
+
+
+def _shape(tree: Tree) -> list[tuple[object, ...]]:
+    """Everything a mount shows of a tree, inode by inode."""
+    return [
+        (inode, n.kind, n.st_mode, n.uid, n.gid, n.size, n.mtime_ns, n.rdev, n.target,
+         sorted(n.xattrs.items()), [(c.layer, c.ref) for c in n.chunks], n.verity, n.layer,
+         n.nlink, n.path, [(name, child.inode) for name, child in tree.listings.get(inode, ())])
+        for inode, n in sorted(tree.nodes.items())
+    ]  # fmt: skip
+
+
+def test_build_trees_is_build_tree_and_build_layer_tree() -> None:
+    lower = layer(
+        *with_parent_dirs(
+            [
+                regular_file("a/f", b"lower", xattrs={"trusted.overlay.x": b"1"}),
+                regular_file("a/gone", b"x"),
+                directory("d"),
+                regular_file("d/old", b"o"),
+            ]
+        )
+    )
+    upper = layer(
+        regular_file("a/f", b"upper"),
+        whiteout("a/gone"),
+        opaque_whiteout("d"),
+        regular_file("d/new", b"n"),
+        hardlink("a/h", "a/f"),
+    )
+    merged, own = build_trees([lower, upper], per_layer=True)
+    assert _shape(merged) == _shape(build_tree([lower, upper]))
+    assert [_shape(t) for t in own] == [
+        _shape(build_layer_tree(lower, 0)),
+        _shape(build_layer_tree(upper, 1)),
+    ]
+    assert build_trees([lower, upper])[1] == ()
+    # The chunks of a file are worked out once, for both trees.
+    assert node_at(merged, "a/f").chunks is node_at(own[1], "a/f").chunks
+    assert node_at(own[1], "a/gone").kind == "char"  # overlayfs whiteout in the layer's tree
+    assert node_at(own[1], "d").xattrs == {b"trusted.overlay.opaque": b"y"}
+    assert node_at(own[0], "a/f").xattrs == {}  # an image's own trusted.overlay.* is dropped
+
+
+def test_directory_replaced_by_a_file_then_recreated_within_one_layer() -> None:
+    """Entries after a replaced directory must not land in it (the builders remember the last
+    parent directory they found)."""
+    entries = layer(
+        directory("a"),
+        regular_file("a/x", b"x"),
+        regular_file("a", b"file now"),
+        regular_file("a/y", b"y"),
+        keep_order=True,
+    )
+    for tree in (build_tree([entries]), build_layer_tree(entries, 0)):
+        assert set(paths(tree)) == {"/", "/a", "/a/y"}
+        assert node_at(tree, "a").kind == "dir"
+
+
+def test_whiteout_device_replacing_a_directory_within_one_layer() -> None:
+    entries = layer(
+        directory("a"),
+        regular_file("a/x", b"x"),
+        whiteout("a"),
+        regular_file("a/y", b"y"),
+        keep_order=True,
+    )
+    tree = build_layer_tree(entries, 0)
+    assert set(paths(tree)) == {"/", "/a", "/a/y"}
+
+
+@pytest.mark.parametrize(
+    ("name", "parts"),
+    [
+        ("a/b/c", [b"a", b"b", b"c"]),
+        ("./a//b/./c/", [b"a", b"b", b"c"]),
+        ("/a/../b/c", [b"b", b"c"]),
+        ("../../a", [b"a"]),
+        ("a/..", []),
+        (".", []),
+        ("a/.../..b", [b"a", b"...", b"..b"]),
+        ("d\udcff/x", [b"d\xff", b"x"]),
+        ("..\ud800/x", ["..\ud800".encode("utf-8", "surrogatepass"), b"x"]),
+    ],
+)
+def test_split_resolves_names_from_the_root(name: str, parts: list[bytes]) -> None:
+    assert _split(name) == parts

@@ -10,6 +10,10 @@ downloaded once, verified against its digest, and converted on the node by the p
 ``lazyfs convert`` uses (convert/localize.py) into a zstd:chunked blob with fs-verity digests,
 kept among the cache's local blobs (cache/blobs.py); from then on it is served like any other
 layer, and its chunks go into the same content-addressed cache.
+
+The TOCs of one image are capped together (``LimitsConfig.max_image_toc_*``): the sizes the
+position annotations declare are summed before any TOC is fetched; eStargz TOCs, whose sizes
+no annotation gives, and every layer's entry count are added as they arrive (``_TocBudget``).
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ import anyio.to_thread
 
 from lazyfs.cache import keys
 from lazyfs.cache.store import ChunkCache
-from lazyfs.config import ChunkingConfig
+from lazyfs.config import ChunkingConfig, LimitsConfig
 from lazyfs.convert.localize import localize_layer
 from lazyfs.errors import (
     IntegrityError,
     LazyfsError,
     ManifestError,
     RegistryUnreachableError,
+    TocError,
     UnsupportedMediaTypeError,
 )
 from lazyfs.formats import estargz
@@ -60,11 +65,13 @@ from lazyfs.model.ranges import ByteRange
 from lazyfs.model.reference import Reference
 from lazyfs.mount.metadata import MetadataFetcher
 from lazyfs.mount.resolver import LayerBlob
-from lazyfs.mount.tree import Tree, build_layer_tree, build_tree
+from lazyfs.mount.tree import Tree, build_trees
 from lazyfs.registry.client import RegistryClient
 from lazyfs.registry.failover import Failover
 
 log = logging.getLogger(__name__)
+
+_DEFAULT_LIMITS = LimitsConfig()
 
 
 @dataclass(frozen=True)
@@ -88,12 +95,16 @@ async def open_image(
     *,
     per_layer: bool = False,
     reuse: Callable[[Reference], OpenedImage | None] | None = None,
+    offline: bool = False,
+    limits: LimitsConfig = _DEFAULT_LIMITS,
 ) -> OpenedImage:
     """Open ``ref``; ``per_layer`` also builds each layer's own tree (mount/layerstore.py).
 
     ``reuse`` may return an image already opened for the manifest digest the reference
-    resolved to: its TOCs and tree are then not fetched, parsed and built again."""
+    resolved to: its TOCs and tree are then not fetched, parsed and built again. ``offline``
+    reads only the cache (``lazyfs pin``): the client is never used."""
     fetcher = MetadataFetcher(client, cache, failover or Failover())
+    fetcher.offline = offline
     digest, data, media_type = await fetcher.root(ref)
     parsed = parse_manifest_or_index(data, media_type)
     if not isinstance(parsed, Manifest):
@@ -106,14 +117,14 @@ async def open_image(
     known = reuse(pinned) if reuse is not None else None
     if known is not None and (known.layer_trees or not per_layer):
         return known
-    indexed = await _index_layers(fetcher, pinned, parsed)
-    tree = await anyio.to_thread.run_sync(build_tree, [toc.entries for toc, _ in indexed])
+    budget = _TocBudget.declared(pinned, parsed, limits)
+    indexed = await _index_layers(fetcher, pinned, parsed, budget)
+    tree, layer_trees = await anyio.to_thread.run_sync(  # one pass: the trees share work
+        lambda: build_trees([toc.entries for toc, _ in indexed], per_layer=per_layer)
+    )
     layers = tuple(blob for _, blob in indexed)
     if not per_layer:
         return OpenedImage(pinned, parsed, layers, tree, fetcher.offline)
-    layer_trees = await anyio.to_thread.run_sync(
-        lambda: tuple(build_layer_tree(toc.entries, i) for i, (toc, _) in enumerate(indexed))
-    )
     diff_ids = await _diff_ids(fetcher, pinned, parsed)
     return OpenedImage(pinned, parsed, layers, tree, fetcher.offline, layer_trees, diff_ids)
 
@@ -131,15 +142,68 @@ async def _diff_ids(
     return diff_ids
 
 
+class _TocBudget:
+    """What the image's TOCs may take together (``LimitsConfig.max_image_toc_*``)."""
+
+    def __init__(
+        self, ref: Reference, limits: LimitsConfig, toc_bytes: int, compressed_bytes: int
+    ) -> None:
+        self._ref = ref
+        self._limits = limits
+        self._toc_bytes = 0
+        self._entries = 0
+        self.add_bytes(toc_bytes, compressed_bytes, "as the manifest declares them")
+
+    @classmethod
+    def declared(cls, ref: Reference, manifest: Manifest, limits: LimitsConfig) -> _TocBudget:
+        """The sizes the position annotations declare, summed before any TOC is fetched."""
+        total = compressed = 0
+        for layer in manifest.layers:
+            position = _toc_position(layer)
+            if position and _toc_checksum(layer):
+                section = parse_toc_position(
+                    position, layer=str(layer.digest), blob_size=layer.size, limits=limits
+                )
+                total += section.uncompressed_length
+                compressed += section.length
+        return cls(ref, limits, total, compressed)
+
+    def add_bytes(self, toc_bytes: int, compressed_bytes: int, how: str) -> None:
+        self._toc_bytes += toc_bytes
+        limits = self._limits
+        if self._toc_bytes > limits.max_image_toc_bytes:
+            raise TocError(
+                f"image {self._ref}: its TOCs take {self._toc_bytes} bytes ({how}), more than "
+                f"the limit of {limits.max_image_toc_bytes} for one image (max_image_toc_bytes)"
+            )
+        if compressed_bytes > limits.max_image_toc_compressed_bytes:
+            raise TocError(
+                f"image {self._ref}: its TOCs take {compressed_bytes} compressed bytes ({how}), "
+                f"more than the limit of {limits.max_image_toc_compressed_bytes} for one image "
+                "(max_image_toc_compressed_bytes)"
+            )
+
+    def add_entries(self, count: int) -> None:
+        self._entries += count
+        if self._entries > self._limits.max_image_toc_entries:
+            raise TocError(
+                f"image {self._ref}: its TOCs hold more than "
+                f"{self._limits.max_image_toc_entries} entries, the limit for one image "
+                "(max_image_toc_entries)"
+            )
+
+
 async def _index_layers(
-    fetcher: MetadataFetcher, ref: Reference, manifest: Manifest
+    fetcher: MetadataFetcher, ref: Reference, manifest: Manifest, budget: _TocBudget
 ) -> list[tuple[Toc, LayerBlob]]:
     """Every layer's TOC, and the config (kept for offline remounts), fetched concurrently:
     on a long link each is a round trip, and they do not depend on each other."""
     results: list[tuple[Toc, LayerBlob] | None] = [None] * len(manifest.layers)
 
     async def index(position: int, layer: Descriptor) -> None:
-        results[position] = await _index_layer(fetcher, ref, layer)
+        indexed = await _index_layer(fetcher, ref, layer, budget)
+        budget.add_entries(len(indexed[0].entries))
+        results[position] = indexed
 
     try:
         async with anyio.create_task_group() as tasks:
@@ -162,18 +226,18 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 async def _index_layer(
-    fetcher: MetadataFetcher, ref: Reference, layer: Descriptor
+    fetcher: MetadataFetcher, ref: Reference, layer: Descriptor, budget: _TocBudget
 ) -> tuple[Toc, LayerBlob]:
     if _is_zstd_chunked(layer):
         return await _layer_toc(fetcher, ref, layer), _layer_blob(layer)
     if estargz.TOC_DIGEST_ANNOTATION in layer.annotations:
-        entries = await _estargz_entries(fetcher, ref, layer)
+        entries = await _estargz_entries(fetcher, ref, layer, budget)
         return Toc(tuple(entries)), LayerBlob(layer.digest, layer.size, "gzip", "sha256")
     return await _localize_plain_layer(fetcher, ref, layer)
 
 
 async def _estargz_entries(
-    fetcher: MetadataFetcher, ref: Reference, layer: Descriptor
+    fetcher: MetadataFetcher, ref: Reference, layer: Descriptor, budget: _TocBudget
 ) -> list[TocEntry]:
     """The eStargz TOC: footer, then the TOC member, checked against the annotation."""
     expected = layer.annotations[estargz.TOC_DIGEST_ANNOTATION]
@@ -187,11 +251,14 @@ async def _estargz_entries(
         toc_json = estargz.read_toc_member(await fetcher.blob_range(ref, layer, section))
         cached = b"%d\n" % footer.toc_offset + toc_json
     offset_line, _, toc_json = cached.partition(b"\n")
+    budget.add_bytes(len(toc_json), 0, f"with eStargz layer {layer.digest}")
     actual = estargz.toc_digest(toc_json)
     if actual != expected:
         raise IntegrityError(f"eStargz TOC of layer {layer.digest}", expected, actual)
     await fetcher.remember(key, cached)
-    return estargz.toc_entries(toc_json, int(offset_line), layer=str(layer.digest))
+    return await anyio.to_thread.run_sync(  # a worker thread, as for zstd:chunked TOCs
+        lambda: estargz.toc_entries(toc_json, int(offset_line), layer=str(layer.digest))
+    )
 
 
 def _is_zstd_chunked(layer: Descriptor) -> bool:
@@ -209,7 +276,8 @@ async def _localize_plain_layer(
     if known is not None:
         local = Digest.parse(known.decode())
         if fetcher.cache.blobs.has(local):
-            toc = Toc.parse(await fetcher.cached(keys.local_toc_key(local), str(local)))
+            data = await fetcher.cached(keys.local_toc_key(local), str(local))
+            toc = await anyio.to_thread.run_sync(Toc.parse, data)
             return toc, _local_blob(local, layer)
     if fetcher.offline:
         raise RegistryUnreachableError(
@@ -257,14 +325,23 @@ def _local_blob(local: Digest, source: Descriptor, fetched: bool = False) -> Lay
     )
 
 
-async def _layer_toc(fetcher: MetadataFetcher, ref: Reference, layer: Descriptor) -> Toc:
+def _toc_position(layer: Descriptor) -> str | None:
     annotations = layer.annotations
-    position = annotations.get(TOC_POSITION_ANNOTATION) or annotations.get(
+    return annotations.get(TOC_POSITION_ANNOTATION) or annotations.get(
         LEGACY_TOC_POSITION_ANNOTATION
     )
-    checksum = annotations.get(TOC_CHECKSUM_ANNOTATION) or annotations.get(
+
+
+def _toc_checksum(layer: Descriptor) -> str | None:
+    annotations = layer.annotations
+    return annotations.get(TOC_CHECKSUM_ANNOTATION) or annotations.get(
         LEGACY_TOC_CHECKSUM_ANNOTATION
     )
+
+
+async def _layer_toc(fetcher: MetadataFetcher, ref: Reference, layer: Descriptor) -> Toc:
+    position = _toc_position(layer)
+    checksum = _toc_checksum(layer)
     if not position or not checksum:
         raise UnsupportedMediaTypeError(
             f"layer {layer.digest} ({layer.media_type}) is not zstd:chunked; "
@@ -273,8 +350,12 @@ async def _layer_toc(fetcher: MetadataFetcher, ref: Reference, layer: Descriptor
     section = parse_toc_position(position, layer=str(layer.digest), blob_size=layer.size)
     compressed = await fetcher.toc(ref, layer, section, Digest.parse(checksum))
     what = f"layer {layer.digest}: TOC"
-    data = zstd_exact(compressed, section.uncompressed_length, what)
-    return Toc.parse(data, layer=str(layer.digest), blob_size=section.offset)
+
+    def parse() -> Toc:  # a worker thread: ~0.2 s a layer, and the loop serves FUSE meanwhile
+        data = zstd_exact(compressed, section.uncompressed_length, what)
+        return Toc.parse(data, layer=str(layer.digest), blob_size=section.offset)
+
+    return await anyio.to_thread.run_sync(parse)
 
 
 def _layer_blob(layer: Descriptor) -> LayerBlob:

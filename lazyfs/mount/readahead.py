@@ -1,12 +1,18 @@
-"""Readahead sized by the link: fetch the chunks that follow a miss in the blob, up to about
-one bandwidth-delay product.
+"""Readahead after a miss: the rest of the missed file, then a little of the files after it.
 
 Cold start is RTT-bound: a workload reads files one after another, and each miss costs a round
-trip. Files that are read together usually sit together in the layer (tar order is directory
-order), so the chunks that follow a miss in the blob are likely next. Fetching them in the same
-request costs bytes / rate; missing them later costs an RTT. Up to rate x RTT (the
-bandwidth-delay product) extra bytes are therefore worth it: about one more RTT of transfer time
-at most, for many saved round trips. Both are measured from the requests themselves.
+trip. A file being read is usually read to its end, so the rest of the missed file comes first
+(up to ``readahead_max_bytes``). Files that are read together usually sit together in the layer
+(tar order is directory order), so the chunks after the file in the blob may be next: fetching
+them in the same request costs bytes / rate, missing them later an RTT. They get about one
+bandwidth-delay product (rate x RTT, both measured from the requests themselves), between
+``readahead_min_bytes`` and ``readahead_next_files_max_bytes`` (256 KiB). On the bench's python
+image, replaying the workload's reads (``python -m lazyfs.bench.readaheadsim``): 4 MiB of the
+blob after a miss, as before, fetched 3.6x the bytes needed in 13 round trips, 27 % of it used;
+the rest of the file then 256 KiB, 1.77x in 59 round trips, 55 % used; then 96 KiB, 1.38x in
+78, 70 % used. Smaller shares save bytes but cost round trips: at 20 Mbit/s with 150 ms, 96 KiB
+would save about 2.9 s of transfer and lose 4.7 s in round trips against the old 4 MiB
+(docs/benchmarks.md).
 
 A guess costs bytes too, and on a thin link bytes are what the operator pays for. The
 :class:`ReadaheadBudget` keeps the (compressed) bytes fetched ahead at most equal to the
@@ -20,8 +26,10 @@ for the bench's python image, slower than a full pull.
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from lazyfs.mount.tree import LayerChunk, Node, Tree
 
@@ -80,11 +88,13 @@ class ReadaheadBudget:
         return max(0, self.needed_bytes - self.ahead_bytes)
 
 
-@dataclass(frozen=True)
-class _Placed:
+class _Placed(NamedTuple):  # a tuple: one per chunk of the image, made at mount time
     blob_offset: int
     chunk: LayerChunk
     node: Node
+
+
+_blob_offset = operator.attrgetter("blob_offset")
 
 
 class BlobIndex:
@@ -95,7 +105,7 @@ class BlobIndex:
         for item in placed:
             self._by_layer.setdefault(item.chunk.layer, []).append(item)
         for items in self._by_layer.values():
-            items.sort(key=lambda p: p.blob_offset)
+            items.sort(key=_blob_offset)
         self._offsets = {
             layer: [p.blob_offset for p in items] for layer, items in self._by_layer.items()
         }
@@ -106,10 +116,11 @@ class BlobIndex:
         placed = []
         for node in tree.nodes.values():
             for chunk in node.chunks:
-                where = (chunk.layer, chunk.ref.blob_offset)
-                if where not in seen and not chunk.ref.zeros:
+                ref = chunk.ref
+                where = (chunk.layer, ref.blob_offset)
+                if where not in seen and not ref.zeros:
                     seen.add(where)
-                    placed.append(_Placed(chunk.ref.blob_offset, chunk, node))
+                    placed.append(_Placed(ref.blob_offset, chunk, node))
         return cls(placed)
 
     def following(self, chunk: LayerChunk, budget_bytes: int) -> list[tuple[Node, LayerChunk]]:
@@ -123,4 +134,27 @@ class BlobIndex:
                 break
             picked.append((item.node, item.chunk))
             spent += item.chunk.ref.blob_end - item.chunk.ref.blob_offset
+        return picked
+
+    def ahead_of(
+        self, chunk: LayerChunk, node: Node, file_bytes: int, other_bytes: int
+    ) -> list[tuple[Node, LayerChunk]]:
+        """What to fetch ahead of a miss of ``node``'s ``chunk``: the rest of ``node``, up to
+        ``file_bytes`` compressed, then the chunks that follow it in the blob (the next files
+        of the layer), up to ``other_bytes``. Each chunk is taken only if it fits."""
+        picked: list[tuple[Node, LayerChunk]] = []
+        items = self._by_layer.get(chunk.layer, [])
+        start = bisect.bisect_right(self._offsets.get(chunk.layer, []), chunk.ref.blob_offset)
+        in_file, beyond = 0, 0
+        for item in items[start:]:
+            size = item.chunk.ref.blob_end - item.chunk.ref.blob_offset
+            if item.node is node and beyond == 0:
+                if in_file + size > file_bytes:
+                    break
+                in_file += size
+            else:
+                if beyond + size > other_bytes:
+                    break
+                beyond += size
+            picked.append((item.node, item.chunk))
         return picked

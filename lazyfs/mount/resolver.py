@@ -40,6 +40,7 @@ from lazyfs.model.histogram import LatencyHistogram
 from lazyfs.model.ranges import ByteRange
 from lazyfs.model.verity import format_verity, fsverity_digest
 from lazyfs.mount.filereaders import FileReaders
+from lazyfs.mount.fill import ForegroundMisses
 from lazyfs.mount.prefetch import ProfileRecorder
 from lazyfs.mount.readahead import BlobIndex, LinkEstimate, ReadaheadBudget
 from lazyfs.mount.tree import LayerChunk, Node
@@ -193,6 +194,8 @@ class SharedChunks:
         self.flights: dict[str, _Flight] = {}
         self.limiter = anyio.CapacityLimiter(config.max_concurrent_fetches)
         self.task_group = task_group
+        # Reads of any image waiting on the network: every image's fill pauses for them.
+        self.foreground = ForegroundMisses()
         self._bookkeeping = False
         self._swept = time.monotonic()
 
@@ -257,6 +260,7 @@ class ChunkResolver:
         self._task_group = shared.task_group
         self._limiter = shared.limiter
         self._flights = shared.flights
+        self.foreground = shared.foreground
         self._starts: dict[int, list[int]] = {}
         self.stats = ResolverStats()
 
@@ -483,6 +487,7 @@ class ChunkResolver:
                 self.stats.cache_hits += 1  # fetched and verified, on its way into the cache
             elif flights is not None:
                 self.stats.singleflight_waits += 1
+                self.foreground.missed((flight.done,))  # maybe a fill's: it pauses after it
             joined[item.key] = flight
         return owned
 
@@ -500,6 +505,9 @@ class ChunkResolver:
         missing = await self._serve_from_cache(owned)
         self.stats.cache_hits += len(owned) - len(missing)
         self.stats.cache_misses += len(missing)
+        if missing:
+            flights = (self._flights.get(item.key) for item in missing)
+            self.foreground.missed(flight.done for flight in flights if flight is not None)
         for item in missing:
             self._budget.missed(item.chunk.ref.size)
         not_cached = {id(item) for item in missing}
@@ -588,13 +596,17 @@ class ChunkResolver:
         """Flights for the chunks that follow each layer's last miss (docs in readahead.py)."""
         if self._blob_index is None or not missing or self._config.readahead_max_bytes <= 0:
             return []
-        window = min(
-            self._budget.allowance_bytes,
+        allowance = self._budget.allowance_bytes
+        config = self._config
+        rest_of_file = min(allowance, config.readahead_max_bytes)
+        next_files = min(
+            allowance,
             self._link.window_bytes(
-                self._config.readahead_min_bytes, self._config.readahead_max_bytes
+                min(config.readahead_min_bytes, config.readahead_next_files_max_bytes),
+                config.readahead_next_files_max_bytes,
             ),
         )
-        if window <= 0:
+        if rest_of_file <= 0:
             return []
         last: dict[int, _Wanted] = {}
         for item in missing:
@@ -606,7 +618,9 @@ class ChunkResolver:
         following = [
             self._wanted(node, chunk)
             for item in last.values()
-            for node, chunk in self._blob_index.following(item.chunk, window)
+            for node, chunk in self._blob_index.ahead_of(
+                item.chunk, item.node, rest_of_file, next_files
+            )
         ]
         fetch = await self._serve_from_cache(self._claim(following))
         self.stats.readahead_chunks += len(fetch)

@@ -35,7 +35,7 @@ import re
 import stat
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -236,29 +236,54 @@ def _entry_from_obj(raw: object, index: int, where: str) -> TocEntry:
     (mounts parse hundreds of thousands, so numbers are checked inline)."""
     if not isinstance(raw, dict):
         raise TocError(f"{where}TOC entry {index} is not an object")
-    values: dict[str, Any] = {"type": "", "name": ""}
+    values = _ENTRY_DEFAULTS.copy()
     try:
         for key, value in raw.items():
             spec = _PARSE_SPECS.get(key)
             if spec is None or value is None:
                 continue  # unknown fields are ignored, as Go's encoding/json does
             attr, json_type, largest, pattern, check = spec
-            if json_type is dict:
-                value = _decode_xattrs(value)
-            elif type(value) is not json_type:  # exact: a JSON true is no int
-                raise _Problem(f"{key} is {_json_type(value)}, not {json_type.__name__}")
-            if largest and not 0 <= value <= largest:
-                raise _Problem(f"{key} {_shown(value)} out of range 0..{largest}")
-            if pattern is not None and not pattern.fullmatch(value):
-                raise _Problem(f"{key} {_shown(value)} is not sha256:<64 hex digits>")
-            if check is not None:
+            if type(value) is not json_type:  # exact: a JSON true is no int
+                if json_type is not dict:
+                    raise _Problem(f"{key} is {_json_type(value)}, not {json_type.__name__}")
+                _decode_xattrs(value)  # raises: what is wrong
+            if largest:
+                if not 0 <= value <= largest:
+                    raise _Problem(f"{key} {_shown(value)} out of range 0..{largest}")
+            elif pattern is not None:
+                if not pattern.fullmatch(value):
+                    raise _Problem(f"{key} {_shown(value)} is not sha256:<64 hex digits>")
+            elif check is not None:
+                if json_type is dict:
+                    value = _decode_xattrs(value)
                 check(value)
             values[attr] = value
-        entry = TocEntry(**values)
+        if values["xattrs"] is None:
+            values["xattrs"] = {}
+        entry = _new_entry(values)
         _check_entry_shape(entry)
     except _Problem as exc:
         raise TocError(f"{_entry_where(where, index, raw.get('name'))}{exc}") from None
     return entry
+
+
+def _new_entry(values: dict[str, Any]) -> TocEntry:
+    """A TocEntry of ``values`` (every field, by attribute), without the dataclass's
+    ``__init__``: a frozen dataclass sets each of its 24 fields through ``object.__setattr__``,
+    which took a third of parsing a TOC. Equality, hashing and ``replace`` read the attributes,
+    so the entry is the one ``TocEntry(**values)`` makes."""
+    entry = _NEW(TocEntry)
+    _SET(entry, "__dict__", values)
+    return entry
+
+
+_NEW = object.__new__
+_SET = object.__setattr__
+# Every field at its default, type and name "" (a missing one is refused with the entry's
+# shape); xattrs None, for a new dict per entry.
+_ENTRY_DEFAULTS: dict[str, Any] = {
+    f.name: "" if f.default is MISSING else f.default for f in fields(TocEntry)
+} | {"xattrs": None}
 
 
 def _expect(obj: Mapping[str, object], key: str, kind: type, default: Any, where: str) -> Any:
@@ -693,6 +718,19 @@ def _json_type(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def entries_json(entries: Sequence[TocEntry]) -> bytes:
+    """``entries`` as ``Toc.to_json`` writes them, comma-separated, for a writer that encodes
+    entries as it makes them (one ``json.dumps`` for many: the same bytes, less work)."""
+    return _go_json([_entry_to_obj(entry) for entry in entries])[1:-1]
+
+
+def toc_json(toc: Toc, encoded_entries: Iterable[bytes]) -> bytes:
+    """``toc.to_json()``, given its entries already encoded by :func:`entries_json`."""
+    parts = [part for part in encoded_entries if part]
+    digest = b',"tarSplitDigest":' + _go_json(toc.tar_split_digest) if toc.tar_split_digest else b""
+    return b'{"version":%d,"entries":[%s]%s}' % (toc.version, b",".join(parts), digest)
+
+
 def _go_json(value: object) -> bytes:
     """Encode like Go's encoding/json: compact, sorted map keys, UTF-8, HTML-safe."""
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=False)
@@ -870,7 +908,7 @@ def _chunk_refs(entries: tuple[TocEntry, ...] | list[TocEntry]) -> list[ChunkRef
     if len(entries) == 1:
         sha = head.chunk_digest or head.digest
         verity = head.chunk_verity or head.verity
-        single = ChunkRef(
+        single = _chunk_ref(
             0,
             head.size,
             head.offset,
@@ -889,7 +927,7 @@ def _chunk_refs(entries: tuple[TocEntry, ...] | list[TocEntry]) -> list[ChunkRef
         end = ends[index]
         size = entry.chunk_size or _implied_chunk_size(entries, index, head.size)
         chunks.append(
-            ChunkRef(
+            _chunk_ref(
                 entry.chunk_offset,
                 size,
                 entry.offset,
@@ -903,6 +941,28 @@ def _chunk_refs(entries: tuple[TocEntry, ...] | list[TocEntry]) -> list[ChunkRef
         )
     _check_chunks_cover(head, chunks)
     return chunks
+
+
+def _chunk_ref(
+    file_offset: int,
+    size: int,
+    blob_offset: int,
+    blob_end: int,
+    sha256: str,
+    verity: str,
+    zeros: bool,
+    inner_offset: int,
+    prefetch: int,
+) -> ChunkRef:
+    """``ChunkRef(...)`` without the frozen dataclass's ``__init__`` (as ``_new_entry``): a
+    mount makes one per chunk of the image, a fifth of building its tree."""
+    ref = _NEW(ChunkRef)
+    _SET(ref, "__dict__", {
+        "file_offset": file_offset, "size": size, "blob_offset": blob_offset,
+        "blob_end": blob_end, "sha256": sha256, "verity": verity, "zeros": zeros,
+        "inner_offset": inner_offset, "prefetch": prefetch,
+    })  # fmt: skip
+    return ref
 
 
 def _chunk_ends(entries: tuple[TocEntry, ...] | list[TocEntry], file_end: int) -> list[int]:
