@@ -10,11 +10,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 from imagebuild import random_bytes
 from lazyfs_run import run_lazyfs
 from test_service import read_all, start_service, stop
 
+from lazyfs.bundle import tocdelta
+from lazyfs.bundle.format import BundleContents
+from lazyfs.bundle.inventory import read_inventory, read_inventory_file, write_inventory
+from lazyfs.bundle.tocdelta import TocDelta
 from lazyfs.convert.imagebuild import regular_file, with_parent_dirs, write_image
+from lazyfs.errors import BundleError
+from lazyfs.model.digest import Digest
 from lazyfs.registry.localserver import LocalRegistry
 
 V1 = {f"srv/lib{i:02}.so": random_bytes(200 << 10, seed=500 + i) for i in range(15)}
@@ -90,8 +97,14 @@ def test_a_delta_carries_only_what_changed(exported: dict[str, Path | str], tmp_
                 "--have", str(inventory), "--cache-dir", str(work / "src-cache"), "--json",
             ).stdout
         )  # fmt: skip
-    print(f"v2 bundle: full {full['bundle_bytes']} bytes, delta {delta['bundle_bytes']} bytes")
+    print(
+        f"v2 bundle: full {full['bundle_bytes']} bytes, delta {delta['bundle_bytes']} bytes; "
+        f"TOC {delta['toc_bytes']} bytes sent as a {delta['toc_delta_bytes']}-byte delta"
+    )
     assert delta["chunks"] < full["chunks"] / 4
+    # The node holds v1's TOC (its inventory says so): v2's goes as a delta against it.
+    assert full["toc_deltas"] == 0 and delta["toc_deltas"] == 1
+    assert 0 < delta["toc_delta_bytes"] < delta["toc_bytes"] / 2
     assert delta["skipped_chunks"] >= full["chunks"] - delta["chunks"]
     run_lazyfs("bundle", "import", str(tmp_path / "delta.tar"), "--cache-dir", str(node))
     served = start_service(tmp_path / "svc", "--cache-dir", str(node))
@@ -139,3 +152,83 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
         done = run_lazyfs(*argv, check=False)
         assert done.returncode != 0 and done.stderr.count("\n") == 1, (argv, done.stderr)
         assert "Traceback" not in done.stderr
+
+
+def test_a_delta_against_a_toc_the_node_lacks_is_refused_whole(
+    exported: dict[str, Path | str], tmp_path: Path
+) -> None:
+    """A delta bundle imported on a node without the base TOC: one line, nothing admitted."""
+    work = Path(exported["work"])
+    node = tmp_path / "node"
+    run_lazyfs("bundle", "import", str(exported["bundle"]), "--cache-dir", str(node))
+    inventory = tmp_path / "node.inventory"
+    run_lazyfs("bundle", "inventory", "-o", str(inventory), "--cache-dir", str(node))
+    with LocalRegistry(Path(exported["registry_dir"])):
+        run_lazyfs(
+            "bundle", "export", str(exported["v2"]), "-o", str(tmp_path / "delta"),
+            "--have", str(inventory), "--cache-dir", str(work / "src-cache"),
+        )  # fmt: skip
+    other = tmp_path / "empty-node"
+    done = run_lazyfs("bundle", "import", str(tmp_path / "delta"), "--cache-dir", str(other),
+                      check=False)  # fmt: skip
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "does not hold" in done.stderr
+    assert not (other / "chunks").exists() or _cache_entries(other) == 0
+
+
+def test_bundles_without_deltas_stay_version_1(exported: dict[str, Path | str]) -> None:
+    """What older importers read: a bundle with no TOC delta is written as version 1."""
+    import tarfile
+
+    with tarfile.open(exported["bundle"]) as tar:
+        blobs = [m for m in tar.getmembers() if m.name.startswith("blobs/") and m.isfile()]
+        documents = [tar.extractfile(m).read() for m in blobs]  # type: ignore[union-attr]
+    contents = [d for d in documents if d.startswith(b'{"chunks"')]
+    assert len(contents) == 1 and b'"version":1' in contents[0]
+    assert BundleContents.parse(contents[0]).deltas == ()
+
+
+def _toc(entries: int, seed: int, changed: int = 0) -> bytes:
+    rows = [
+        f'{{"name":"f{i}","digest":"sha256:{(i * 7919 + (seed if i < changed else 0)):064x}"}}'
+        for i in range(entries)
+    ]
+    return ('{"version":1,"entries":[' + ",".join(rows) + "]}").encode()
+
+
+def test_toc_delta_rebuilds_the_exact_bytes_and_checks_them() -> None:
+    base_json, target_json = _toc(4000, 0), _toc(4000, 1, changed=40)
+    value = zstandard.ZstdCompressor(level=3).compress(target_json)
+    base_value = zstandard.ZstdCompressor(level=3).compress(base_json)
+    encoded = tocdelta.encode(value, target_json, base_json)
+    assert encoded is not None
+    data, level = encoded
+    print(f"TOC {len(value)} bytes compressed, delta {len(data)} bytes")
+    assert len(data) < len(value) / 5
+    key = f"blob:{Digest.of(value)}"
+    delta = TocDelta(key, f"blob:{Digest.of(base_value)}", Digest.of(data), len(target_json), level)
+    assert tocdelta.decode(delta, data, base_value) == value
+    assert tocdelta.pick_base(target_json, {"a": b"{}", "b": base_json}) == "b"
+    wrong_base = zstandard.ZstdCompressor(level=3).compress(_toc(4000, 5, changed=4000))
+    with pytest.raises(BundleError):
+        tocdelta.decode(delta, data, wrong_base)
+    with pytest.raises(BundleError, match="declare"):
+        tocdelta.decode(TocDelta(key, delta.base, delta.blob, 10, level), data, base_value)
+    # A TOC that recompression does not give back (another writer's) gets no delta.
+    foreign = zstandard.ZstdCompressor(level=9).compress(target_json)
+    assert tocdelta.encode(foreign, target_json, base_json) is None
+
+
+def test_inventories_of_both_versions_read(tmp_path: Path) -> None:
+    verity = "sha256:" + "ab" * 32
+    write_inventory([verity], tmp_path / "v1.inv")
+    assert (tmp_path / "v1.inv").read_bytes().startswith(b"LAZYFS-INVENTORY 1\n")
+    assert read_inventory(tmp_path / "v1.inv") == {verity}
+    blob = "blob:sha256:" + "cd" * 32
+    write_inventory([verity], tmp_path / "v2.inv", [blob, "tag:x", "alias:y"])
+    held = read_inventory_file(tmp_path / "v2.inv")
+    assert held.chunks == {verity} and held.blobs == {blob}
+    assert held.zstd == tocdelta.zstd_library()
+    (tmp_path / "bad.inv").write_bytes(b"LAZYFS-INVENTORY 2\n" + (1 << 40).to_bytes(8, "big"))
+    with pytest.raises(BundleError):
+        read_inventory_file(tmp_path / "bad.inv")

@@ -377,6 +377,10 @@ class EmulatedLink:
         registry: dict[str, int] = snapshot.get("registry", {})
         return dict(registry)
 
+    def rtt_s(self) -> float:
+        """The median RTT now (through the shaper's queue: what a fill adds to it shows)."""
+        return self._ping()
+
     def measure(self, bulk_bytes: int | None = None) -> LinkMeasurement:
         rtt = self._ping()
         size = bulk_bytes or self._bulk_size()

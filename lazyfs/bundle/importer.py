@@ -1,7 +1,8 @@
 """``lazyfs bundle import``: admit a bundle's metadata and chunks, all of it verified first.
 
 Two passes. The first checks everything and admits nothing: every blob against its sha256
-(OciLayout.read_blob), every metadata value against the digest its key names (a manifest,
+(OciLayout.read_blob), every metadata value (a TOC sent as a delta once rebuilt: tocdelta.py)
+against the digest its key names (a manifest,
 config or TOC by its own digest; an eStargz TOC by the digest its annotation gives), the
 chain of each image (its manifest, config and every layer's TOC are in the bundle), and every
 chunk against its fs-verity digest, each pack decompressed no further than its chunks' lengths.
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lazyfs.bundle import tocdelta
 from lazyfs.bundle.format import (
     BUNDLE_ARTIFACT_TYPE,
     CONTENTS_MEDIA_TYPE,
@@ -57,6 +59,7 @@ def import_bundle(path: Path, cache: ChunkCache, staging: Path) -> ImportSummary
     with _opened(path, staging) as layout:
         contents = _contents(layout)
         metadata = {key: layout.read_blob(blob) for key, blob in contents.metadata}
+        metadata.update(_rebuilt_tocs(layout, contents, cache, set(metadata)))
         for key, value in metadata.items():
             _check_metadata(key, value)
         tags = {_tag_key(image.reference): image.root for image in contents.images}
@@ -107,6 +110,25 @@ def _contents(layout: OciLayout) -> BundleContents:
     if layer.media_type != CONTENTS_MEDIA_TYPE or layer.size > MAX_CONTENTS_BYTES:
         raise BundleError(f"{layout.path}: the bundle's contents are not a lazyfs bundle's")
     return BundleContents.parse(layout.read_blob(layer.digest))
+
+
+def _rebuilt_tocs(
+    layout: OciLayout, contents: BundleContents, cache: ChunkCache, carried: set[str]
+) -> dict[str, bytes]:
+    """The TOCs the bundle carries as deltas, rebuilt against the TOCs this node holds and
+    checked against their digests (tocdelta.decode). Nothing is written."""
+    rebuilt: dict[str, bytes] = {}
+    for delta in contents.deltas:
+        if delta.key in carried or delta.key in rebuilt:
+            raise BundleError(f"bundle entry {delta.key} is carried twice")
+        base = cache.get_meta(delta.base)
+        if base is None:
+            raise BundleError(
+                f"bundle entry {delta.key} is a delta against {delta.base}, which this node "
+                "does not hold: export the bundle again with a current inventory"
+            )
+        rebuilt[delta.key] = tocdelta.decode(delta, layout.read_blob(delta.blob), base)
+    return rebuilt
 
 
 def _check_metadata(key: str, value: bytes) -> None:

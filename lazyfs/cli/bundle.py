@@ -76,7 +76,7 @@ def _inventory(cache: Any, output: Path) -> tuple[dict[str, Any], str]:
     from lazyfs.bundle.inventory import write_inventory
 
     verities = cache.chunk_keys()
-    size = write_inventory(verities, output)
+    size = write_inventory(verities, output, cache.meta_keys())  # blobs: for TOC deltas
     result = {"chunks": len(verities), "bytes": size, "path": str(output)}
     return result, f"wrote the inventory of {len(verities)} chunks to {output} ({size} bytes)"
 
@@ -99,13 +99,14 @@ async def _export(cache: Any, args: argparse.Namespace) -> tuple[dict[str, Any],
     from dataclasses import asdict
 
     from lazyfs.bundle.export import export_bundle
-    from lazyfs.bundle.inventory import read_inventory
+    from lazyfs.bundle.inventory import read_inventory_file
     from lazyfs.model.platform import Platform
     from lazyfs.model.reference import Reference
     from lazyfs.registry.client import RegistryClient
 
     refs = [Reference.parse(text.removeprefix("docker://")) for text in args.references]
-    have = read_inventory(args.have) if args.have else frozenset()
+    held = read_inventory_file(args.have) if args.have else None
+    have = held.chunks if held is not None else frozenset()
     show = sys.stderr.isatty() and not args.json
     async with RegistryClient(registry_config(args), credentials(args)) as client:
         summary = await export_bundle(
@@ -116,6 +117,7 @@ async def _export(cache: Any, args: argparse.Namespace) -> tuple[dict[str, Any],
             args.platform or Platform.host(),
             have,
             step=lambda line: print(f"  {line}", file=sys.stderr) if show else None,
+            held=held,
         )
     text = (
         f"wrote {args.output}: {summary.images} images, {summary.chunks} chunks "

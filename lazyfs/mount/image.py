@@ -28,11 +28,10 @@ from lazyfs.model.platform import Platform
 from lazyfs.model.profiles import AccessProfile
 from lazyfs.model.reference import Reference
 from lazyfs.mount.fill import (
-    PAUSE_AFTER_MISS_S,
     FillProgress,
+    FillRun,
     TokenBucket,
     compressed_bytes,
-    fill_batches,
     fill_order,
 )
 from lazyfs.mount.images import ServedImage
@@ -203,25 +202,15 @@ class MountedImage:
         tree, first = self.opened.tree, self._first
         order = await anyio.to_thread.run_sync(lambda: fill_order(tree, first))
         self.fill.total_bytes = sum(compressed_bytes(chunk) for _, chunk in order)
-        stats = self.resolver.stats
-        misses, quiet_since = stats.cache_misses, time.monotonic()
-        for batch in fill_batches(order):
-            while True:  # strictly below foreground reads: wait for them to stop missing
-                if stats.cache_misses != misses:
-                    misses, quiet_since = stats.cache_misses, time.monotonic()
-                if time.monotonic() - quiet_since >= PAUSE_AFTER_MISS_S:
-                    break
-                self.fill.state = "paused"
-                await anyio.sleep(0.1)
-            self.fill.state = "filling"
-            fetched_before = stats.bytes_fetched
-            await self.resolver.prefetch(batch)
-            self.fill.done_bytes += sum(compressed_bytes(chunk) for _, chunk in batch)
-            await bucket.take(stats.bytes_fetched - fetched_before)  # cached chunks are free
+        # Strictly below foreground reads, of every image of the service; pipelined (fill.py).
+        await FillRun(self.resolver, bucket, self.fill, self._fill_paused).run(order)
         self.fill.state = "done"
         log.info(
             "%s: filled (%d bytes): offline-safe", self.opened.reference, self.fill.total_bytes
         )
+
+    def _fill_paused(self) -> None:
+        self.fill.state = "paused"
 
     async def _prefetch(self) -> None:
         settings, tree = self.options.prefetch, self.opened.tree

@@ -40,7 +40,7 @@ from anyio.abc import TaskGroup
 from lazyfs import __version__
 from lazyfs.cache.layout import CacheLayout
 from lazyfs.cache.store import ChunkCache
-from lazyfs.config import CacheConfig, Credentials, RegistryConfig, ResolverConfig
+from lazyfs.config import CacheConfig, RegistryConfig, ResolverConfig
 from lazyfs.errors import LazyfsError, ServiceError, ServiceUnavailableError, UsageError
 from lazyfs.localfiles import AtomicFile
 from lazyfs.model.platform import Platform
@@ -60,9 +60,9 @@ from lazyfs.mount.images import SERVICE_ROOT_INODE, STORE_DIR_NAME, ImageTable
 from lazyfs.mount.layerstore import LayerStore
 from lazyfs.mount.resolver import ResolverStats, SharedChunks
 from lazyfs.registry.client import RegistryClient
-from lazyfs.registry.credentials import CredentialSource
+from lazyfs.registry.credentials import Credentials, CredentialSource
 from lazyfs.registry.failover import Failover
-from lazyfs.registry.mirrors import EndpointOrder, MirrorConfig
+from lazyfs.registry.mirrors import EndpointOrder, MirrorConfig, system_mirrors
 from lazyfs.service import bindmounts
 from lazyfs.service.metrics import COUNTERS, ImageFigures, ServiceFigures, serve_metrics
 from lazyfs.service.paths import ServicePaths
@@ -386,7 +386,8 @@ class Service:
         if mountpoint in self._mounts:
             raise UsageError(f"{mountpoint} is already a lazyfs mount")
         await anyio.to_thread.run_sync(_check_mountpoint, mountpoint, peer)
-        options, client, failover = self._image_setup(args)
+        host_mirrors = await anyio.to_thread.run_sync(system_mirrors)  # registries.conf, per open
+        options, client, failover = self._image_setup(args, host_mirrors)
         record = _optional_path(args.get("record_profile"), "record_profile")
         self._opening += 1
         try:
@@ -438,11 +439,14 @@ class Service:
         self._tasks.start_soon(image.background, self._fill_bucket)
         return image
 
-    def _image_setup(self, args: dict[str, Any]) -> tuple[ImageOptions, RegistryClient, Failover]:
+    def _image_setup(
+        self, args: dict[str, Any], host_mirrors: MirrorConfig
+    ) -> tuple[ImageOptions, RegistryClient, Failover]:
         reference = Reference.parse(_text(args.get("reference"), "reference"))
         platform_text = args.get("platform")
         platform = Platform.parse(_text(platform_text, "platform")) if platform_text else None
-        mirrors = MirrorConfig.loads(str(args.get("mirrors") or ""), "mirrors")
+        # --config's rules replace the host's of the same prefix (mirrors.py).
+        mirrors = host_mirrors.merged(MirrorConfig.loads(str(args.get("mirrors") or ""), "mirrors"))
         profile_json = args.get("profile")
         profile = AccessProfile.parse(json.dumps(profile_json).encode()) if profile_json else None
         resolver = self.config.resolver
@@ -586,7 +590,7 @@ class Service:
         return {
             **self.health(),
             "cache_chunk_bytes": self._cache_chunk_bytes,
-            "cache_size_limit_bytes": self.config.cache.size_limit_bytes,
+            "cache_size_limit_bytes": self._cache.size_limit_bytes if self._cache else 0,
             "network_bytes_received": sum(c.stats.bytes_received for c in self._clients.values()),
             **{key: getattr(totals, key) for key, _, _ in COUNTERS},
             "internal_errors": totals.internal_errors + self._fuse_internal_errors(),
