@@ -6,7 +6,13 @@
 - ``lazy-prefetch``: the same, with the image converted with an access profile of the workload
   (recorded once, on another mount, by :func:`record_profile`), so the mount prefetches what
   the workload will read (lazyfs/mount/prefetch.py);
-- ``lazy-warm``: a new mount of an image the service holds in its cache, whole.
+- ``lazy-warm``: a new mount of an image the service holds in its cache, whole (a service
+  started on that cache: it has to read the image's TOCs back from the cache);
+- ``lazy-remount``: the same cache, and a service that has mounted the image once already
+  (untimed, released before the page-cache drop), as a node's long-running service has: it
+  keeps recently released images indexed, so the mount fetches the manifest only;
+- ``podman-pull``, ``podman-lazyfs``, ``podman-peer``: podman pulls and runs the image
+  (:mod:`lazyfs.bench.podmanmodes`).
 
 The lazy modes run as a node would: a ``lazyfs serve`` for the mode's cache is started first
 (:mod:`lazyfs.bench.mountservice`; its start-up, *service up*, is a figure of its own), then
@@ -33,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lazyfs.bench import FULL_PULL, LAZY_COLD, LAZY_PREFETCH, LAZY_WARM
+from lazyfs.bench import FULL_PULL, LAZY_COLD, LAZY_PREFETCH, LAZY_REMOUNT, LAZY_WARM
 from lazyfs.bench.images import TAG, BenchImage
 from lazyfs.bench.links import EmulatedLink
 from lazyfs.bench.mountservice import RunningService, mount_service, service_mount
@@ -95,6 +101,7 @@ class ModeContext:
     profile: str
     run: int
     timeout_s: float
+    peer_store: Path | None = None  # the peer's layer store binary (podman-peer)
 
     def reference(self, tag: str) -> str:
         return f"{self.link.registry_host}/{self.repository}:{tag}"
@@ -132,11 +139,17 @@ def drop_page_cache() -> None:
         raise LazyfsError(f"cannot drop the page cache (needs root): {exc}") from exc
 
 
-def run_measured(argv: list[str], log: Path, timeout_s: float = _TOOL_TIMEOUT_S) -> ProcessCost:
-    """Run ``argv`` to completion; its CPU time and peak RSS (from wait4)."""
+def run_measured(
+    argv: list[str],
+    log: Path,
+    timeout_s: float = _TOOL_TIMEOUT_S,
+    env: dict[str, str] | None = None,
+) -> ProcessCost:
+    """Run ``argv`` to completion (``env``: its environment, else ours); its CPU time and peak
+    RSS (from wait4)."""
     with log.open("ab") as log_file:
         process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
+            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env
         )
     pidfd = os.pidfd_open(process.pid)
     try:
@@ -281,10 +294,21 @@ def full_pull(ctx: ModeContext) -> RunMetrics:
     return _metrics(ctx, FULL_PULL, started, mounted, result, (before, after), cost, None)
 
 
-def _lazy(ctx: ModeContext, mode: str, cache_dir: Path, tag: str = CHUNKED_TAG) -> RunMetrics:
-    """Service up first (not timed), then drop the page cache; timed: mount and workload."""
+def _lazy(
+    ctx: ModeContext,
+    mode: str,
+    cache_dir: Path,
+    tag: str = CHUNKED_TAG,
+    *,
+    mounted_before: bool = False,
+) -> RunMetrics:
+    """Service up first (not timed), then drop the page cache; timed: mount and workload.
+    ``mounted_before``: the service mounts and releases the image once before the drop."""
     mountpoint = ctx.work / "mnt"
     with _service(ctx, cache_dir) as service:
+        if mounted_before:
+            with service_mount(service, ctx.reference(tag), mountpoint):
+                pass
         drop_page_cache()
         idle = process_cost(service.pid)
         before = ctx.link.counters()
@@ -311,11 +335,16 @@ def lazy_warm(ctx: ModeContext) -> RunMetrics:
     return _lazy(ctx, LAZY_WARM, ctx.warm_cache)
 
 
+def lazy_remount(ctx: ModeContext) -> RunMetrics:
+    return _lazy(ctx, LAZY_REMOUNT, ctx.warm_cache, mounted_before=True)
+
+
 RUNNERS: dict[str, Callable[[ModeContext], RunMetrics]] = {
     FULL_PULL: full_pull,
     LAZY_COLD: lazy_cold,
     LAZY_PREFETCH: lazy_prefetch,
     LAZY_WARM: lazy_warm,
+    LAZY_REMOUNT: lazy_remount,
 }
 
 
@@ -325,9 +354,17 @@ def run_mode(mode: str, ctx: ModeContext) -> RunMetrics:
     shutil.rmtree(ctx.work, ignore_errors=True)
     ctx.work.mkdir(parents=True)
     try:
-        return RUNNERS[mode](ctx)
+        return _runner(mode)(ctx)
     finally:
         shutil.rmtree(ctx.work, ignore_errors=True)
+
+
+def _runner(mode: str) -> Callable[[ModeContext], RunMetrics]:
+    if mode in RUNNERS:
+        return RUNNERS[mode]
+    from lazyfs.bench.podmanmodes import RUNTIME_RUNNERS  # it imports this module
+
+    return RUNTIME_RUNNERS[mode]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,16 +72,19 @@ def detach_mounts(mountpoints: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def mount_service(cache_dir: Path, run_dir: Path, scope: Path) -> Iterator[RunningService]:
-    """A ``lazyfs serve`` for ``cache_dir`` with its own ``run_dir``, up and answering; stopped
-    with SIGTERM afterwards. Raises LazyfsError (after cleaning up) if it did not stop in time
-    or left a lazyfs mount under ``scope``."""
+def mount_service(
+    cache_dir: Path, run_dir: Path, scope: Path, extra: Sequence[str] = ()
+) -> Iterator[RunningService]:
+    """A ``lazyfs serve`` for ``cache_dir`` with its own ``run_dir`` (and ``extra`` arguments,
+    e.g. ``--store DIR``), up and answering; stopped with SIGTERM afterwards. Raises
+    LazyfsError (after cleaning up) if it did not stop in time or left a lazyfs mount under
+    ``scope``."""
     socket = run_dir / "control.sock"
     if len(os.fsencode(socket)) > _SOCKET_PATH_MAX:
         raise LazyfsError(f"socket path {socket} is too long for a UNIX socket: shorten --work-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir.parent / f"{run_dir.name}.log"  # beside the run dir: the service owns that
-    process, started = _spawn(cache_dir, run_dir, log)
+    process, started = _spawn(cache_dir, run_dir, log, extra)
     problems: list[str] = []
     try:
         up_s = _wait_until_up(process, socket, log, started)
@@ -97,10 +100,12 @@ def mount_service(cache_dir: Path, run_dir: Path, scope: Path) -> Iterator[Runni
         raise LazyfsError(f"the mount service did not stop cleanly: {'; '.join(problems)}")
 
 
-def _spawn(cache_dir: Path, run_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], float]:
+def _spawn(
+    cache_dir: Path, run_dir: Path, log: Path, extra: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], float]:
     argv = [
         sys.executable, "-m", "lazyfs", "--log-level", "info", "serve",  # as the launcher's
-        "--cache-dir", str(cache_dir), "--run-dir", str(run_dir),
+        "--cache-dir", str(cache_dir), "--run-dir", str(run_dir), *extra,
     ]  # fmt: skip
     with log.open("wb") as log_file:  # this service's own: _released_by_itself reads it
         started = time.monotonic()

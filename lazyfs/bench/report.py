@@ -8,7 +8,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lazyfs.bench import FULL_PULL, LAZY_COLD, LAZY_PREFETCH, LAZY_WARM, MODES
+from lazyfs.bench import (
+    ALL_MODES,
+    FULL_PULL,
+    LAZY_COLD,
+    LAZY_PREFETCH,
+    LAZY_REMOUNT,
+    LAZY_WARM,
+    PODMAN_LAZYFS,
+    PODMAN_PEER,
+    PODMAN_PULL,
+)
 from lazyfs.bench.links import LinkCheck, format_rate
 from lazyfs.bench.modes import RunMetrics
 from lazyfs.errors import LazyfsError
@@ -31,6 +41,9 @@ AMPLIFICATION_GOAL = 2.0
 MOUNT_BASE_GOAL_S = 0.10  # issue 9: `lazyfs mount` ready within 0.1 s + 2 RTT
 MOUNT_RTT_FACTOR = 2
 WARM_READY_GOAL_S = 0.3  # issue 9: warm start on loopback, mount and workload
+PODMAN_PEER_RATIO_GOAL = 0.8  # issue 10: podman-lazyfs pull + run vs podman-peer's
+PODMAN_PULL_RATIO_GOAL = 0.4  # issue 10: podman-lazyfs pull + run vs podman's full pull
+PODMAN_AMPLIFICATION_GOAL = 1.3  # issue 10: bytes fetched / bytes the workload reads
 
 
 @dataclass(frozen=True)
@@ -112,7 +125,7 @@ def groups(runs: Sequence[RunMetrics]) -> dict[tuple[str, str, str], list[RunMet
     profiles = list(dict.fromkeys(run.profile for run in runs))
 
     def order(run: RunMetrics) -> tuple[int, int, int]:
-        mode = MODES.index(run.mode) if run.mode in MODES else len(MODES)
+        mode = ALL_MODES.index(run.mode) if run.mode in ALL_MODES else len(ALL_MODES)
         return images.index(run.image), profiles.index(run.profile), mode
 
     out: dict[tuple[str, str, str], list[RunMetrics]] = {}
@@ -169,6 +182,47 @@ def goals(runs: Sequence[RunMetrics], links: Sequence[LinkCheck] = ()) -> list[G
         for mode in (LAZY_COLD, LAZY_PREFETCH):
             out += _mode_goals(grouped, runs, image, mode)
         out += _service_goals(grouped, image, links)
+        out += _podman_goals(grouped, runs, image)
+    return out
+
+
+def _podman_goals(
+    grouped: dict[tuple[str, str, str], list[RunMetrics]],
+    runs: Sequence[RunMetrics],
+    image: str,
+) -> list[Goal]:
+    """Issue 10: podman through lazyfs's layer store against the peer's and a full pull (time
+    to ready: pull plus run), per link; and its bytes over the link against what is read."""
+    out = []
+    profiles = dict.fromkeys(r.profile for r in runs if r.image == image)
+    for profile in profiles:
+        lazy = _ready(grouped, (image, profile, PODMAN_LAZYFS))
+        for other, limit in ((PODMAN_PEER, PODMAN_PEER_RATIO_GOAL),
+                             (PODMAN_PULL, PODMAN_PULL_RATIO_GOAL)):  # fmt: skip
+            baseline = _ready(grouped, (image, profile, other))
+            if lazy and baseline:
+                ratio = statistics.median(lazy) / statistics.median(baseline)
+                out.append(
+                    Goal(
+                        image,
+                        f"{profile}: {PODMAN_LAZYFS} / {other} pull + run (medians)",
+                        f"<= {limit}",
+                        f"{ratio:.2f}",
+                        ratio <= limit,
+                    )
+                )
+    amplification = [r.amplification for r in runs if r.image == image and r.mode == PODMAN_LAZYFS]
+    if amplification:
+        worst = max(amplification)
+        out.append(
+            Goal(
+                image,
+                f"{PODMAN_LAZYFS} bytes over the link / bytes read (worst run)",
+                f"<= {PODMAN_AMPLIFICATION_GOAL}",
+                f"{worst:.2f}",
+                worst <= PODMAN_AMPLIFICATION_GOAL,
+            )
+        )
     return out
 
 
@@ -181,7 +235,7 @@ def _service_goals(
     out = []
     for check in links:
         limit = MOUNT_BASE_GOAL_S + MOUNT_RTT_FACTOR * check.profile.rtt_s
-        for mode in (LAZY_COLD, LAZY_PREFETCH, LAZY_WARM):
+        for mode in (LAZY_COLD, LAZY_PREFETCH, LAZY_WARM, LAZY_REMOUNT):
             mounts = [r.time_to_mount_s for r in grouped.get((image, check.profile.name, mode), [])]
             if mounts:
                 median = statistics.median(mounts)
@@ -194,18 +248,19 @@ def _service_goals(
                         median <= limit,
                     )
                 )
-    warm = _ready(grouped, (image, "loopback", LAZY_WARM))
-    if warm:
-        median = statistics.median(warm)
-        out.append(
-            Goal(
-                image,
-                "loopback: lazy-warm time to ready (median)",
-                f"<= {WARM_READY_GOAL_S} s",
-                f"{median:.3f} s",
-                median <= WARM_READY_GOAL_S,
+    for mode in (LAZY_WARM, LAZY_REMOUNT):
+        warm = _ready(grouped, (image, "loopback", mode))
+        if warm:
+            median = statistics.median(warm)
+            out.append(
+                Goal(
+                    image,
+                    f"loopback: {mode} time to ready (median)",
+                    f"<= {WARM_READY_GOAL_S} s",
+                    f"{median:.3f} s",
+                    median <= WARM_READY_GOAL_S,
+                )
             )
-        )
     return out
 
 
@@ -327,7 +382,8 @@ def _row(cells: Sequence[str]) -> str:
 
 def table(result: BenchResult) -> str:
     """Times as median/p95; the rest as medians. ``svc up s``: the mode's service started until
-    it answered, outside its time to ready (``-``: no service, full-pull)."""
+    it answered, outside its time to ready (``-``: no service, full-pull and podman-pull; for
+    podman-peer, the peer store spawned until its mount appeared)."""
     lines = [_links_block(result.links), ""]
     lines.append(_row([name for name, _ in _COLUMNS]))
     for row in summary(result.runs):
@@ -419,7 +475,7 @@ def chart(result: BenchResult, path: Path) -> None:
     grouped = groups(result.runs)
     images = list(dict.fromkeys(r.image for r in result.runs))
     profiles = list(dict.fromkeys(r.profile for r in result.runs))
-    modes = [m for m in MODES if any(r.mode == m for r in result.runs)]
+    modes = [m for m in ALL_MODES if any(r.mode == m for r in result.runs)]
     figure, axes = plt.subplots(1, len(images), figsize=(6 * len(images), 4.5), squeeze=False)
     width = 0.8 / max(len(modes), 1)
     for axis, image in zip(axes[0], images, strict=True):

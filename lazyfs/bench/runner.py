@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from lazyfs import __version__
-from lazyfs.bench import DEFAULT_IMAGES, LAZY_PREFETCH, MODES
+from lazyfs.bench import DEFAULT_IMAGES, LAZY_PREFETCH, MODES, PODMAN_PEER
 from lazyfs.bench.command import lazyfs_command
 from lazyfs.bench.images import TAG, BenchImage, ensure_image
 from lazyfs.bench.links import DEFAULT_PROFILES, EmulatedLink, LinkCheck, LinkProfile
@@ -63,6 +63,7 @@ class BenchConfig:
     seed: int = 0
     timeout_s: float = 600.0
     argv: tuple[str, ...] = field(default_factory=tuple)
+    peer_store: Path | None = None  # podman-peer: the peer's layer store binary (stargz-store)
 
 
 def machine() -> dict[str, str]:
@@ -162,6 +163,7 @@ class Bench:
             for image in images:
                 self.progress(f"pushing {image.name} (gzip as :latest, zstd:chunked as :chunked)")
                 push(image, registry)
+                self._push_estargz(image, registry)
             link = stack.enter_context(EmulatedLink(registry))
             self.progress(
                 f"emulated link: netns {link.netns}, registry at {link.registry_host} "
@@ -175,6 +177,17 @@ class Bench:
                 self._profile(profile, images, link)
         self.result.duration_s = time.monotonic() - started
         return self.result
+
+    def _push_estargz(self, image: BenchImage, registry: str) -> None:
+        """podman-peer runs the eStargz conversion (the peer's converter), as ``:estargz``."""
+        store = self.config.peer_store
+        if PODMAN_PEER not in self.config.modes or store is None:
+            return
+        from lazyfs.bench.peerstore import ensure_estargz, push_estargz
+
+        layout = ensure_estargz(image, store, self.config.image_dir, self.progress)
+        self.progress(f"pushing {image.name} (eStargz as :estargz)")
+        push_estargz(layout, f"{registry}/{REPOSITORY_PREFIX}/{image.name}")
 
     def _image(self, name: str) -> BenchImage:
         return ensure_image(
@@ -195,6 +208,7 @@ class Bench:
             profile=profile,
             run=run,
             timeout_s=self.config.timeout_s,
+            peer_store=self.config.peer_store,
         )
 
     def _reference(self, image: BenchImage, link: EmulatedLink) -> None:

@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 # Only names here: the bench modules are imported when the command runs, so other lazyfs
 # commands (``lazyfs mount`` above all, which the bench times) do not pay for them.
-from lazyfs.bench import DEFAULT_IMAGES, IMAGE_NAMES, MODES, PROFILE_NAMES
+from lazyfs.bench import (
+    ALL_MODES,
+    DEFAULT_IMAGES,
+    IMAGE_NAMES,
+    MODES,
+    PODMAN_PEER,
+    PROFILE_NAMES,
+    RUNTIME_MODES,
+)
 from lazyfs.errors import LazyfsError, UsageError
 
 if TYPE_CHECKING:
@@ -53,7 +61,17 @@ def add_parsers(commands: Any) -> None:
     parser.add_argument("--workload", help="command to run, shell syntax (default: the image's)")
     parser.add_argument("--ready-line", help="ready when this appears on the output, not at exit")
     parser.add_argument(
-        "--mode", action="append", help=f"modes, comma-separated (default: {','.join(MODES)})"
+        "--mode",
+        action="append",
+        help=f"modes, comma-separated (default: {','.join(MODES)}; runtime modes: "
+        f"{','.join(RUNTIME_MODES)})",
+    )
+    parser.add_argument(
+        "--peer-store",
+        type=Path,
+        metavar="PATH",
+        help=f"the peer's layer store binary (stargz-store, with estargz-conv beside it): adds "
+        f"the mode {PODMAN_PEER}",
     )
     parser.add_argument(
         "--profile",
@@ -108,12 +126,41 @@ def select_profiles(names: list[str] | None, links: list[str]) -> tuple[LinkProf
     return tuple(profiles)
 
 
-def select_modes(values: list[str] | None) -> tuple[str, ...]:
+def select_modes(values: list[str] | None, peer_store: Path | None = None) -> tuple[str, ...]:
+    """The modes asked for (default: MODES); ``podman-peer`` with a peer store, and only then."""
     modes = _split(values) or list(MODES)
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if m not in ALL_MODES]
     if unknown:
-        raise UsageError(f"unknown mode {unknown[0]!r} (known: {', '.join(MODES)})")
+        raise UsageError(f"unknown mode {unknown[0]!r} (known: {', '.join(ALL_MODES)})")
+    if peer_store is not None:
+        modes.append(PODMAN_PEER)
+    elif PODMAN_PEER in modes:
+        raise UsageError(f"mode {PODMAN_PEER} needs --peer-store PATH")
     return tuple(dict.fromkeys(modes))
+
+
+def check_peer_store(path: Path | None) -> Path | None:
+    """The peer binary and the converter beside it must be executable files."""
+    if path is None:
+        return None
+    from lazyfs.bench.peerstore import converter_beside
+
+    for binary in (path, converter_beside(path)):
+        if not (binary.is_file() and os.access(binary, os.X_OK)):
+            raise UsageError(f"--peer-store {path}: {binary} is not an executable file")
+    return path.resolve()
+
+
+def check_runtime_tools(modes: tuple[str, ...]) -> None:
+    if not set(modes) & set(RUNTIME_MODES):
+        return
+    from lazyfs.bench.podmanmodes import missing_tools
+
+    missing = missing_tools()
+    if missing:
+        raise LazyfsError(
+            f"the podman modes need {' and '.join(missing)} (make setup installs them)"
+        )
 
 
 def build_config(args: argparse.Namespace, work_dir: Path) -> BenchConfig:
@@ -133,11 +180,13 @@ def build_config(args: argparse.Namespace, work_dir: Path) -> BenchConfig:
     if command is not None and len(images) != 1:
         raise UsageError("--workload applies to one image; name exactly one")
     _check_images(images)
+    peer_store = check_peer_store(args.peer_store)
+    modes = select_modes(args.mode, peer_store)
     return BenchConfig(
         images=images,
         command=command,
         ready_line=args.ready_line,
-        modes=select_modes(args.mode),
+        modes=modes,
         profiles=select_profiles(args.profile, args.link),
         runs=args.runs,
         registry=args.registry,
@@ -146,6 +195,7 @@ def build_config(args: argparse.Namespace, work_dir: Path) -> BenchConfig:
         seed=args.seed,
         timeout_s=args.timeout,
         argv=("lazyfs", *args.raw_argv),
+        peer_store=peer_store,
     )
 
 
@@ -193,6 +243,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from lazyfs.bench.runner import Bench, terminal_progress
 
     config = build_config(args, Path())
+    check_runtime_tools(config.modes)
     if os.geteuid() != 0:
         raise LazyfsError("lazyfs bench needs root (network namespaces, tc, mounts)")
     with _work_dir(args.work_dir) as work_dir:
