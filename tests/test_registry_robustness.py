@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from faultserver import FaultServer
 
-from lazyfs.config import Credentials, RegistryConfig, RetryConfig
+from lazyfs.config import RegistryConfig, RetryConfig
 from lazyfs.errors import (
     RegistryError,
     RegistryProtocolError,
@@ -31,7 +31,7 @@ from lazyfs.model.manifests import OCI_MANIFEST
 from lazyfs.model.ranges import ByteRange
 from lazyfs.model.reference import Reference
 from lazyfs.registry.client import RegistryClient
-from lazyfs.registry.credentials import StaticCredentials
+from lazyfs.registry.credentials import Credentials, StaticCredentials
 
 pytestmark = pytest.mark.anyio
 

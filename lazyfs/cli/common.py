@@ -11,15 +11,15 @@ import argparse
 import json
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lazyfs.config import RegistryConfig
 from lazyfs.errors import UsageError
-from lazyfs.model.platform import Platform
 
+# Imported where used: `lazyfs mount` is a client whose start-up is its mount time.
 if TYPE_CHECKING:
+    from lazyfs.config import RegistryConfig
+    from lazyfs.model.platform import Platform
     from lazyfs.registry.credentials import DockerConfigCredentials
 
 
@@ -62,6 +62,8 @@ def parse_duration(text: str) -> float:
 
 
 def parse_platform(text: str) -> Platform:
+    from lazyfs.model.platform import Platform
+
     try:
         return Platform.parse(text)
     except UsageError as exc:
@@ -104,7 +106,9 @@ def registry_config(args: argparse.Namespace, direction: str | None = None) -> R
     directional = getattr(args, f"{direction}_tls_verify", None) if direction else None
     if directional is not None:
         tls_verify = directional
-    return replace(RegistryConfig(), tls_verify=tls_verify, cert_dir=args.cert_dir)
+    from lazyfs.config import RegistryConfig
+
+    return RegistryConfig(tls_verify=tls_verify, cert_dir=args.cert_dir)
 
 
 def credentials(args: argparse.Namespace, direction: str | None = None) -> DockerConfigCredentials:

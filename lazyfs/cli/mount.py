@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazyfs.cli.common import (
     add_registry_flags,
@@ -27,12 +27,15 @@ from lazyfs.cli.common import (
     print_json,
     with_password,
 )
-from lazyfs.config import STATS_XATTR, Credentials
 from lazyfs.errors import ServiceUnavailableError, UsageError
 from lazyfs.model.reference import Reference
 from lazyfs.mount import mountinfo
-from lazyfs.service import client, launcher
+from lazyfs.service import client
 from lazyfs.service.paths import default_cache_dir
+
+# The rest is imported where it is used: a mount through a running service needs none of it.
+if TYPE_CHECKING:
+    from lazyfs.registry.credentials import Credentials
 
 log = logging.getLogger("lazyfs")
 
@@ -85,6 +88,8 @@ def _socket(args: argparse.Namespace, *, start: bool) -> Path:
     explicit = args.socket or (Path(os.environ[SOCKET_ENV]) if os.environ.get(SOCKET_ENV) else None)
     if explicit is not None:
         return Path(explicit)
+    from lazyfs.service import launcher
+
     cache_dir = args.cache_dir.absolute()
     socket = launcher.socket_for_cache(cache_dir)
     if not start or client.is_listening(socket):
@@ -128,12 +133,15 @@ def _credentials(
 ) -> dict[str, list[str]]:
     """The credentials of every registry the request may use, looked up as this user."""
     from lazyfs.registry.credentials import DockerConfigCredentials, parse_creds
-    from lazyfs.registry.mirrors import MirrorConfig
 
     explicit: Credentials | None = parse_creds(with_password(args.creds)) if args.creds else None
     source = DockerConfigCredentials(args.authfile, creds=explicit)
-    config = MirrorConfig.loads(mirrors, "--config") if mirrors else MirrorConfig()
-    registries = {reference.registry} | {e.registry for e in config.endpoints(reference)}
+    registries = {reference.registry}
+    if mirrors:
+        from lazyfs.registry.mirrors import MirrorConfig
+
+        config = MirrorConfig.loads(mirrors, "--config")
+        registries |= {e.registry for e in config.endpoints(reference)}
     found = {}
     for registry in sorted(registries):
         credentials = source.lookup(registry)
@@ -179,6 +187,8 @@ def _is_dead_lazyfs_mount(path: Path) -> bool:
 
 
 def read_stats(mountpoint: Path) -> dict[str, Any]:
+    from lazyfs.config import STATS_XATTR
+
     try:
         raw = os.getxattr(mountpoint, STATS_XATTR)
     except OSError as exc:
@@ -207,6 +217,8 @@ def _owning_socket(args: argparse.Namespace, mountpoint: Path) -> Path:
     """--socket or LAZYFS_SOCKET, else the service whose pid the mount's stats name."""
     if args.socket or os.environ.get(SOCKET_ENV):
         return _socket(args, start=False)
+    from lazyfs.service import launcher
+
     stats = read_stats(mountpoint)
     return Path(stats.get("socket") or launcher.socket_for_cache(args.cache_dir.absolute()))
 
@@ -264,7 +276,10 @@ def add_parsers(commands: Any) -> None:
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     _add_service_flags(mount)
     mount.add_argument(
-        "--cache-size", type=parse_size, default=10 << 30, help="for a service it starts (10G)"
+        "--cache-size",
+        type=parse_size,
+        default=None,
+        help="for a service it starts (default: the bound stored with the cache; 10G if new)",
     )
     mount.add_argument(
         "--service-idle-exit",

@@ -8,7 +8,6 @@ A pure leaf: the only outside input is :func:`platform.machine`.
 
 from __future__ import annotations
 
-import platform as _stdlib_platform
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -83,6 +82,8 @@ class Platform:
     @classmethod
     def host(cls) -> Platform:
         """The platform of this machine; unknown machines keep their ``uname -m`` name."""
+        import platform as _stdlib_platform  # here: the CLI client never needs it
+
         machine = _stdlib_platform.machine().lower()
         architecture, variant = _MACHINE_TO_ARCH.get(machine, (machine, None))
         return cls("linux", architecture, variant)

@@ -23,9 +23,8 @@ import anyio
 import anyio.to_thread
 import httpx
 
-from lazyfs.config import Credentials
 from lazyfs.errors import AuthError, RegistryError
-from lazyfs.registry.credentials import CredentialSource
+from lazyfs.registry.credentials import Credentials, CredentialSource
 from lazyfs.registry.tls import REGISTRY_EXTENSION
 from lazyfs.registry.wire import status_error
 

@@ -19,16 +19,26 @@ import binascii
 import json
 import logging
 import os
-import subprocess
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from lazyfs.config import Credentials
 from lazyfs.errors import AuthError, AuthFileError, UsageError
 
+if TYPE_CHECKING:
+    import subprocess
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A user name and secret for one registry. ``repr`` never shows the secret."""
+
+    username: str
+    password: str = field(repr=False)
+
 
 _HELPER_TIMEOUT_S = 30.0
 _HELPER_NOT_FOUND = "credentials not found"
@@ -216,6 +226,8 @@ def helper_server_url(registry: str) -> str:
 
 def run_credential_helper(name: str, registry: str) -> Credentials | None:
     """Run ``docker-credential-NAME get`` with the server on stdin; None if it has no entry."""
+    import subprocess  # here: `lazyfs mount` rarely needs it, and it costs its start-up
+
     program = f"docker-credential-{name}"
     try:
         result = subprocess.run(
