@@ -35,6 +35,9 @@ def _assert_one_line_usage_error(code: int, err: str) -> None:
     [
         ["mount", "127.0.0.1:5000/a:b", "/tmp", "--cache-size"],
         ["serve", "--cache-size"],
+        ["serve", "--max-toc-bytes"],
+        ["serve", "--max-image-toc-bytes"],
+        ["serve", "--fill-rate"],
     ],
 )
 def test_bad_sizes(command: list[str], value: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -48,6 +48,17 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def parse_count(text: str) -> int:
+    """A positive whole number (``1000000``)."""
+    try:
+        value = int(text.strip().replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: must be positive")
+    return value
+
+
 def parse_duration(text: str) -> float:
     """Seconds: a finite, positive number (``nan``, ``inf`` and ``-1`` are refused)."""
     try:

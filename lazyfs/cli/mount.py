@@ -28,7 +28,7 @@ from lazyfs.cli.common import (
     with_password,
 )
 from lazyfs.errors import ServiceUnavailableError, UsageError
-from lazyfs.model.reference import Reference
+from lazyfs.model.reference import LAYOUT_PREFIX, Reference, split_layout_location
 from lazyfs.mount import mountinfo
 from lazyfs.service import client
 from lazyfs.service.paths import default_cache_dir
@@ -48,6 +48,8 @@ LAZYFS_FSTYPE = "fuse.lazyfs"
 
 def run_mount(args: argparse.Namespace) -> int:
     mountpoint = _check_mountpoint(args.mountpoint)
+    if args.reference.startswith(LAYOUT_PREFIX):
+        return _mount_layout(args, mountpoint)
     reference = Reference.parse(args.reference.removeprefix("docker://"))
     request = {
         "reference": str(reference),
@@ -65,6 +67,28 @@ def run_mount(args: argparse.Namespace) -> int:
     print(
         f"mounted {reference} at {mountpoint} (service pid {answer['pid']}, image "
         f"{answer['image'][:19]}{', offline' if answer.get('offline') else ''})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _mount_layout(args: argparse.Namespace, mountpoint: Path) -> int:
+    """``oci:PATH[:TAG]``: an image in an OCI layout on disk, read by the service (which
+    verifies it as it does a registry's); no registry, mirrors or credentials."""
+    path, tag = split_layout_location(args.reference)
+    request = {
+        "layout": str(Path(path).absolute()),
+        "tag": tag,
+        "mountpoint": str(mountpoint),
+        "platform": str(args.platform) if args.platform else None,
+        "read_timeout_s": args.read_timeout,
+        "fill": args.fill,
+        **_prefetch_arguments(args),
+    }
+    answer = _open(args, request)
+    print(
+        f"mounted {args.reference} at {mountpoint} (service pid {answer['pid']}, image "
+        f"{answer['image'][:19]})",
         file=sys.stderr,
     )
     return 0
@@ -272,7 +296,9 @@ def _add_service_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_parsers(commands: Any) -> None:
     mount = commands.add_parser("mount", help="mount an image lazily (read-only)")
-    mount.add_argument("reference", metavar="REF")
+    mount.add_argument(
+        "reference", metavar="REF", help="[docker://]REFERENCE, or oci:PATH[:TAG] (an OCI layout)"
+    )
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     _add_service_flags(mount)
     mount.add_argument(

@@ -11,13 +11,14 @@ from typing import Any
 from lazyfs.cli.common import (
     add_registry_flags,
     credentials,
+    parse_count,
     parse_duration,
     parse_platform,
     parse_size,
     registry_config,
     run_trio,
 )
-from lazyfs.config import CacheConfig, ResolverConfig
+from lazyfs.config import CacheConfig, LimitsConfig, ResolverConfig
 from lazyfs.service.paths import ServicePaths, default_cache_dir, run_base, run_dir_name
 
 log = logging.getLogger("lazyfs")
@@ -55,6 +56,7 @@ def run_serve(args: argparse.Namespace) -> int:
         store_credentials=credentials(args) if store is not None else None,
         fill_by_default=args.fill,
         fill_rate_bytes_per_s=args.fill_rate,
+        limits=_limits(args),
         socket_group=args.socket_group,
         metrics_addr=args.metrics_addr,
         idle_exit_s=args.idle_exit,
@@ -102,6 +104,16 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return int(text)
+
+
+def _limits(args: argparse.Namespace) -> LimitsConfig:
+    """The metadata bounds of each image (docs/reliability.md), the defaults unless given."""
+    given = {
+        "max_toc_bytes": args.max_toc_bytes,
+        "max_image_toc_bytes": args.max_image_toc_bytes,
+        "max_image_toc_entries": args.max_image_toc_entries,
+    }
+    return LimitsConfig(**{name: value for name, value in given.items() if value is not None})
 
 
 def add_parsers(commands: Any) -> None:
@@ -154,6 +166,26 @@ def add_parsers(commands: Any) -> None:
         type=parse_size,
         metavar="BYTES",
         help="cap on the fill, in bytes per second over all images (e.g. 2M; default: none)",
+    )
+    limits = serve.add_argument_group("bounds on each image's metadata (docs/reliability.md)")
+    defaults = LimitsConfig()
+    limits.add_argument(
+        "--max-toc-bytes",
+        type=parse_size,
+        metavar="SIZE",
+        help=f"one layer's TOC, uncompressed (default {defaults.max_toc_bytes >> 20}M)",
+    )
+    limits.add_argument(
+        "--max-image-toc-bytes",
+        type=parse_size,
+        metavar="SIZE",
+        help=f"all TOCs of one image (default {defaults.max_image_toc_bytes >> 20}M)",
+    )
+    limits.add_argument(
+        "--max-image-toc-entries",
+        type=parse_count,
+        metavar="N",
+        help=f"entries of all TOCs of one image (default {defaults.max_image_toc_entries:,})",
     )
     serve.add_argument(
         "--allow-other",

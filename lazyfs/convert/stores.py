@@ -16,7 +16,7 @@ from lazyfs.convert.layout import OciLayout
 from lazyfs.errors import LayoutError, UsageError
 from lazyfs.model.digest import Digest
 from lazyfs.model.manifests import Descriptor
-from lazyfs.model.reference import Reference
+from lazyfs.model.reference import LAYOUT_PREFIX, Reference, split_layout_location
 from lazyfs.registry.client import RegistryClient
 
 ProgressCallback = Callable[[int], None]
@@ -44,11 +44,9 @@ Location = RegistryLocation | LayoutLocation
 
 def parse_location(text: str) -> Location:
     """Parse ``oci:PATH[:TAG]``, ``docker://REF`` or a plain docker reference."""
-    if text.startswith("oci:"):
-        path, _, tag = text[len("oci:") :].partition(":")
-        if not path:
-            raise UsageError(f"invalid image location {text!r}: oci: needs a path")
-        return LayoutLocation(Path(path), tag or None)
+    if text.startswith(LAYOUT_PREFIX):
+        path, tag = split_layout_location(text)
+        return LayoutLocation(Path(path), tag)
     if text.startswith("oci-archive:") or text.startswith("docker-archive:"):
         raise UsageError(
             f"unsupported image location {text!r}: use oci:PATH or a registry reference"

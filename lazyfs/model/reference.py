@@ -135,6 +135,18 @@ class Reference:
         return dataclasses.replace(self, tag=tag)
 
 
+LAYOUT_PREFIX = "oci:"
+
+
+def split_layout_location(text: str) -> tuple[str, str | None]:
+    """``oci:PATH[:TAG]`` -> (PATH, TAG or None), split at the first colon after ``oci:`` as
+    containers/image splits it (a layout's tag names any one image of its index.json)."""
+    path, _, tag = text.removeprefix(LAYOUT_PREFIX).partition(":")
+    if not path:
+        raise _invalid(text, "oci: needs a path")
+    return path, tag or None
+
+
 def _invalid(text: str, why: str) -> InvalidReferenceError:
     return InvalidReferenceError(f"invalid reference {text!r}: {why}")
 

@@ -22,7 +22,7 @@ import anyio.to_thread
 
 from lazyfs.cache import keys
 from lazyfs.cache.store import ChunkCache
-from lazyfs.config import ResolverConfig
+from lazyfs.config import LimitsConfig, ResolverConfig
 from lazyfs.errors import LazyfsError
 from lazyfs.model.platform import Platform
 from lazyfs.model.profiles import AccessProfile
@@ -70,6 +70,7 @@ class ImageOptions:
     prefetch: PrefetchOptions = field(default_factory=PrefetchOptions)
     per_layer: bool = False  # also each layer's own tree, for the layer store
     fill: bool = False  # fetch the rest of the image after the prefetch (mount/fill.py)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # what its metadata may take
 
 
 def image_name(reference: Reference) -> str:
@@ -143,6 +144,7 @@ class MountedImage:
                 failover,
                 per_layer=options.per_layer,
                 reuse=known,
+                limits=options.limits,
             )
             if reused and reused[0].opened is opened:
                 index = reused[0].index

@@ -116,10 +116,13 @@ class RegistryClient:
         credentials: CredentialSource | None = None,
         *,
         keep_whole_blob: WholeBlobKeeper | None = None,
+        local_registries: Mapping[str, httpx.AsyncBaseTransport] | None = None,
     ) -> None:
+        """``local_registries``: registries answered in this process, by host name (an OCI
+        layout on disk, registry/layoutregistry.py); the mapping may grow later."""
         self.config = config
         self.stats = RegistryStats()
-        self._transport = Transport(config, credentials, self.stats)
+        self._transport = Transport(config, credentials, self.stats, local_registries)
         self._auth = self._transport.auth  # its repr is checked for leaked secrets
         self._keep_whole_blob = keep_whole_blob
         self._guard = StallGuard.of(config)

@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
 
 import anyio.to_thread
@@ -51,8 +52,15 @@ _PoolKey = tuple[Path | None, bool, str | None]
 class RegistryPools(httpx.AsyncBaseTransport):
     """Routes each request to the connection pool of its registry's TLS setup."""
 
-    def __init__(self, config: RegistryConfig) -> None:
+    def __init__(
+        self,
+        config: RegistryConfig,
+        local: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+    ) -> None:
         self._config = config
+        # Registries answered in this process (an OCI layout on disk: layoutregistry.py),
+        # by host name; no socket, proxy or certificate is involved.
+        self._local = local if local is not None else {}
         self._dirs: dict[str, Path | None] = {}
         self._pools: dict[_PoolKey, httpx.AsyncHTTPTransport] = {}
         # Built now, so that a bad proxy variable or --cert-dir fails before any request.
@@ -61,6 +69,9 @@ class RegistryPools(httpx.AsyncBaseTransport):
         self._pool((*self._default, None))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        local = self._local.get(url_origin(request.url))
+        if local is not None:
+            return await local.handle_async_request(request)
         proxy = self._proxies.for_url(request.url)
         via = str(proxy) if proxy is not None else None
         if request.url.scheme == "https":

@@ -68,10 +68,11 @@ class Transport:
         config: RegistryConfig,
         credentials: CredentialSource | None,
         stats: RegistryStats,
+        local: Mapping[str, httpx.AsyncBaseTransport] | None = None,
     ) -> None:
         self._config = config
         self.stats = stats
-        self._http = _http_client(config)
+        self._http = _http_client(config, local)
         self.auth = Authenticator(self._send_and_read, credentials)
         self._plain_http: set[str] = set()  # insecure registries found to speak HTTP only
 
@@ -221,10 +222,12 @@ class Transport:
 # ------------------------------------------------------------------------------ httpx client
 
 
-def _http_client(config: RegistryConfig) -> httpx.AsyncClient:
+def _http_client(
+    config: RegistryConfig, local: Mapping[str, httpx.AsyncBaseTransport] | None
+) -> httpx.AsyncClient:
     timeout = httpx.Timeout(config.fetch_timeout_s, connect=config.connect_timeout_s)
     return httpx.AsyncClient(
-        transport=RegistryPools(config),  # per registry: its certificates, insecure or not
+        transport=RegistryPools(config, local),  # per registry: its certificates, or in process
         timeout=timeout,
         follow_redirects=False,  # done by hand so Authorization never leaves its origin
         trust_env=False,  # proxies: RegistryPools, by Go's rules (proxy.py), not httpx's

@@ -17,6 +17,7 @@ protocol and the rules.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import grp
 import hashlib
@@ -40,8 +41,15 @@ from anyio.abc import TaskGroup
 from lazyfs import __version__
 from lazyfs.cache.layout import CacheLayout
 from lazyfs.cache.store import ChunkCache
-from lazyfs.config import CacheConfig, RegistryConfig, ResolverConfig
-from lazyfs.errors import LazyfsError, ServiceError, ServiceUnavailableError, UsageError
+from lazyfs.config import CacheConfig, LimitsConfig, RegistryConfig, ResolverConfig
+from lazyfs.convert.layout import OciLayout
+from lazyfs.errors import (
+    InvalidReferenceError,
+    LazyfsError,
+    ServiceError,
+    ServiceUnavailableError,
+    UsageError,
+)
 from lazyfs.localfiles import AtomicFile
 from lazyfs.model.platform import Platform
 from lazyfs.model.profiles import AccessProfile
@@ -62,6 +70,7 @@ from lazyfs.mount.resolver import ResolverStats, SharedChunks
 from lazyfs.registry.client import RegistryClient
 from lazyfs.registry.credentials import Credentials, CredentialSource
 from lazyfs.registry.failover import Failover
+from lazyfs.registry.layoutregistry import LAYOUT_REPOSITORY, LayoutRegistry, layout_host
 from lazyfs.registry.mirrors import EndpointOrder, MirrorConfig, system_mirrors
 from lazyfs.service import bindmounts
 from lazyfs.service.metrics import COUNTERS, ImageFigures, ServiceFigures, serve_metrics
@@ -95,6 +104,7 @@ class ServiceConfig:
     store_credentials: CredentialSource | None = None  # what the store's images use
     fill_by_default: bool = False  # fill every image after its mount (mount/fill.py)
     fill_rate_bytes_per_s: float | None = None  # the fill's cap, over all images; None: none
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # each image's metadata bounds
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,8 @@ class Service:
         self._images: dict[str, MountedImage] = {}
         self._mounts: dict[Path, _Mount] = {}
         self._clients: dict[str, RegistryClient] = {}
+        # OCI layouts opened by `lazyfs mount oci:PATH`, by the host name each is served as.
+        self._layouts: dict[str, LayoutRegistry] = {}
         self._retired = ResolverStats()  # counters of images released since start
         self._state = ServiceState.load(self.paths.state)
         self._started = time.monotonic()
@@ -221,6 +233,7 @@ class Service:
             self.config.registry,
             self.config.store_credentials,
             keep_whole_blob=self._cache.blobs.keeper,
+            local_registries=self._layouts,
         )
         self._clients["layer-store"] = client
         host = ServiceStoreHost(
@@ -232,6 +245,7 @@ class Service:
             on_release=self._retire,
             reuse=self.reusable,
             fill=(self.config.fill_by_default, self._fill_bucket),
+            limits=self.config.limits,
             on_uses_changed=lambda: self._state.set_store_uses(self._store_uses()),
         )
         return LayerStore(self._table, host, self._state.store_uses)
@@ -386,6 +400,9 @@ class Service:
         if mountpoint in self._mounts:
             raise UsageError(f"{mountpoint} is already a lazyfs mount")
         await anyio.to_thread.run_sync(_check_mountpoint, mountpoint, peer)
+        if args.get("layout") is not None:
+            args, host, served = await anyio.to_thread.run_sync(_layout_request, args)
+            self._layouts[host] = served
         host_mirrors = await anyio.to_thread.run_sync(system_mirrors)  # registries.conf, per open
         options, client, failover = self._image_setup(args, host_mirrors)
         record = _optional_path(args.get("record_profile"), "record_profile")
@@ -465,6 +482,7 @@ class Service:
             resolver,
             prefetch,
             fill=self.config.fill_by_default if fill is None else fill,
+            limits=self.config.limits,
         )
         registry = replace(
             self.config.registry,
@@ -488,7 +506,10 @@ class Service:
         if client is None:
             assert self._cache is not None
             client = RegistryClient(
-                registry, MappedCredentials(credentials), keep_whole_blob=self._cache.blobs.keeper
+                registry,
+                MappedCredentials(credentials),
+                keep_whole_blob=self._cache.blobs.keeper,
+                local_registries=self._layouts,
             )
             self._clients[key] = client
         return client
@@ -765,6 +786,24 @@ def _started(serve: Callable[..., Any]) -> Callable[..., Any]:
         await serve(*args)
 
     return run
+
+
+def _layout_request(args: dict[str, Any]) -> tuple[dict[str, Any], str, LayoutRegistry]:
+    """Worker thread: an open request for an OCI layout on disk, as one for the registry host
+    it is served under (registry/layoutregistry.py), by tag, or by the digest of the layout's only
+    image (or of a tag no docker reference can spell); that host; what serves it."""
+    path = _absolute(args.get("layout"), "layout")
+    tag_text = args.get("tag")
+    tag = _text(tag_text, "tag") if tag_text is not None else None
+    layout = OciLayout(path)
+    entry = layout.resolve(tag)
+    host = layout_host(path)
+    reference = f"{host}/{LAYOUT_REPOSITORY}@{entry.digest}"
+    if tag is not None:
+        with contextlib.suppress(InvalidReferenceError):
+            reference = str(Reference.parse(f"{host}/{LAYOUT_REPOSITORY}:{tag}"))
+    request = {**args, "reference": reference, "mirrors": None, "credentials": {}}
+    return request, host, LayoutRegistry(layout)
 
 
 def _absolute(value: object, name: str) -> Path:

@@ -24,7 +24,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup
 
-from lazyfs.config import ResolverConfig
+from lazyfs.config import LimitsConfig, ResolverConfig
 from lazyfs.model.digest import Digest
 from lazyfs.model.platform import Platform
 from lazyfs.model.reference import Reference
@@ -59,8 +59,10 @@ class ServiceStoreHost:
         on_uses_changed: Callable[[], None],
         reuse: Callable[[Reference], IndexedImage | None] | None = None,
         fill: tuple[bool, TokenBucket] = (False, TokenBucket(None)),
+        limits: LimitsConfig = LimitsConfig(),  # noqa: B008 - frozen, so sharing is safe
     ) -> None:
         self.settings = settings
+        self._limits = limits
         self._client = client
         self._shared = shared
         self._tasks = tasks
@@ -79,6 +81,7 @@ class ServiceStoreHost:
             PrefetchOptions(),
             per_layer=True,
             fill=self._fill,
+            limits=self._limits,
         )
         failover = Failover(EndpointOrder(self.settings.mirrors))
         image = await MountedImage.open(self._client, self._shared, failover, options, self._reuse)

@@ -1,0 +1,149 @@
+"""``lazyfs mount oci:PATH[:TAG]``: an image in an OCI layout on disk, mounted through the
+service (registry/layoutregistry.py): a converted layout read lazily by range, a plain (gzip)
+layout converted on the node, and bad locations as one-line errors. umoci's unpack of the
+same layout is the oracle for the tree."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from imagebuild import random_bytes
+from lazyfs_run import run_lazyfs
+from oracles import umoci_unpack
+from test_service import Served, lazyfs_mounts, read_all, start_service, stop
+
+from lazyfs.convert.imagebuild import regular_file, symlink, with_parent_dirs, write_image
+from lazyfs.model.ranges import ByteRange
+from lazyfs.registry.layoutregistry import is_layout_host, layout_host, parse_range_header
+
+FILES = {f"data/f{i}.bin": random_bytes(96 << 10, seed=300 + i) for i in range(12)}
+FILES["etc/hello.txt"] = b"hello from a layout\n"
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A gzip layout with one image (tag v1), and its zstd:chunked conversion (tag chunked,
+    beside a second image, so that the tag is needed)."""
+    work = tmp_path_factory.mktemp("layouts")
+    entries = with_parent_dirs(
+        [*(regular_file(p, d) for p, d in FILES.items()), symlink("etc/link", "hello.txt")]
+    )
+    image = write_image(work / "plain", "v1", [entries])
+    converted = work / "converted"
+    run_lazyfs("convert", "-q", image.reference, f"oci:{converted}:chunked")
+    run_lazyfs("convert", "-q", image.reference, f"oci:{converted}:other")
+    return work / "plain", converted
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Served]:
+    served = start_service(tmp_path / "svc")
+    try:
+        yield served
+    finally:
+        stop(served)
+        for mountpoint in lazyfs_mounts():
+            if str(mountpoint).startswith(str(tmp_path)):
+                subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def _mount(served: Served, location: str, mountpoint: Path) -> subprocess.CompletedProcess[str]:
+    mountpoint.mkdir(exist_ok=True)
+    return run_lazyfs("mount", "--socket", str(served.socket), location, str(mountpoint))
+
+
+def test_a_converted_layout_mounts_lazily_and_equals_umoci(
+    service: Served, layouts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, converted = layouts
+    mountpoint = tmp_path / "m"
+    result = _mount(service, f"oci:{converted}:chunked", mountpoint)
+    assert f"mounted oci:{converted}:chunked at" in result.stderr
+    stats = run_lazyfs("stats", str(mountpoint), "--json").stdout
+    assert '"bytes_fetched": 0' in stats  # nothing read yet: only the manifest and TOCs
+    read_all(mountpoint, FILES, threads=4)
+    assert os.readlink(mountpoint / "etc/link") == "hello.txt"
+    rootfs = umoci_unpack(converted, "chunked", tmp_path / "bundle")
+    for path, data in FILES.items():
+        assert (rootfs / path).read_bytes() == data
+    assert sorted(os.listdir(mountpoint / "data")) == sorted(os.listdir(rootfs / "data"))
+    run_lazyfs("umount", "--socket", str(service.socket), str(mountpoint))
+
+
+def test_a_plain_layout_with_one_image_needs_no_tag(
+    service: Served, layouts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    plain, _ = layouts
+    mountpoint = tmp_path / "m"
+    _mount(service, f"oci:{plain}", mountpoint)
+    read_all(mountpoint, FILES, threads=2)
+    run_lazyfs("umount", "--socket", str(service.socket), str(mountpoint))
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("oci:{converted}", "holds 2 images, name one (tags: chunked, other)"),
+        ("oci:{converted}:nope", "no image tagged 'nope' (tags: chunked, other)"),
+        ("oci:{missing}", "not an OCI image layout"),
+        ("oci:", "oci: needs a path"),
+    ],
+)
+def test_bad_layouts_are_one_line(
+    service: Served, layouts: tuple[Path, Path], tmp_path: Path, location: str, message: str
+) -> None:
+    _, converted = layouts
+    text = location.format(converted=converted, missing=tmp_path / "missing")
+    mountpoint = tmp_path / "m"
+    mountpoint.mkdir()
+    result = run_lazyfs(
+        "mount", "--socket", str(service.socket), text, str(mountpoint), check=False
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert mountpoint not in lazyfs_mounts()
+
+
+def test_range_headers_as_a_registry_reads_them() -> None:
+    assert parse_range_header("bytes=0-9", 100) == [ByteRange(0, 10)]
+    assert parse_range_header("bytes=90-200", 100) == [ByteRange(90, 100)]
+    assert parse_range_header("bytes=-10", 100) == [ByteRange(90, 100)]
+    assert parse_range_header("bytes=95-", 100) == [ByteRange(95, 100)]
+    assert parse_range_header("bytes=0-1, 4-5", 100) == [ByteRange(0, 2), ByteRange(4, 6)]
+    assert parse_range_header("bytes=200-300", 100) == []  # 416
+    assert parse_range_header("items=0-1", 100) is None  # not bytes: the whole blob
+    assert parse_range_header("bytes=x-1", 100) is None
+    assert parse_range_header(",".join(["bytes=0-0"] + ["1-1"] * 64), 100) == []
+
+
+def test_layout_hosts_are_their_own() -> None:
+    host = layout_host(Path("/a/b"))
+    assert is_layout_host(host) and host.endswith(".invalid")
+    assert layout_host(Path("/a/c")) != host
+
+
+def test_the_service_caps_each_images_metadata(layouts: tuple[Path, Path], tmp_path: Path) -> None:
+    """``lazyfs serve --max-image-toc-entries``: an image over it is refused in one line."""
+    _, converted = layouts
+    served = start_service(tmp_path / "svc", "--max-image-toc-entries", "5")
+    try:
+        mountpoint = tmp_path / "m"
+        mountpoint.mkdir()
+        result = run_lazyfs(
+            "mount", "--socket", str(served.socket), f"oci:{converted}:chunked", str(mountpoint),
+            check=False,
+        )  # fmt: skip
+        assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+        assert "max_image_toc_entries" in result.stderr
+    finally:
+        stop(served)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "x", "1.5"])
+def test_bad_caps_are_usage_errors(value: str) -> None:
+    result = run_lazyfs("serve", "--max-image-toc-entries", value, check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
