@@ -1,11 +1,15 @@
-"""Shared fixtures: the anyio backend (trio) and a session-wide local docker-registry."""
+"""Shared fixtures: the anyio backend (trio), a session-wide local docker-registry, and a
+mount service of each test's own."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from test_service import Served, lazyfs_mounts, start_service, stop
 
 from lazyfs.registry.localserver import LocalRegistry
 
@@ -25,3 +29,17 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry
     """A real distribution 2.8 registry on a free loopback port, shared by the session."""
     with LocalRegistry(tmp_path_factory.mktemp("registry")) as local:
         yield local
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Served]:
+    """A ``lazyfs serve`` of the test's own, under ``tmp_path/svc``; stopped after the test,
+    and any lazyfs mount it left under ``tmp_path`` detached."""
+    served = start_service(tmp_path / "svc")
+    try:
+        yield served
+    finally:
+        stop(served)
+        for mountpoint in lazyfs_mounts():
+            if str(mountpoint).startswith(str(tmp_path)):
+                subprocess.run(["umount", "-l", str(mountpoint)], check=False)

@@ -46,17 +46,8 @@ def wait_filled(mountpoint: Path, timeout_s: float = 60) -> dict[str, object]:
     raise AssertionError(f"the fill did not finish: {figures['fill']}")
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
-    service = start_service(tmp_path / "svc")
-    try:
-        yield service
-    finally:
-        stop(service)
-
-
 def test_fill_makes_the_image_offline_safe_and_resumes_without_refetching(
-    served: Served, tmp_path: Path
+    service: Served, tmp_path: Path
 ) -> None:
     with LocalRegistry(tmp_path / "registry") as registry:
         entries = with_parent_dirs(regular_file(p, d) for p, d in FILES.items())
@@ -64,15 +55,15 @@ def test_fill_makes_the_image_offline_safe_and_resumes_without_refetching(
         ref = f"{registry.host}/fill/app:v1"
         run_lazyfs("convert", "-q", built.reference, ref)
         mountpoint = tmp_path / "mnt"
-        served.mount(ref, mountpoint, "--fill")
+        service.mount(ref, mountpoint, "--fill")
         figures = wait_filled(mountpoint)
         fill = figures["fill"]
         assert fill["state"] == "done" and fill["done_bytes"] == fill["total_bytes"] > 0  # type: ignore[index]
         assert "offline-safe" in run_lazyfs("stats", str(mountpoint)).stdout
-        served.call("umount", str(mountpoint))
+        service.call("umount", str(mountpoint))
 
         # After a restart, the fill finds everything cached: no blob is fetched again.
-        stop(served)
+        stop(service)
         again = start_service(tmp_path / "svc")
         before = registry.access_log_summary().count("GET", "/v2/fill/app/blobs")
         again.mount(ref, mountpoint, "--fill")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,18 +36,6 @@ def layouts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     run_lazyfs("convert", "-q", image.reference, f"oci:{converted}:chunked")
     run_lazyfs("convert", "-q", image.reference, f"oci:{converted}:other")
     return work / "plain", converted
-
-
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[Served]:
-    served = start_service(tmp_path / "svc")
-    try:
-        yield served
-    finally:
-        stop(served)
-        for mountpoint in lazyfs_mounts():
-            if str(mountpoint).startswith(str(tmp_path)):
-                subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def _mount(served: Served, location: str, mountpoint: Path) -> subprocess.CompletedProcess[str]:

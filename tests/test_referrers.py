@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from imagebuild import random_bytes
 from lazyfs_run import run_lazyfs
-from test_service import Served, start_service, stop
+from test_service import Served
 
 from lazyfs.convert.imagebuild import regular_file, with_parent_dirs, write_image
 from lazyfs.registry.localserver import LocalRegistry
@@ -44,15 +44,6 @@ def digest_of(ref: str) -> str:
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     return str(json.loads(out.stdout)["Digest"])
-
-
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[Served]:
-    served = start_service(tmp_path / "svc")
-    try:
-        yield served
-    finally:
-        stop(served)
 
 
 def test_push_keeps_the_image_and_mount_prefetches_the_profile(

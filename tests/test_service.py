@@ -96,18 +96,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalRegi
         yield registry, refs[0], refs[1]
 
 
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[Served]:
-    served = start_service(tmp_path)
-    try:
-        yield served
-    finally:
-        stop(served)
-        for mountpoint in lazyfs_mounts():
-            if str(mountpoint).startswith(str(tmp_path)):
-                subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-
-
 def read_all(mountpoint: Path, files: dict[str, bytes], threads: int) -> None:
     def check(path: str) -> None:
         assert (mountpoint / path).read_bytes() == files[path], path

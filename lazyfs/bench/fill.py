@@ -38,7 +38,6 @@ import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -52,6 +51,7 @@ from lazyfs.bench.links import EmulatedLink, LinkCheck, LinkProfile, profile_by_
 from lazyfs.bench.modes import drop_page_cache, mount_stats
 from lazyfs.bench.mountservice import mount_service, service_mount
 from lazyfs.bench.runner import REPOSITORY_PREFIX, Progress, terminal_progress
+from lazyfs.bench.scratch import work_dir
 from lazyfs.bench.sharing import describe_check
 from lazyfs.convert.layout import OciLayout
 from lazyfs.errors import LazyfsError, UsageError
@@ -519,19 +519,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def _work_dir(requested: Path | None) -> Iterator[Path]:
-    if requested is not None:
-        requested.mkdir(parents=True, exist_ok=True)
-        yield requested.resolve()
-        return
-    path = Path(tempfile.mkdtemp(prefix="lazyfs-fill-", dir="/var/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # unwind: mounts released, services, link and registry stopped
 
@@ -544,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise LazyfsError("needs root (network namespace, FUSE mounts)")
         signal.signal(signal.SIGTERM, _interrupt)
         image_dir = (args.image_dir or default_image_dir()).resolve()
-        with _work_dir(args.work_dir) as work:
+        with work_dir(args.work_dir, "lazyfs-fill-") as work:
             config = FillConfig(
                 image_dir, work, args.image, profile_by_name(args.profile), args.reads,
                 args.read_gaps_s, args.cap_fraction, args.cap_seconds, args.read_cap_fraction,

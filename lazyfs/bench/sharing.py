@@ -26,7 +26,6 @@ not cached, page cache not dropped). Prints figures; never asserts a timing.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -59,6 +58,7 @@ from lazyfs.bench.links import (
 from lazyfs.bench.modes import mount_stats, process_cost
 from lazyfs.bench.mountservice import RunningService, mount_service, service_mount
 from lazyfs.bench.runner import ATTEMPTS, REPOSITORY_PREFIX, Progress, terminal_progress
+from lazyfs.bench.scratch import work_dir
 from lazyfs.convert.imagebuild import directory, regular_file, write_image
 from lazyfs.convert.layout import OciLayout
 from lazyfs.errors import LazyfsError, UsageError
@@ -523,19 +523,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def _work_dir(requested: Path | None) -> Iterator[Path]:
-    if requested is not None:
-        requested.mkdir(parents=True, exist_ok=True)
-        yield requested.resolve()
-        return
-    path = Path(tempfile.mkdtemp(prefix="lazyfs-sharing-", dir="/var/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # unwind: mounts released, services and registry stopped
 
@@ -547,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise LazyfsError("needs root (FUSE mounts, bind mounts)")
         signal.signal(signal.SIGTERM, _interrupt)
         image_dir = (args.image_dir or default_image_dir()).resolve()
-        with _work_dir(args.work_dir) as work:
+        with work_dir(args.work_dir, "lazyfs-sharing-") as work:
             profile = profile_by_name(args.profile)
             config = SharingConfig(args.images, image_dir, work, args.readers, args.image, profile)
             result = run(config, terminal_progress())

@@ -11,10 +11,8 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -224,31 +222,18 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextlib.contextmanager
-def _work_dir(requested: Path | None) -> Iterator[Path]:
-    if requested is not None:
-        requested.mkdir(parents=True, exist_ok=True)
-        yield requested.resolve()
-        return
-    base = Path("/var/tmp") if Path("/var/tmp").is_dir() else None
-    path = Path(tempfile.mkdtemp(prefix="lazyfs-bench-", dir=base))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def run_bench(args: argparse.Namespace) -> int:
     from lazyfs.bench.report import chart, table, to_json
     from lazyfs.bench.runner import Bench, terminal_progress
+    from lazyfs.bench.scratch import work_dir
 
     config = build_config(args, Path())
     check_runtime_tools(config.modes)
     if os.geteuid() != 0:
         raise LazyfsError("lazyfs bench needs root (network namespaces, tc, mounts)")
-    with _work_dir(args.work_dir) as work_dir:
+    with work_dir(args.work_dir, "lazyfs-bench-") as work:
         with _terminate_as_interrupt():
-            result = Bench(replace(config, work_dir=work_dir), terminal_progress()).run()
+            result = Bench(replace(config, work_dir=work), terminal_progress()).run()
         if not args.no_chart:
             chart(result, args.chart)
             result.chart = str(args.chart)
