@@ -19,18 +19,12 @@ import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pytest
 
 from lazyfs.mount.mountinfo import mounts
-from lazyfs.service.podmanconf import (
-    CONTAINERS_CONF_ENV,
-    REGISTRIES_CONF_ENV,
-    STORAGE_CONF_ENV,
-    podman_config,
-    registries_conf,
-)
+from lazyfs.service.podmanconf import write_private_config
 
 PODMAN_TIMEOUT_S = 120.0
 _CLEANUP_TIMEOUT_S = 60.0
@@ -75,37 +69,13 @@ class Podman:
         return result
 
 
-def write_podman_config(
-    root: Path, store: Path | None = None, insecure: Sequence[str] = ()
-) -> dict[str, str]:
-    """Write the three files under ``root``; the environment that makes podman read them."""
-    root.mkdir(parents=True, exist_ok=True)
-    config = podman_config(
-        None if store is None else PurePosixPath(store),
-        PurePosixPath(root / "graph"),
-        PurePosixPath(root / "run"),
-    )
-    files = {
-        STORAGE_CONF_ENV: ("storage.conf", config.storage_conf),
-        CONTAINERS_CONF_ENV: ("containers.conf", config.containers_conf),
-        REGISTRIES_CONF_ENV: ("registries.conf", registries_conf(insecure)),
-    }
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CONTAINERS_")}
-    for variable, (name, text) in files.items():
-        (root / name).write_text(text)
-        env[variable] = str(root / name)
-    env["XDG_RUNTIME_DIR"] = str(root / "xdg")  # podman keeps nothing of ours in /run/user
-    (root / "xdg").mkdir(mode=0o700, exist_ok=True)
-    return env
-
-
 @contextlib.contextmanager
 def private_podman(
     root: Path, store: Path | None = None, insecure: Sequence[str] = ()
 ) -> Iterator[Podman]:
     """A :class:`Podman` under ``root`` (``store``: its additional layer store; ``insecure``:
     registries spoken to over plain HTTP); everything it made is removed afterwards."""
-    podman = Podman(root, write_podman_config(root, store, insecure))
+    podman = Podman(root, write_private_config(root, store, insecure))
     try:
         yield podman
     finally:

@@ -34,7 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from lazyfs.bench import PODMAN_LAZYFS, PODMAN_PEER, PODMAN_PULL
@@ -58,8 +58,7 @@ from lazyfs.service.podmanconf import (
     CONTAINERS_CONF_ENV,
     REGISTRIES_CONF_ENV,
     STORAGE_CONF_ENV,
-    podman_config,
-    registries_conf,
+    write_private_config,
 )
 
 PODMAN_TOOLS = ("podman", "runc")
@@ -84,33 +83,11 @@ def missing_tools() -> list[str]:
     return [tool for tool in PODMAN_TOOLS if shutil.which(tool) is None]
 
 
-def podman_env(root: Path, store: Path | None, registry_host: str) -> dict[str, str]:
-    """Write storage.conf, containers.conf and registries.conf under ``root``; the environment
-    that makes podman read them (and nothing of the system's configuration)."""
-    config = podman_config(
-        None if store is None else PurePosixPath(store),
-        PurePosixPath(root / "graph"),
-        PurePosixPath(root / "run"),
-    )
-    files = {
-        STORAGE_CONF_ENV: ("storage.conf", config.storage_conf),
-        CONTAINERS_CONF_ENV: ("containers.conf", config.containers_conf),
-        REGISTRIES_CONF_ENV: ("registries.conf", registries_conf([registry_host])),
-    }
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CONTAINERS_")}
-    for variable, (name, text) in files.items():
-        (root / name).write_text(text)
-        env[variable] = str(root / name)
-    (root / "xdg").mkdir(mode=0o700, exist_ok=True)
-    env["XDG_RUNTIME_DIR"] = str(root / "xdg")
-    return env
-
-
 @contextlib.contextmanager
 def private_podman(ctx: ModeContext, store: Path | None) -> Iterator[BenchPodman]:
     root = Path(tempfile.mkdtemp(prefix="lzb-pm-", dir=PODMAN_PARENT))
     try:
-        env = podman_env(root, store, ctx.link.registry_host)
+        env = write_private_config(root, store, [ctx.link.registry_host])
         yield BenchPodman(root, env, ctx.work / "podman.log")
     finally:
         _clean_up(root)

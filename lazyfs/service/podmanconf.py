@@ -4,8 +4,9 @@ Pure text: :func:`podman_config` returns a ``storage.conf`` (overlay driver, gra
 ``additionallayerstores = ["DIR:ref"]``) and a ``containers.conf`` (runc, bounded ulimits, a
 cgroup manager and events logger that work without systemd); :func:`registries_conf` a
 ``registries.conf`` that speaks plain HTTP to the given registries. ``lazyfs podman-config``
-prints the first two; the tests and ``lazyfs bench`` write all three to private files and point
-``CONTAINERS_STORAGE_CONF``, ``CONTAINERS_CONF`` and ``CONTAINERS_REGISTRIES_CONF`` at them.
+prints the first two; :func:`write_private_config`, for the tests and ``lazyfs bench``, writes
+all three to private files and gives the environment that points ``CONTAINERS_STORAGE_CONF``,
+``CONTAINERS_CONF`` and ``CONTAINERS_REGISTRIES_CONF`` at them.
 
 containers/storage reads a layer store entry as ``PATH[:ref]`` and a list of them split at
 commas, so a store path may hold neither ``:`` nor ``,``.
@@ -13,9 +14,10 @@ commas, so a store path may hold neither ``:`` nor ``,``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from lazyfs.errors import UsageError
 
@@ -108,6 +110,32 @@ def registries_conf(insecure_hosts: Sequence[str]) -> str:
             raise UsageError(f"invalid registry host {host!r}: expected HOST[:PORT]")
         lines += ["", "[[registry]]", f"location = {_string(host)}", "insecure = true"]
     return "\n".join(lines) + "\n"
+
+
+def write_private_config(
+    root: Path, store: Path | None = None, insecure: Sequence[str] = ()
+) -> dict[str, str]:
+    """Write the three files under ``root`` (graphroot and runroot below it too, ``insecure``
+    registries over plain HTTP); this environment with the variables that make podman read
+    them and nothing of the system's, and a private XDG_RUNTIME_DIR."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = podman_config(
+        None if store is None else PurePosixPath(store),
+        PurePosixPath(root / "graph"),
+        PurePosixPath(root / "run"),
+    )
+    files = {
+        STORAGE_CONF_ENV: ("storage.conf", config.storage_conf),
+        CONTAINERS_CONF_ENV: ("containers.conf", config.containers_conf),
+        REGISTRIES_CONF_ENV: ("registries.conf", registries_conf(insecure)),
+    }
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CONTAINERS_")}
+    for variable, (name, text) in files.items():
+        (root / name).write_text(text)
+        env[variable] = str(root / name)
+    (root / "xdg").mkdir(mode=0o700, exist_ok=True)
+    env["XDG_RUNTIME_DIR"] = str(root / "xdg")  # podman keeps nothing of ours in /run/user
+    return env
 
 
 def _check_store(store: PurePosixPath) -> None:
