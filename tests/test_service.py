@@ -156,6 +156,7 @@ def test_kill_9_then_umount_clears_and_restart_restores(
         first.mount(ref_a, kept)
         first.mount(ref_b, cleared)
         read_all(kept, FILES, 8)  # everything cached: the restart must not need the registry
+        _wait_cached(first)  # served chunks are written to the cache just after
         with ThreadPoolExecutor(4) as readers:
             pending = [readers.submit(_read_until_error, cleared) for _ in range(4)]
             time.sleep(0.3)
@@ -189,6 +190,14 @@ def _read_until_error(mountpoint: Path) -> None:
                 (mountpoint / path).read_bytes()
         except OSError:
             return  # the service died under us: errors, as documented
+
+
+def _wait_cached(served: Served) -> None:
+    """Until the service has written every chunk it fetched to the cache."""
+    deadline = time.monotonic() + 30
+    while json.loads(served.call("stats", "--json").stdout)["chunks_in_flight"]:
+        assert time.monotonic() < deadline, "chunks still not cached after 30 s"
+        time.sleep(0.05)
 
 
 def _wait_live(mountpoint: Path) -> None:

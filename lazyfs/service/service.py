@@ -611,6 +611,8 @@ class Service:
         return {
             **self.health(),
             "cache_chunk_bytes": self._cache_chunk_bytes,
+            # Chunks being fetched, or served and not yet written to the cache (lost to a kill).
+            "chunks_in_flight": len(self._shared.flights) if self._shared is not None else 0,
             "cache_size_limit_bytes": self._cache.size_limit_bytes if self._cache else 0,
             "network_bytes_received": sum(c.stats.bytes_received for c in self._clients.values()),
             **{key: getattr(totals, key) for key, _, _ in COUNTERS},
