@@ -16,6 +16,8 @@ from oracles import umoci_unpack
 from test_service import Served, lazyfs_mounts, read_all, start_service, stop
 
 from lazyfs.convert.imagebuild import regular_file, symlink, with_parent_dirs, write_image
+from lazyfs.convert.layout import OciLayout
+from lazyfs.model.manifests import OCI_MANIFEST, Descriptor
 from lazyfs.model.ranges import ByteRange
 from lazyfs.registry.layoutregistry import is_layout_host, layout_host, parse_range_header
 
@@ -134,3 +136,22 @@ def test_the_service_caps_each_images_metadata(layouts: tuple[Path, Path], tmp_p
 def test_bad_caps_are_usage_errors(value: str) -> None:
     result = run_lazyfs("serve", "--max-image-toc-entries", value, check=False)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_an_oversized_manifest_in_a_layout_is_refused_unread(
+    service: Served, tmp_path: Path
+) -> None:
+    """The author of a layout controls its files: a "manifest" of 5 MiB is refused, as a
+    registry's answer over the cap would be, before it is read."""
+    layout = OciLayout.create(tmp_path / "big")
+    data = b"{" + b" " * (5 << 20) + b"}"
+    digest = layout.add_blob_bytes(data)
+    layout.tag(Descriptor(OCI_MANIFEST, digest, len(data)), "big")
+    mountpoint = tmp_path / "m"
+    mountpoint.mkdir()
+    result = run_lazyfs(
+        "mount", "--socket", str(service.socket), f"oci:{tmp_path / 'big'}:big", str(mountpoint),
+        check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert "more than" in result.stderr

@@ -29,10 +29,11 @@ from typing import Protocol
 import anyio.to_thread
 import httpx
 
-from lazyfs.errors import LazyfsError
+from lazyfs.errors import LayoutError, LazyfsError
 from lazyfs.model.digest import Digest
 from lazyfs.model.manifests import OCI_MANIFEST, Descriptor
 from lazyfs.model.ranges import ByteRange
+from lazyfs.registry.client import MAX_MANIFEST_BYTES
 
 LAYOUT_REPOSITORY = "layout"
 _HOST_SUFFIX = ".oci-layout.invalid"
@@ -99,6 +100,12 @@ class LayoutRegistry(httpx.AsyncBaseTransport):
             else:
                 entry = self.layout.resolve(name)
                 digest, media_type = entry.digest, entry.media_type
+            size = self.layout.blob_size(digest)
+            if size > MAX_MANIFEST_BYTES:  # as a registry's answer is capped: never read it
+                raise LayoutError(
+                    f"{self.layout.path}: manifest {digest} is {size} bytes, more than "
+                    f"{MAX_MANIFEST_BYTES}"
+                )
             data = self.layout.read_blob(digest)
             return digest, data, media_type or _media_type_of(data)
 
