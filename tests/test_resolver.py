@@ -1045,5 +1045,21 @@ async def test_a_fresh_resolver_learns_files_ahead_from_the_store(cache: ChunkCa
         fresh.close()
 
 
+async def test_a_mount_learns_its_cached_files_before_the_first_read(cache: ChunkCache) -> None:
+    world = await _cached_world(cache, [40_000] * 4)
+    fresh = ChunkCache(cache.directory, None)  # another handle: knows no file yet
+    try:
+        async with anyio.create_task_group() as tasks:
+            resolver = ChunkResolver(world.source, fresh, [world.layer], ResolverConfig(), tasks)
+            assert await resolver.learn_files(world.node.chunks) == 4
+            assert await resolver.learn_files(world.node.chunks) == 0  # known already
+            assert await resolver.read(world.node, 0, 160_000) == world.content
+            stats = resolver.stats
+            assert stats.nowait_reads + stats.thread_reads == stats.cache_hits == 4
+            tasks.cancel_scope.cancel()
+    finally:
+        fresh.close()
+
+
 def _tree_of(node: Node) -> Tree:
     return Tree({node.inode: node}, {})

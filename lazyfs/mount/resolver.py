@@ -21,7 +21,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -60,6 +60,8 @@ FILE_READAHEAD_BYTES = 4 << 20
 # advised: a fresh service on a warm cache then reads most chunks by the warm path.
 CACHE_READAHEAD_BYTES = 2 << 20
 _ADVISE_BATCH = 16  # files per read-ahead job
+# Chunk files looked up when an image is mounted (ChunkFiles keeps 65,536 entries in all).
+LEARN_FILES_MAX = 1 << 15
 _LOCATED_MAX = 1 << 16  # keys looked up ahead and not found, remembered to not ask again
 _SEQUENTIAL_FILES = 1024  # files whose read position is remembered for that
 
@@ -517,36 +519,24 @@ class ChunkResolver:
         await self._locate_ahead([item for item in owned if id(item) not in not_cached])
 
     async def _locate_ahead(self, hits: list[_Wanted]) -> None:
-        """After chunks came from the store: look up the files of the chunks that follow them
-        in their blobs (CACHE_READAHEAD_BYTES), and have them advised. Errors only log."""
-        if self._blob_index is None or not hits:
-            return
-        last: dict[int, _Wanted] = {}
-        for item in hits:
-            known = last.get(item.chunk.layer)
-            if known is None or item.chunk.ref.blob_offset > known.chunk.ref.blob_offset:
-                last[item.chunk.layer] = item
-        if len(self._located) >= _LOCATED_MAX:
-            self._located.clear()
-        wanted: dict[str, _Wanted] = {}
-        for item in last.values():
-            for node, chunk in self._blob_index.following(item.chunk, CACHE_READAHEAD_BYTES):
-                key = _key(chunk, self._layers[chunk.layer].check)
-                if (
-                    key in self._located
-                    or key in self._flights
-                    or self._files.entry(key) is not None
-                    or self._recent.get(key) is not None
-                ):
-                    continue
-                self._located.add(key)
-                wanted[key] = _Wanted(node, chunk, key)
+        """After chunks came from the store or from files not in the page cache: have the
+        files of the chunks that follow them in their blobs (CACHE_READAHEAD_BYTES) advised,
+        those not known here looked up first. Errors only log."""
+        await self._locate_and_advise(self._advise_following(hits))
+
+    async def _locate_and_advise(self, wanted: dict[str, _Wanted]) -> None:
+        """Look up the files of ``wanted`` (chunks ahead, not known here), and have the found
+        ones advised. Nothing escapes: it also runs as a task of its own."""
         if not wanted:
             return
         try:
             found = await anyio.to_thread.run_sync(self._locate, list(wanted))
         except LazyfsError as exc:
             log.warning("cache look-up ahead failed: %s", exc)
+            return
+        except Exception:
+            log.exception("cache look-up ahead crashed")
+            self.stats.internal_errors += 1
             return
         reads = []
         for key, verity, name in found:
@@ -555,6 +545,63 @@ class ChunkResolver:
             if job is not None:
                 reads.append(job)
         self._advise(reads)
+
+    def _advise_following(self, hits: list[_Wanted]) -> dict[str, _Wanted]:
+        """Advise the known files of the chunks after ``hits`` in their blobs, once per key
+        (the disk was slow for the hits: their neighbours in the blob, which the workload
+        likely reads next, are not in the page cache either); return the unknown ones, to
+        look up. Synchronous."""
+        if self._blob_index is None or not hits:
+            return {}
+        last: dict[int, _Wanted] = {}
+        for item in hits:
+            known = last.get(item.chunk.layer)
+            if known is None or item.chunk.ref.blob_offset > known.chunk.ref.blob_offset:
+                last[item.chunk.layer] = item
+        if len(self._located) >= _LOCATED_MAX:
+            self._located.clear()
+        wanted: dict[str, _Wanted] = {}
+        reads = []
+        for item in last.values():
+            for node, chunk in self._blob_index.following(item.chunk, CACHE_READAHEAD_BYTES):
+                key = _key(chunk, self._layers[chunk.layer].check)
+                if (
+                    chunk.ref.zeros
+                    or key in self._located
+                    or key in self._flights
+                    or self._recent.get(key) is not None
+                ):
+                    continue
+                self._located.add(key)
+                job = self._files.job(key, 0, _EMPTY, size=chunk.ref.size, advise=True)
+                if job is not None:
+                    reads.append(job)
+                else:
+                    wanted[key] = _Wanted(node, chunk, key)
+        self._advise(reads)
+        return wanted
+
+    async def learn_files(self, chunks: Iterable[LayerChunk]) -> int:
+        """Learn which files hold the cached ones of ``chunks`` (at most LEARN_FILES_MAX, one
+        query in a worker thread), so that their first reads skip the store's lookup (a
+        thread hop, SQLite, the whole chunk read): a mount of a cached image. Chunks known
+        only by sha256 would cost a query each: left to the normal path. How many learned."""
+        keys: list[str] = []
+        for chunk in chunks:
+            if chunk.ref.zeros:
+                continue
+            key = _key(chunk, self._layers[chunk.layer].check)
+            if key.startswith(_SHA256_KEY) or self._files.entry(key) is not None:
+                continue
+            keys.append(key)
+            if len(keys) >= LEARN_FILES_MAX:
+                break
+        if not keys:
+            return 0
+        found = await anyio.to_thread.run_sync(self._locate, list(dict.fromkeys(keys)))
+        for key, verity, name in found:
+            self._files.learn(key, verity, name)
+        return len(found)
 
     def _locate(self, keys: list[str]) -> list[tuple[str, str, str]]:
         """Worker thread: (key, fs-verity digest, file) of those of ``keys`` cached in files."""
