@@ -290,6 +290,8 @@ class Service:
             await serve_control(self, task_status=task_status)
 
     def _fuse_options(self) -> set[str]:
+        # No max_read: 1 MiB requests (libfuse's buffer). Chosen by measurement with the
+        # read-ahead and max_background: docs/concurrency.md, "FUSE session options".
         flags = {"fsname=lazyfs", "subtype=lazyfs", "default_permissions"}
         if self.config.store is None:  # the store takes podman's use marks (create, rmdir)
             flags.add("ro")
