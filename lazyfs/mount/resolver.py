@@ -18,6 +18,7 @@ import bisect
 import contextlib
 import functools
 import hashlib
+import itertools
 import logging
 import time
 from collections import OrderedDict
@@ -60,7 +61,7 @@ FILE_READAHEAD_BYTES = 4 << 20
 # advised: a fresh service on a warm cache then reads most chunks by the warm path.
 CACHE_READAHEAD_BYTES = 2 << 20
 _ADVISE_BATCH = 16  # files per read-ahead job
-# Chunk files looked up when an image is mounted (ChunkFiles keeps 65,536 entries in all).
+# Chunks whose files are looked up when an image is mounted (ChunkFiles keeps 65,536 in all).
 LEARN_FILES_MAX = 1 << 15
 _LOCATED_MAX = 1 << 16  # keys looked up ahead and not found, remembered to not ask again
 _SEQUENTIAL_FILES = 1024  # files whose read position is remembered for that
@@ -582,20 +583,17 @@ class ChunkResolver:
         return wanted
 
     async def learn_files(self, chunks: Iterable[LayerChunk]) -> int:
-        """Learn which files hold the cached ones of ``chunks`` (at most LEARN_FILES_MAX, one
+        """Learn which files hold the cached ones of ``chunks`` (the first LEARN_FILES_MAX; one
         query in a worker thread), so that their first reads skip the store's lookup (a
         thread hop, SQLite, the whole chunk read): a mount of a cached image. Chunks known
         only by sha256 would cost a query each: left to the normal path. How many learned."""
         keys: list[str] = []
-        for chunk in chunks:
+        for chunk in itertools.islice(chunks, LEARN_FILES_MAX):  # bounded time on the loop
             if chunk.ref.zeros:
                 continue
             key = _key(chunk, self._layers[chunk.layer].check)
-            if key.startswith(_SHA256_KEY) or self._files.entry(key) is not None:
-                continue
-            keys.append(key)
-            if len(keys) >= LEARN_FILES_MAX:
-                break
+            if not key.startswith(_SHA256_KEY) and self._files.entry(key) is None:
+                keys.append(key)
         if not keys:
             return 0
         found = await anyio.to_thread.run_sync(self._locate, list(dict.fromkeys(keys)))
