@@ -65,6 +65,7 @@ from lazyfs.formats.chunked.toc import (
     format_tarsplit_position,
     format_toc_position,
     skippable_frame,
+    trusted_entry,
 )
 from lazyfs.formats.chunked.toc import toc_json as toc_json_of
 from lazyfs.formats.chunked.workers import BatchRunner
@@ -76,6 +77,11 @@ from lazyfs.model.profiles import AccessProfile
 BATCH_BYTES = 4 << 20
 # ... and at most this many ops, so that a batch of tiny files stays a small message.
 _MAX_BATCH_OPS = 512
+# Near the end of the tar, batches shrink to an eighth of what is left (not below this), so
+# that the last batches end together on every core instead of one core finishing a 4 MiB
+# batch alone (~80 ms on one core, measured).
+_TAIL_BATCH_BYTES = 256 << 10
+_TAIL_SHARE = 8
 # A worker costs ~40 ms to start, what converting ~4 MB costs: small layers get fewer.
 BYTES_PER_WORKER = 8 << 20
 _BLOCK_BYTES = 512
@@ -186,10 +192,12 @@ class _BatchPlan:
         zstd_level: int,
         batch_bytes: int,
         submit: Callable[[Batch, _BatchTag], None],
+        tar_bytes: int,
     ) -> None:
         self._tar_path = tar_path
         self._level = zstd_level
         self._batch_bytes = batch_bytes
+        self._tar_bytes = tar_bytes
         self._submit = submit
         self._ops: list[Op] = []
         self._targets: list[_Target] = []
@@ -203,11 +211,15 @@ class _BatchPlan:
             if self._start is None:
                 self._start = offset
             self._end = offset + length
-            if self._end - self._start >= self._batch_bytes:
+            if self._end - self._start >= self._target_bytes():
                 self.flush()
                 return
         if len(self._ops) >= _MAX_BATCH_OPS:
             self.flush()
+
+    def _target_bytes(self) -> int:
+        tail = max(_TAIL_BATCH_BYTES, (self._tar_bytes - self._end) // _TAIL_SHARE)
+        return min(self._batch_bytes, tail)
 
     def flush(self) -> None:
         if not self._ops:
@@ -274,7 +286,8 @@ class LayerWriter:
                     for done_tag, result in runner.submit(batch, tag):
                         self._place(done_tag, result, blob)
 
-                plan = _BatchPlan(str(tar_path), self._config.zstd_level, self._batch_bytes, submit)
+                level = self._config.zstd_level
+                plan = _BatchPlan(str(tar_path), level, self._batch_bytes, submit, size)
                 self._scan(tar_path, fd, size, plan)
                 plan.flush()
                 for done_tag, result in runner.drain():
@@ -468,46 +481,40 @@ def available_cpus() -> int:
 def _member_entries(member: _Member) -> list[TocEntry]:
     """A member's TOC entries: for a file, its reg entry and chunk entries, upstream's layout.
 
-    Each entry is built once, with all its fields (a layer has 10^4 entries).
+    Each entry is built once, with all its fields, by ``trusted_entry`` (a layer has 10^4).
     """
     fields, chunks, digests = member.fields, member.chunks, member.digests
     if not chunks or digests is None:
-        return [TocEntry(**fields)]
+        return [trusted_entry(fields)]
     first = chunks[0]
+    head = fields | {
+        "digest": digests.sha256,
+        "verity": digests.verity,
+        "offset": first.blob_offset,
+        "end_offset": member.end_offset,
+        "chunk_verity": first.verity,
+    }
     if len(chunks) == 1:
-        return [
-            TocEntry(
-                **fields,
-                digest=digests.sha256,
-                verity=digests.verity,
-                offset=first.blob_offset,
-                end_offset=member.end_offset,
-                chunk_verity=first.verity,
-            )
-        ]
-    head = TocEntry(
-        **fields,
-        digest=digests.sha256,
-        verity=digests.verity,
-        offset=first.blob_offset,
-        end_offset=member.end_offset,
-        chunk_size=first.size,
-        chunk_offset=first.file_offset,
-        chunk_digest=first.sha256,
-        chunk_type=_chunk_type(first),
-        chunk_verity=first.verity,
-    )
+        return [trusted_entry(head)]
+    head |= {
+        "chunk_size": first.size,
+        "chunk_offset": first.file_offset,
+        "chunk_digest": first.sha256,
+        "chunk_type": _chunk_type(first),
+    }
     name = fields["name"]
-    return [head] + [
-        TocEntry(
-            type="chunk",
-            name=name,
-            offset=chunk.blob_offset,
-            chunk_size=chunk.size,
-            chunk_offset=chunk.file_offset,
-            chunk_digest=chunk.sha256,
-            chunk_type=_chunk_type(chunk),
-            chunk_verity=chunk.verity,
+    return [trusted_entry(head)] + [
+        trusted_entry(
+            {
+                "type": "chunk",
+                "name": name,
+                "offset": chunk.blob_offset,
+                "chunk_size": chunk.size,
+                "chunk_offset": chunk.file_offset,
+                "chunk_digest": chunk.sha256,
+                "chunk_type": _chunk_type(chunk),
+                "chunk_verity": chunk.verity,
+            }
         )
         for chunk in chunks[1:]
     ]
