@@ -992,6 +992,10 @@ def _chunk_ref(
     return ref
 
 
+# The same for a writer, which makes one per chunk too.
+chunk_ref = _chunk_ref
+
+
 def _chunk_ends(entries: tuple[TocEntry, ...] | list[TocEntry], file_end: int) -> list[int]:
     """Where each chunk's compressed bytes end: where the next chunk's start, unless that chunk
     shares the same (eStargz) gzip member, which an ``innerOffset`` says; then where that one's

@@ -61,6 +61,7 @@ from lazyfs.formats.chunked.toc import (
     Footer,
     Toc,
     TocEntry,
+    chunk_ref,
     entries_json,
     format_tarsplit_position,
     format_toc_position,
@@ -198,6 +199,7 @@ class _BatchPlan:
         self._level = zstd_level
         self._batch_bytes = batch_bytes
         self._tar_bytes = tar_bytes
+        self._tail_from = tar_bytes - _TAIL_SHARE * batch_bytes  # where batches start to shrink
         self._submit = submit
         self._ops: list[Op] = []
         self._targets: list[_Target] = []
@@ -211,15 +213,17 @@ class _BatchPlan:
             if self._start is None:
                 self._start = offset
             self._end = offset + length
-            if self._end - self._start >= self._target_bytes():
+            size = self._end - self._start
+            if size >= self._batch_bytes or (
+                self._end > self._tail_from and size >= self._tail_bytes()
+            ):
                 self.flush()
                 return
         if len(self._ops) >= _MAX_BATCH_OPS:
             self.flush()
 
-    def _target_bytes(self) -> int:
-        tail = max(_TAIL_BATCH_BYTES, (self._tar_bytes - self._end) // _TAIL_SHARE)
-        return min(self._batch_bytes, tail)
+    def _tail_bytes(self) -> int:
+        return max(_TAIL_BATCH_BYTES, (self._tar_bytes - self._end) // _TAIL_SHARE)
 
     def flush(self) -> None:
         if not self._ops:
@@ -371,8 +375,8 @@ class LayerWriter:
 
     def _place_chunk(self, target: _ChunkTarget, chunk: ChunkDigests, start: int, end: int) -> None:
         member = target.member
-        ref = ChunkRef(
-            target.start, target.size, start, end, chunk.sha256, chunk.verity, chunk.zeros
+        ref = chunk_ref(
+            target.start, target.size, start, end, chunk.sha256, chunk.verity, chunk.zeros, 0, 0
         )
         member.chunks.append(ref)
         member.end_offset = end
