@@ -36,12 +36,15 @@ from lazyfs.errors import CacheError, LayoutError
 from lazyfs.formats.chunked.chunker import WINDOW_BYTES, cut_points
 from lazyfs.formats.chunked.frames import (
     CHUNK,
+    CUT_FILE,
+    CUT_MAX_BYTES,
     FILE,
     RAW,
     SOLE_CHUNK,
     Batch,
     BatchResult,
     ChunkDigests,
+    CutDigests,
     FileDigests,
     Op,
     read_exact,
@@ -151,8 +154,13 @@ class _ChunkTarget:
     size: int
 
 
+@dataclass(slots=True)
+class _CutTarget:
+    member: _Member
+
+
 # What each op of a batch is for: None for a RAW op, the member for a FILE op.
-_Target = _ChunkTarget | _Member | None
+_Target = _ChunkTarget | _CutTarget | _Member | None
 
 
 @dataclass(slots=True)
@@ -194,9 +202,11 @@ class _BatchPlan:
         batch_bytes: int,
         submit: Callable[[Batch, _BatchTag], None],
         tar_bytes: int,
+        chunk_bytes: tuple[int, int, int],
     ) -> None:
         self._tar_path = tar_path
         self._level = zstd_level
+        self._chunk_bytes = chunk_bytes
         self._batch_bytes = batch_bytes
         self._tar_bytes = tar_bytes
         self._tail_from = tar_bytes - _TAIL_SHARE * batch_bytes  # where batches start to shrink
@@ -229,7 +239,8 @@ class _BatchPlan:
         if not self._ops:
             return
         start = self._end if self._start is None else self._start
-        batch = Batch(self._tar_path, start, self._end, tuple(self._ops), self._level)
+        ops = tuple(self._ops)
+        batch = Batch(self._tar_path, start, self._end, ops, self._level, self._chunk_bytes)
         tag = _BatchTag(self._targets, self._end)
         self._ops, self._targets, self._start = [], [], None
         self._submit(batch, tag)
@@ -290,8 +301,15 @@ class LayerWriter:
                     for done_tag, result in runner.submit(batch, tag):
                         self._place(done_tag, result, blob)
 
-                level = self._config.zstd_level
-                plan = _BatchPlan(str(tar_path), level, self._batch_bytes, submit, size)
+                config = self._config
+                chunk_bytes = (
+                    config.min_chunk_bytes,
+                    config.avg_chunk_bytes,
+                    config.max_chunk_bytes,
+                )
+                plan = _BatchPlan(
+                    str(tar_path), config.zstd_level, self._batch_bytes, submit, size, chunk_bytes
+                )
                 self._scan(tar_path, fd, size, plan)
                 plan.flush()
                 for done_tag, result in runner.drain():
@@ -334,6 +352,9 @@ class LayerWriter:
         if 0 < size <= self._config.min_chunk_bytes:  # one chunk, as cut_points says: quicker
             plan.add(SOLE_CHUNK, offset, size, _ChunkTarget(member, 0, size))
             return
+        if size <= CUT_MAX_BYTES:  # chunked by whichever process computes its batch
+            plan.add(CUT_FILE, offset, size, _CutTarget(member))
+            return
 
         def read(start: int, length: int) -> memoryview:
             if len(self._window) < length:
@@ -364,6 +385,15 @@ class LayerWriter:
             elif isinstance(target, _Member):
                 assert isinstance(digests, FileDigests)
                 target.digests = digests
+            elif isinstance(target, _CutTarget):
+                assert isinstance(digests, CutDigests)
+                member = target.member
+                if digests.file is not None:
+                    member.digests = digests.file
+                for start, length, chunk in digests.chunks:
+                    end = offset + next(sizes)
+                    self._place_chunk(_ChunkTarget(member, start, length), chunk, offset, end)
+                    offset = end
             else:
                 assert isinstance(digests, ChunkDigests)
                 end = offset + next(sizes)
