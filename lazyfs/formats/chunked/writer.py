@@ -11,9 +11,10 @@ that tar to the writer.) Layout of the blob:
 - then three skippable frames: the TOC, the tar-split, and the 64-byte footer.
 
 How the work is shared: this process reads the tar headers (``members``), finds the chunk
-boundaries (``chunker``) and groups the frames and digests to compute into batches of about
-4 MiB of tar; the batches run in worker processes, one per CPU (``frames``, ``workers``), and
-their results are placed in the blob in tar order. The blob depends only on the tar and on the
+boundaries (``chunker``) of files over 2 MiB (smaller ones are chunked by their batch) and
+groups the frames and digests to compute into batches of about 4 MiB of tar; the batches run
+in worker processes, one per CPU (``frames``, ``workers``), and their results are placed in
+the blob in tar order. The blob depends only on the tar and on the
 chunking and level settings, never on the number of workers. See docs/format.md for the
 canonical choices and docs/chunking.md for the measurements.
 """
