@@ -151,3 +151,50 @@ def _with_checksum(header: bytes | bytearray) -> bytes:
     block[148:156] = b" " * 8
     block[148:156] = b"%06o\0 " % sum(block)
     return bytes(block)
+
+
+def _pax_tar(records: bytes, name: str, kind: bytes, size: int | None = None) -> bytes:
+    """A tar: a plain lead member (tarfile itself reads the first one), then a PAX extended
+    header of ``records`` (its size ``size``, or theirs), then a plain member."""
+    first = _tar(tarfile.USTAR_FORMAT)[:512]  # the "etc" directory
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, len(records) if size is None else size
+    pax = info.tobuf(tarfile.USTAR_FORMAT)
+    body = records.ljust(-(-len(records) // 512) * 512, b"\0")
+    member = tarfile.TarInfo(name)
+    member.type, member.size = kind, 3 if kind == tarfile.REGTYPE else 0
+    payload = b"abc".ljust(512, b"\0") if kind == tarfile.REGTYPE else b""
+    return first + pax + body + member.tobuf(tarfile.USTAR_FORMAT) + payload + bytes(1024)
+
+
+def _record(keyword: bytes, value: bytes) -> bytes:
+    """One PAX record: its length counts its own digits."""
+    text = b" " + keyword + b"=" + value + b"\n"
+    digits = 1
+    while len(b"%d" % (len(text) + digits)) != digits:
+        digits += 1
+    return b"%d" % (len(text) + digits) + text
+
+
+@pytest.mark.parametrize(
+    ("records", "name", "kind", "size"),
+    [
+        (_record(b"path", b"a/" + b"b" * 150), "short", tarfile.REGTYPE, None),
+        (_record(b"path", b"dir/" + b"d" * 120 + b"/"), "dir", tarfile.DIRTYPE, None),
+        (_record(b"path", b"file/with/slash/"), "f", tarfile.REGTYPE, None),
+        (_record(b"path", b"n\xe9-latin1-not-utf8"), "f", tarfile.REGTYPE, None),
+        (_record(b"path", "ü/ß".encode()), "f", tarfile.SYMTYPE, None),
+        (_record(b"path", b"p") + _record(b"mtime", b"1.5"), "f", tarfile.REGTYPE, None),
+        (_record(b"hdrcharset", b"BINARY") + _record(b"path", b"\xff"), "f", tarfile.REGTYPE, None),
+        (_record(b"path", b"x") + b"12 path=yy\n", "f", tarfile.REGTYPE, None),  # garbage after
+        (_record(b"path", b"x")[:-1] + b"!", "f", tarfile.REGTYPE, None),  # no newline
+        (b"99 path=short\n", "f", tarfile.REGTYPE, None),  # a length that overruns
+        (_record(b"path", b"a 1 hdrcharset=BINARY\n"), "f", tarfile.REGTYPE, None),
+        (_record(b"path", b"x") + b"12 path=yy\n", "f", tarfile.REGTYPE, 10),  # in the padding
+        (_record(b"path", b"x" * 9000), "f", tarfile.REGTYPE, None),  # longer than the fast path's
+    ],
+)
+def test_pax_path_headers_give_what_tarfile_gives(
+    tmp_path: Path, records: bytes, name: str, kind: bytes, size: int | None
+) -> None:
+    _compare(tmp_path / "pax.tar", _pax_tar(records, name, kind, size))

@@ -24,12 +24,14 @@ from lazyfs.formats.chunked.toc import (
     Footer,
     Toc,
     TocEntry,
+    chunk_ref,
     file_chunks,
     format_tarsplit_position,
     format_toc_position,
     group_file_entries,
     parse_toc_position,
     skippable_frame,
+    trusted_entry,
     with_chunk_fields,
 )
 
@@ -616,3 +618,16 @@ def test_parsed_entries_are_the_dataclass_s_own() -> None:
         parsed[0].name = "x"  # type: ignore[misc]
     assert dataclasses.replace(parsed[1], size=4) == dataclasses.replace(made[1], size=4)
     assert file_chunks([parsed[1]]) == file_chunks([made[1]])
+
+
+@pytest.mark.parametrize("xattrs", [{}, {"user.b": b"\x00<&>", "security.a": b"x"}])
+def test_a_writers_fast_entries_are_the_dataclass_ones_and_encode_alike(xattrs):
+    values = dict(type="reg", name="d/f<\u2028>\udcff", mode=0o644, size=5, uid=1,
+                  modtime="2024-01-01T00:00:00Z", xattrs=xattrs, digest=SHA_A, offset=3,
+                  end_offset=9, chunk_verity=SHA_B)  # fmt: skip
+    fast, slow = trusted_entry(dict(values)), TocEntry(**values)
+    assert fast == slow
+    assert trusted_entry({"type": "dir", "name": "d"}).xattrs == {}
+    assert Toc((fast,), SHA_C).to_json() == Toc((slow,), SHA_C).to_json()
+    ref = chunk_ref(0, 5, 3, 9, SHA_A, SHA_B, False, 0, 0)
+    assert ref == ChunkRef(0, 5, 3, 9, SHA_A, SHA_B)

@@ -12,10 +12,11 @@ import hashlib
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import fastcdc
 import zstandard
 
 from lazyfs.errors import LayoutError, TocError
@@ -33,6 +34,11 @@ RAW = 0  # a frame only: headers, padding, trailer
 CHUNK = 1  # a frame, and the chunk's sha256, fs-verity digest and all-zero flag
 SOLE_CHUNK = 2  # as CHUNK, for a file that is one chunk: also the file's CRC64
 FILE = 3  # no frame: sha256, fs-verity digest and CRC64 of a whole multi-chunk file
+# A whole file of at most ``CUT_MAX_BYTES``: its chunk boundaries (fastcdc) are found here, then
+# each chunk is as CHUNK (SOLE_CHUNK if there is one) and, for several, the file as FILE. This
+# takes the chunking out of the writer's serial part, and reads the file once.
+CUT_FILE = 4
+CUT_MAX_BYTES = 2 << 20  # one fastcdc pass over the file is then ``cut_points``' one window
 
 Op = tuple[int, int, int]
 
@@ -56,7 +62,15 @@ class FileDigests(NamedTuple):
     crc64: bytes
 
 
-Digests = ChunkDigests | FileDigests | None
+class CutDigests(NamedTuple):
+    """A CUT_FILE op's: ``(start in the file, length, digests)`` of each chunk, and the file's
+    digests if it has several chunks (one chunk's digests are the file's, CRC64 included)."""
+
+    chunks: tuple[tuple[int, int, ChunkDigests], ...]
+    file: FileDigests | None
+
+
+Digests = ChunkDigests | FileDigests | CutDigests | None
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,7 @@ class Batch:
     end: int
     ops: tuple[Op, ...]
     zstd_level: int
+    chunk_bytes: tuple[int, int, int] = (0, 0, 0)  # fastcdc's min, average, max: CUT_FILE ops
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,9 @@ def _compute(fd: int, batch: Batch) -> BatchResult:
             continue
         start = offset - batch.start
         piece = data[start : start + length]
+        if kind == CUT_FILE:
+            digests.append(_cut_file(piece, batch.chunk_bytes, compress, frames))
+            continue
         frames.append(compress(piece))
         if kind == RAW:
             digests.append(None)
@@ -116,6 +134,25 @@ def _compute(fd: int, batch: Batch) -> BatchResult:
             digests.append(_chunk_digests(piece, crc64))
     sizes = tuple(len(frame) for frame in frames)
     return BatchResult(b"".join(frames), sizes, tuple(digests))
+
+
+def _cut_file(
+    data: memoryview,
+    chunk_bytes: tuple[int, int, int],
+    compress: Callable[[memoryview], bytes],
+    frames: list[bytes],
+) -> CutDigests:
+    """A CUT_FILE op: the file's chunks' frames go to ``frames``; their digests are returned."""
+    cuts = [(chunk.offset, chunk.length) for chunk in fastcdc.fastcdc(data, *chunk_bytes)]
+    if len(cuts) == 1:  # its digests are the file's, hashed once
+        frames.append(compress(data))
+        return CutDigests(((0, len(data), _chunk_digests(data, _crc64(data))),), None)
+    chunks = []
+    for start, length in cuts:
+        piece = data[start : start + length]
+        frames.append(compress(piece))
+        chunks.append((start, length, _chunk_digests(piece, b"")))
+    return CutDigests(tuple(chunks), _file_digests([data]))
 
 
 def read_exact(fd: int, offset: int, length: int) -> bytes:

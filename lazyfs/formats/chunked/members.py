@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import struct
 import tarfile
 import zlib
@@ -75,30 +76,52 @@ _USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s")
 
 
 def _plain_member(archive: tarfile.TarFile, fd: int) -> tarfile.TarInfo | None:
-    """The member at the archive's offset, parsed as tarfile would, if its header is plain;
-    else None, and tarfile reads it. Mirrors ``TarInfo.frombuf`` and ``_proc_builtin``."""
+    """The member at the archive's offset, parsed as tarfile would, if its header is plain
+    (or a PAX header with a path only, then a plain one); else None, and tarfile reads it.
+    Mirrors ``TarInfo.frombuf`` and ``_proc_builtin``."""
     offset: int = archive.offset
     if archive.pax_headers:  # a global PAX header applies to every member: tarfile's job
         return None
     buf = os.pread(fd, _HEADER_BYTES, offset)
-    if len(buf) != _HEADER_BYTES or buf[156:157] not in _PLAIN_TYPES:
+    if len(buf) != _HEADER_BYTES:
         return None
-    name, *numbers, kind, link, _, _, uname, gname, major, minor, prefix = _USTAR.unpack_from(buf)
-    numbers += (major, minor)
+    if buf[156:157] == tarfile.XHDTYPE:
+        info = _pax_path_member(archive, fd, buf, offset)
+    elif buf[156:157] in _PLAIN_TYPES:
+        info = _ustar_info(archive, buf, offset)
+    else:
+        return None
+    if info is not None:
+        blocks = -(-info.size // _HEADER_BYTES) if info.isreg() else 0  # = tarfile's _block()
+        archive.offset = info.offset_data + blocks * _HEADER_BYTES
+    return info
+
+
+def _header_numbers(buf: bytes) -> list[int] | None:
+    """mode, uid, gid, size, mtime, chksum, devmajor, devminor of a ustar header, as tarfile's
+    nti gives them; None if a field is one int() refuses (base-256: tarfile's job) or the
+    checksum does not match as unsigned (perhaps signed, or bad: tarfile decides)."""
+    fields = _USTAR.unpack_from(buf)
+    raw = [*fields[1:7], fields[13], fields[14]]
     try:
-        # What tarfile's nti gives whenever int() accepts the field; it refuses base-256
-        # fields (their first byte is 0x80 or 0xff), which are left to tarfile too.
-        mode, uid, gid, size, mtime, chksum, devmajor, devminor = [
-            int(field.partition(b"\0")[0] or b"0", 8) for field in numbers
-        ]
+        numbers = [int(field.partition(b"\0")[0] or b"0", 8) for field in raw]
     except ValueError:
         return None
-    if chksum != 256 + _byte_sum(buf) - sum(numbers[5]):
-        return None  # perhaps a signed-char checksum, or a bad one: tarfile decides
+    if numbers[5] != 256 + _byte_sum(buf) - sum(raw[5]):
+        return None
+    return numbers
+
+
+def _ustar_info(archive: tarfile.TarFile, buf: bytes, offset: int) -> tarfile.TarInfo | None:
+    """The member whose plain ustar header is ``buf``, at ``offset``, as tarfile makes it."""
+    numbers = _header_numbers(buf)
+    if numbers is None:
+        return None
+    name, *_, kind, link, _, _, uname, gname, _, _, prefix = _USTAR.unpack_from(buf)
     encoding, errors = archive.encoding, archive.errors
     info = tarfile.TarInfo()
-    info.mode, info.uid, info.gid, info.size, info.mtime = mode, uid, gid, size, mtime
-    info.chksum, info.devmajor, info.devminor, info.type = chksum, devmajor, devminor, kind
+    info.mode, info.uid, info.gid, info.size, info.mtime = numbers[:5]
+    info.chksum, info.devmajor, info.devminor, info.type = *numbers[5:], kind
     name_text = name.partition(b"\0")[0].decode(encoding, errors)
     info.linkname = link.partition(b"\0")[0].decode(encoding, errors)
     info.uname = uname.partition(b"\0")[0].decode(encoding, errors)
@@ -114,8 +137,49 @@ def _plain_member(archive: tarfile.TarFile, fd: int) -> tarfile.TarInfo | None:
     info.name = name_text.rstrip("/") if is_dir else name_text
     info.offset = offset
     info.offset_data = offset + _HEADER_BYTES
-    blocks = -(-size // _HEADER_BYTES) if info.isreg() else 0  # = tarfile's _block()
-    archive.offset = info.offset_data + blocks * _HEADER_BYTES
+    return info
+
+
+# A PAX record buffer of one "path" record, as tarfile's _proc_pax reads records.
+_PAX_PATH = re.compile(rb"(\d+) path=")
+_MAX_PAX_PATH_BYTES = 8192  # longer (rare) ones are tarfile's
+
+
+def _pax_path_member(
+    archive: tarfile.TarFile, fd: int, buf: bytes, offset: int
+) -> tarfile.TarInfo | None:
+    """A PAX extended header whose only record is ``path`` (how tar writers store a long
+    name, 9 % of /usr's members), and the plain member after it, as tarfile's ``_proc_pax``
+    and ``_apply_pax_info`` make it. Anything else in the records is tarfile's job."""
+    numbers = _header_numbers(buf)
+    if numbers is None or not 0 < numbers[3] <= _MAX_PAX_PATH_BYTES:
+        return None
+    size = numbers[3]
+    blocks = -(-size // _HEADER_BYTES)
+    data = os.pread(fd, (blocks + 1) * _HEADER_BYTES, offset + _HEADER_BYTES)
+    records, padding, header = data[:size], data[size : blocks * _HEADER_BYTES], data[-512:]
+    match = _PAX_PATH.match(records)
+    if (
+        len(data) != (blocks + 1) * _HEADER_BYTES
+        or match is None
+        or int(match.group(1)) != size  # one record, filling the size exactly
+        or not records.endswith(b"\n")
+        or padding.strip(b"\0")  # tarfile would read on into the padding
+        or b"hdrcharset=" in records
+        or header[156:157] not in _PLAIN_TYPES
+    ):
+        return None
+    info = _ustar_info(archive, header, offset + (blocks + 1) * _HEADER_BYTES)
+    if info is None:
+        return None
+    raw_path = records[match.end() : size - 1]
+    try:
+        path = raw_path.decode("utf-8", "strict")
+    except UnicodeDecodeError:
+        path = raw_path.decode(archive.encoding, archive.errors)
+    info.name = path.rstrip("/")
+    info.pax_headers = {"path": path}
+    info.offset = offset  # tarfile's: the member starts at its extended header
     return info
 
 

@@ -217,6 +217,19 @@ class Toc:
 
 
 def _entry_to_obj(entry: TocEntry) -> dict[str, Any]:
+    values = vars(entry)
+    if values["xattrs"]:
+        return _entry_with_xattrs_to_obj(entry)
+    # Without xattrs, the keys in order are type, name, then the plain fields that are set:
+    # a third of the time of the loop below (a layer's TOC has 10^4 entries).
+    obj: dict[str, Any] = {"type": values["type"], "name": values["name"]}
+    for attr, key in _PLAIN_FIELDS:
+        if value := values[attr]:
+            obj[key] = value
+    return obj
+
+
+def _entry_with_xattrs_to_obj(entry: TocEntry) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for attr, key, kind in _FIELDS:
         value = getattr(entry, attr)
@@ -229,6 +242,9 @@ def _entry_to_obj(entry: TocEntry) -> dict[str, Any]:
 
 
 _JSON_TYPE = {"int": int, "str": str, "str!": str}
+# (attribute, JSON key) of the fields written only when set, in order; type and name (always
+# written) come first in _FIELDS, so an entry without xattrs is written in this order.
+_PLAIN_FIELDS = tuple((attr, key) for attr, key, kind in _FIELDS if kind in ("int", "str"))
 
 
 def _entry_from_obj(raw: object, index: int, where: str) -> TocEntry:
@@ -275,6 +291,15 @@ def _new_entry(values: dict[str, Any]) -> TocEntry:
     entry = _NEW(TocEntry)
     _SET(entry, "__dict__", values)
     return entry
+
+
+def trusted_entry(values: dict[str, Any]) -> TocEntry:
+    """``TocEntry(**values)`` for values a writer made (attributes of TocEntry, each of its
+    type; not checked), a quarter of the time: a converted layer makes 10^4 entries."""
+    merged = _ENTRY_DEFAULTS | values
+    if merged["xattrs"] is None:
+        merged["xattrs"] = {}
+    return _new_entry(merged)
 
 
 _NEW = object.__new__
@@ -736,6 +761,8 @@ def _go_json(value: object) -> bytes:
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=False)
     for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
         text = text.replace(char, escaped)
+    if text.isascii():  # no line separators, no surrogates: skip the scans (~40 % of the time)
+        return text.encode("ascii")
     text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
     # Go writes invalid UTF-8 (here: surrogates) as U+FFFD.
     return _SURROGATE.sub("\ufffd", text).encode("utf-8")
@@ -963,6 +990,10 @@ def _chunk_ref(
         "inner_offset": inner_offset, "prefetch": prefetch,
     })  # fmt: skip
     return ref
+
+
+# The same for a writer, which makes one per chunk too.
+chunk_ref = _chunk_ref
 
 
 def _chunk_ends(entries: tuple[TocEntry, ...] | list[TocEntry], file_end: int) -> list[int]:
