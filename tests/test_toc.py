@@ -621,7 +621,9 @@ def test_parsed_entries_are_the_dataclass_s_own() -> None:
 
 
 @pytest.mark.parametrize("xattrs", [{}, {"user.b": b"\x00<&>", "security.a": b"x"}])
-def test_a_writers_fast_entries_are_the_dataclass_ones_and_encode_alike(xattrs):
+def test_a_writers_fast_entries_are_the_dataclass_ones_and_encode_alike(
+    xattrs: dict[str, bytes],
+) -> None:
     values = dict(type="reg", name="d/f<\u2028>\udcff", mode=0o644, size=5, uid=1,
                   modtime="2024-01-01T00:00:00Z", xattrs=xattrs, digest=SHA_A, offset=3,
                   end_offset=9, chunk_verity=SHA_B)  # fmt: skip
