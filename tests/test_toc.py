@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import json
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -624,7 +625,7 @@ def test_parsed_entries_are_the_dataclass_s_own() -> None:
 def test_a_writers_fast_entries_are_the_dataclass_ones_and_encode_alike(
     xattrs: dict[str, bytes],
 ) -> None:
-    values = dict(type="reg", name="d/f<\u2028>\udcff", mode=0o644, size=5, uid=1,
+    values: dict[str, Any] = dict(type="reg", name="d/f<\u2028>\udcff", mode=0o644, size=5, uid=1,
                   modtime="2024-01-01T00:00:00Z", xattrs=xattrs, digest=SHA_A, offset=3,
                   end_offset=9, chunk_verity=SHA_B)  # fmt: skip
     fast, slow = trusted_entry(dict(values)), TocEntry(**values)
