@@ -135,7 +135,9 @@ async def test_fill_pauses_while_another_images_read_misses(chunk_cache: ChunkCa
 
         async def fill_a() -> None:
             await image_a.foreground.wait_quiet(0.05)
-            resumed.append(bool(read))  # only after B's read was served
+            # Only once B's fetch is over (its read may still be verifying: the pause is about
+            # the link, and under load that step can outlast the 0.05 s of quiet).
+            resumed.append(shared.foreground.in_flight() == 0)
             await image_a.prefetch([(a.node, chunk) for chunk in a.node.chunks])
 
         tasks.start_soon(read_b)
@@ -144,7 +146,7 @@ async def test_fill_pauses_while_another_images_read_misses(chunk_cache: ChunkCa
         await anyio.sleep(0.3)  # however long the read waits, the fill waits with it
         assert not resumed and not a.source.calls and image_a.stats.cache_misses == 0
         b.source.gate.set()
-        await wait_until(lambda: bool(a.source.calls))
+        await wait_until(lambda: bool(a.source.calls) and bool(read))
         assert resumed == [True] and read == [b.content[: 64 << 10]]
         assert shared.foreground.in_flight() == 0
         tasks.cancel_scope.cancel()
