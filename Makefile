@@ -39,7 +39,10 @@ BENCH_ARGS ?=
 help:
 	@sed -n 's/^#   make /make /p' $(firstword $(MAKEFILE_LIST))
 
+# The byte-compile runs every time (it only rewrites stale files): sources edited after the
+# install would otherwise be compiled at every start where PYTHONDONTWRITEBYTECODE is set.
 setup: system-deps $(STAMP)
+	@$(VENV_PY) -m compileall -q lazyfs >/dev/null
 
 # Installs the Debian packages that are missing, and only those. `apt-get update` runs at
 # most once, and only when something is missing (skipped if the caller already ran it and
@@ -67,11 +70,10 @@ $(VENV_PY):
 # there first, but a phony target must not force a reinstall on every run.
 # The editable install is a path entry (compat mode), not setuptools' import hook, which costs
 # every start of the interpreter ~25 ms; lazyfs's modules are byte-compiled here, as a normal
-# install does, so that a client (`lazyfs mount`) never compiles them, even where
+# install does (by `setup`, below), so that a client (`lazyfs mount`) never compiles them, even where
 # PYTHONDONTWRITEBYTECODE is set.
 $(STAMP): pyproject.toml | system-deps $(VENV_PY)
 	$(VENV_PY) -m pip install -q -e '.[dev,bench]' --config-settings editable_mode=compat
-	$(VENV_PY) -m compileall -q lazyfs >/dev/null
 	touch $@
 
 demo: setup

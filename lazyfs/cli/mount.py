@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import logging
 import os
 import sys
 import time
@@ -36,8 +35,6 @@ from lazyfs.service.paths import default_cache_dir
 # The rest is imported where it is used: a mount through a running service needs none of it.
 if TYPE_CHECKING:
     from lazyfs.registry.credentials import Credentials
-
-log = logging.getLogger("lazyfs")
 
 SOCKET_ENV = "LAZYFS_SOCKET"
 IDLE_EXIT_ENV = "LAZYFS_SERVICE_IDLE_EXIT_S"

@@ -5,11 +5,16 @@ A pure leaf: no I/O beyond hashing bytes handed in.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lazyfs.errors import IntegrityError, ManifestError
+
+# hashlib is imported where it hashes: `lazyfs mount`, a client that parses references and
+# hashes nothing, would pay ~5 ms at every start for it.
+if TYPE_CHECKING:
+    import hashlib
 
 _DIGEST_RE = re.compile(r"^(sha256):([a-f0-9]{64})$|^(sha512):([a-f0-9]{128})$")
 
@@ -34,13 +39,19 @@ class Digest:
 
     @classmethod
     def of(cls, data: bytes) -> Digest:
+        import hashlib
+
         return cls("sha256", hashlib.sha256(data).hexdigest())
 
     def hasher(self) -> hashlib._Hash:
+        import hashlib
+
         return hashlib.new(self.algorithm)
 
     def verify(self, data: bytes, what: str) -> None:
         """Raise IntegrityError unless ``data`` hashes to this digest."""
+        import hashlib
+
         actual = hashlib.new(self.algorithm, data).hexdigest()
         if actual != self.hex:
             raise IntegrityError(what, str(self), f"{self.algorithm}:{actual}")
@@ -50,6 +61,8 @@ class DigestingWriter:
     """Accumulates a running digest and byte count of data passed through ``update``."""
 
     def __init__(self, algorithm: str = "sha256") -> None:
+        import hashlib
+
         self._hash = hashlib.new(algorithm)
         self._algorithm = algorithm
         self.size_bytes = 0

@@ -18,7 +18,6 @@ A pure leaf: no I/O.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -123,6 +122,8 @@ class Reference:
         host = _host_without_port(self.registry)
         if host.lower() == "localhost":
             return True
+        import ipaddress  # here: the client parses references, and never asks this
+
         try:
             return ipaddress.ip_address(host).is_loopback
         except ValueError:

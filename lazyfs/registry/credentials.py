@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,9 +26,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 from lazyfs.errors import AuthError, AuthFileError, UsageError
 
 if TYPE_CHECKING:
+    import logging
     import subprocess
 
-log = logging.getLogger(__name__)
+
+def _log() -> logging.Logger:
+    """logging is imported when something is logged: ``lazyfs mount`` looks credentials up at
+    every start, and logging costs it ~9 ms."""
+    import logging
+
+    return logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,7 @@ class DockerConfigCredentials:
         for path in self._paths:
             found = _lookup_in_file(path, registry)
             if found is not None:
-                log.debug("credentials for %s from %s", registry, path)
+                _log().debug("credentials for %s from %s", registry, path)
                 return found
         return None
 
@@ -264,7 +270,7 @@ def _parse_helper_answer(
     if not isinstance(username, str) or not isinstance(secret, str):
         raise AuthError(f"credential helper {program} gave a malformed answer for {registry}")
     if username == _IDENTITY_TOKEN_USER:
-        log.warning(
+        _log().warning(
             "%s: identity tokens from %s are not supported; going anonymous", registry, program
         )
         return None

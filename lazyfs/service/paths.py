@@ -8,7 +8,6 @@ directory finds (or starts) the service that owns it. Light: the CLI imports it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,4 +52,6 @@ def run_dir_name(cache_dir: Path) -> str:
     resolved = cache_dir.absolute()
     if resolved == default_cache_dir().absolute():
         return "default"
+    import hashlib  # here: clients given --socket never need it
+
     return "c-" + hashlib.sha256(os.fsencode(resolved)).hexdigest()[:16]
