@@ -60,6 +60,10 @@ def test_fill_makes_the_image_offline_safe_and_resumes_without_refetching(
         fill = figures["fill"]
         assert fill["state"] == "done" and fill["done_bytes"] == fill["total_bytes"] > 0  # type: ignore[index]
         assert "offline-safe" in run_lazyfs("stats", str(mountpoint)).stdout
+        # The fill went out as background traffic (registry/lanes.py), on its own connections.
+        wire = json.loads(service.call("stats", "--json").stdout)["fill_wire"]
+        assert wire["background_requests"] > 0
+        assert wire["background_bytes"] >= fill["total_bytes"] // 2  # type: ignore[index]
         service.call("umount", str(mountpoint))
 
         # After a restart, the fill finds everything cached: no blob is fetched again.

@@ -10,9 +10,11 @@ never at the cost of the reads a workload is waiting for. So the fill:
   waits until no read is waiting on a chunk from the network and none has started to for
   ``PAUSE_AFTER_MISS_S`` (ForegroundMisses, shared like the chunks, SharedChunks), so a read
   never queues behind it in lazyfs (a read that misses while a batch is in flight joins that
-  batch's flights or starts its own, as with any prefetch). On the link it still does: the
-  batches in flight when a read misses share the bottleneck with it, and a fill at the link's
-  full rate keeps the bottleneck's queue full (the bench: +5-90 ms on a 165 ms read);
+  batch's flights or starts its own, as with any prefetch). On the link, the batches in flight
+  are held too: the fill is background traffic (lazyfs/model/traffic.py), which the registry
+  layer sends on connections of its own with small receive windows and stops reading while
+  any foreground request is open (lazyfs/registry/lanes.py), so the sender stops within a
+  window and a read's answer meets neither a standing queue nor the fill's bytes;
 - keeps a few small batches in flight once reads are quiet (FillRun: one after a pause, one
   more per batch that ends with no read missing, up to ``FILL_PIPELINE``), so a thin link with
   a long round trip stays busy (python -m lazyfs.bench.fill: 1.65x the link's time with one
@@ -36,6 +38,7 @@ from typing import Literal, Protocol
 
 import anyio
 
+from lazyfs.model.traffic import background_traffic
 from lazyfs.mount.tree import LayerChunk, Node, Tree
 
 FILL_BATCH_BYTES = 256 << 10  # small: a read that misses waits behind less of the fill
@@ -232,6 +235,14 @@ class FillRun:
 
     async def run(self, order: Sequence[tuple[Node, LayerChunk]]) -> None:
         foreground = self._resolver.foreground
+        # Background traffic: its own connections and receive windows, held on the wire while
+        # any foreground request is open (lazyfs/registry/lanes.py).
+        with background_traffic():
+            await self._run(order, foreground)
+
+    async def _run(
+        self, order: Sequence[tuple[Node, LayerChunk]], foreground: ForegroundMisses
+    ) -> None:
         async with anyio.create_task_group() as batches:
             for batch in fill_batches(order):
                 while True:  # bounded: each pass waits for a batch to end or for quiet reads

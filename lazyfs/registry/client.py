@@ -60,6 +60,7 @@ from lazyfs.registry.bodies import (
     stream_to_sink,
 )
 from lazyfs.registry.credentials import CredentialSource
+from lazyfs.registry.lanes import BackgroundLane
 from lazyfs.registry.transport import Call, RegistryStats, Transport
 from lazyfs.registry.wire import (
     ConnectionRefusedRegistryError,
@@ -117,12 +118,15 @@ class RegistryClient:
         *,
         keep_whole_blob: WholeBlobKeeper | None = None,
         local_registries: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+        lane: BackgroundLane | None = None,
     ) -> None:
         """``local_registries``: registries answered in this process, by host name (an OCI
-        layout on disk, registry/layoutregistry.py); the mapping may grow later."""
+        layout on disk, registry/layoutregistry.py); the mapping may grow later. ``lane``:
+        the background lane this client's requests share with other clients' (lanes.py);
+        by default its own."""
         self.config = config
         self.stats = RegistryStats()
-        self._transport = Transport(config, credentials, self.stats, local_registries)
+        self._transport = Transport(config, credentials, self.stats, local_registries, lane)
         self._auth = self._transport.auth  # its repr is checked for leaked secrets
         self._keep_whole_blob = keep_whole_blob
         self._guard = StallGuard.of(config)

@@ -37,6 +37,8 @@ import httpx
 
 from lazyfs.config import RegistryConfig
 from lazyfs.errors import CertificateError
+from lazyfs.model.traffic import is_background
+from lazyfs.registry.lanes import BackgroundLane
 from lazyfs.registry.proxy import ProxyRules
 from lazyfs.registry.wire import url_origin
 
@@ -45,8 +47,9 @@ log = logging.getLogger(__name__)
 # The ``request.extensions`` key naming the registry a request is made for.
 REGISTRY_EXTENSION = "lazyfs.registry"
 
-# A pool per (certificate directory, verify, proxy): registries without a directory share one.
-_PoolKey = tuple[Path | None, bool, str | None]
+# A pool per (certificate directory, verify, proxy, background): registries without a directory
+# share one; the background fill has pools of its own (lanes.py).
+_PoolKey = tuple[Path | None, bool, str | None, bool]
 
 
 class RegistryPools(httpx.AsyncBaseTransport):
@@ -56,8 +59,10 @@ class RegistryPools(httpx.AsyncBaseTransport):
         self,
         config: RegistryConfig,
         local: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+        lane: BackgroundLane | None = None,
     ) -> None:
         self._config = config
+        self.lane = lane if lane is not None else BackgroundLane()
         # Registries answered in this process (an OCI layout on disk: layoutregistry.py),
         # by host name; no socket, proxy or certificate is involved.
         self._local = local if local is not None else {}
@@ -66,25 +71,31 @@ class RegistryPools(httpx.AsyncBaseTransport):
         # Built now, so that a bad proxy variable or --cert-dir fails before any request.
         self._proxies = ProxyRules(config.proxy)
         self._default = (config.cert_dir, config.tls_verify is not False)
-        self._pool((*self._default, None))
+        self._pool((*self._default, None, False))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         local = self._local.get(url_origin(request.url))
         if local is not None:
             return await local.handle_async_request(request)
+        background = is_background()
+        if background:
+            await self.lane.yield_to_foreground()
         proxy = self._proxies.for_url(request.url)
         via = str(proxy) if proxy is not None else None
         if request.url.scheme == "https":
-            pool = await self._pool_for(request, via)
+            pool = await self._pool_for(request, via, background)
         else:
-            pool = await self._built((*self._default, via))
-        return await pool.handle_async_request(request)
+            pool = await self._built((*self._default, via, background))
+        response = await pool.handle_async_request(request)
+        return self.lane.answer(response) if background else response
 
     async def aclose(self) -> None:
         for pool in list(self._pools.values()):
             await pool.aclose()
 
-    async def _pool_for(self, request: httpx.Request, via: str | None) -> httpx.AsyncHTTPTransport:
+    async def _pool_for(
+        self, request: httpx.Request, via: str | None, background: bool
+    ) -> httpx.AsyncHTTPTransport:
         origin = url_origin(request.url)
         registry = str(request.extensions.get(REGISTRY_EXTENSION, origin))
         verify = self._config.tls_verify is not False and (
@@ -93,7 +104,7 @@ class RegistryPools(httpx.AsyncBaseTransport):
         if registry not in self._dirs:
             found = await anyio.to_thread.run_sync(cert_dir_for, self._config, registry)
             self._dirs[registry] = found
-        return await self._built((self._dirs[registry], verify, via))
+        return await self._built((self._dirs[registry], verify, via, background))
 
     async def _built(self, key: _PoolKey) -> httpx.AsyncHTTPTransport:
         pool = self._pools.get(key)
@@ -102,7 +113,7 @@ class RegistryPools(httpx.AsyncBaseTransport):
         return pool
 
     def _pool(self, key: _PoolKey) -> httpx.AsyncHTTPTransport:
-        directory, verify, via = key
+        directory, verify, via, _background = key
         pool = _connection_pool(self._config, ssl_context(directory, verify=verify), via)
         return self._pools.setdefault(key, pool)  # another task may have built one meanwhile
 

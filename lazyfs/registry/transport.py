@@ -21,8 +21,10 @@ import httpx
 from lazyfs import __version__
 from lazyfs.config import RegistryConfig
 from lazyfs.model.reference import Reference
+from lazyfs.model.traffic import is_background
 from lazyfs.registry.auth import Authenticator, Scopes
 from lazyfs.registry.credentials import CredentialSource
+from lazyfs.registry.lanes import BackgroundLane
 from lazyfs.registry.tls import REGISTRY_EXTENSION, RegistryPools
 from lazyfs.registry.wire import (
     answered_not_tls,
@@ -69,10 +71,13 @@ class Transport:
         credentials: CredentialSource | None,
         stats: RegistryStats,
         local: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+        lane: BackgroundLane | None = None,
     ) -> None:
         self._config = config
         self.stats = stats
-        self._http = _http_client(config, local)
+        # The fill below every foreground request (lanes.py), shared by the service's clients.
+        self.lane = lane if lane is not None else BackgroundLane()
+        self._http = _http_client(config, local, self.lane)
         self.auth = Authenticator(self._send_and_read, credentials)
         self._plain_http: set[str] = set()  # insecure registries found to speak HTTP only
 
@@ -87,7 +92,18 @@ class Transport:
 
     @asynccontextmanager
     async def exchange(self, call: Call) -> AsyncIterator[httpx.Response]:
-        """Yield the streaming 2xx answer to ``call``; raise the lazyfs error for any other."""
+        """Yield the streaming 2xx answer to ``call``; raise the lazyfs error for any other.
+        A foreground call holds the background lane from before it is sent until its answer
+        is closed."""
+        if is_background():
+            async with self._exchange(call) as response:
+                yield response
+        else:
+            async with self.lane.foreground(), self._exchange(call) as response:
+                yield response
+
+    @asynccontextmanager
+    async def _exchange(self, call: Call) -> AsyncIterator[httpx.Response]:
         response = await self._authorized(call)
         try:
             if not response.is_success:
@@ -223,11 +239,14 @@ class Transport:
 
 
 def _http_client(
-    config: RegistryConfig, local: Mapping[str, httpx.AsyncBaseTransport] | None
+    config: RegistryConfig,
+    local: Mapping[str, httpx.AsyncBaseTransport] | None,
+    lane: BackgroundLane,
 ) -> httpx.AsyncClient:
     timeout = httpx.Timeout(config.fetch_timeout_s, connect=config.connect_timeout_s)
     return httpx.AsyncClient(
-        transport=RegistryPools(config, local),  # per registry: its certificates, or in process
+        # per registry: its certificates, or in process; the background lane's own pools
+        transport=RegistryPools(config, local, lane),
         timeout=timeout,
         follow_redirects=False,  # done by hand so Authorization never leaves its origin
         trust_env=False,  # proxies: RegistryPools, by Go's rules (proxy.py), not httpx's

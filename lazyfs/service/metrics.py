@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 from anyio.abc import SocketStream
 
 from lazyfs.model.histogram import LatencyHistogram
+from lazyfs.registry.lanes import LaneStats
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class ServiceFigures:
     totals: ImageFigures  # every image since start, released ones included
     mounts: int
     cache_chunk_bytes: int
+    fill_wire: LaneStats = field(default_factory=LaneStats)
 
 
 def render(figures: ServiceFigures) -> str:
@@ -73,7 +75,27 @@ def render(figures: ServiceFigures) -> str:
     lines += _gauge(
         "lazyfs_cache_chunk_bytes", "Bytes of chunks in the cache.", figures.cache_chunk_bytes
     )
+    lines += _fill_wire(figures.fill_wire)
     return "\n".join(lines) + "\n"
+
+
+def _fill_wire(lane: LaneStats) -> list[str]:
+    """The background fill on the wire (registry/lanes.py), whole service."""
+    lines: list[str] = []
+    for name, text, value in (
+        ("lazyfs_fill_wire_requests", "Background (fill) requests sent.", lane.background_requests),
+        ("lazyfs_fill_wire_bytes", "Body bytes of background answers read.", lane.background_bytes),
+        ("lazyfs_fill_wire_pauses", "Waits of the fill for foreground requests.", lane.pauses),
+        ("lazyfs_fill_wire_paused_seconds", "Seconds the fill waited for them.", lane.paused_s),
+    ):
+        lines += _family(name, "counter", text)
+        lines.append(_sample(name, {}, value))
+    lines += _gauge(
+        "lazyfs_fill_wire_window_bytes",
+        "Receive window last set on a fill connection.",
+        lane.window_bytes,
+    )
+    return lines
 
 
 def _family(name: str, kind: str, text: str) -> list[str]:

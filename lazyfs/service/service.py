@@ -70,6 +70,7 @@ from lazyfs.mount.resolver import ResolverStats, SharedChunks
 from lazyfs.registry.client import RegistryClient
 from lazyfs.registry.credentials import Credentials, CredentialSource
 from lazyfs.registry.failover import Failover
+from lazyfs.registry.lanes import BackgroundLane
 from lazyfs.registry.layoutregistry import LAYOUT_REPOSITORY, LayoutRegistry, layout_host
 from lazyfs.registry.mirrors import EndpointOrder, MirrorConfig, system_mirrors
 from lazyfs.service import bindmounts
@@ -143,6 +144,8 @@ class Service:
         self._images: dict[str, MountedImage] = {}
         self._mounts: dict[Path, _Mount] = {}
         self._clients: dict[str, RegistryClient] = {}
+        # Every client's fill below every client's reads (registry/lanes.py).
+        self._lane = BackgroundLane()
         # OCI layouts opened by `lazyfs mount oci:PATH`, by the host name each is served as.
         self._layouts: dict[str, LayoutRegistry] = {}
         self._retired = ResolverStats()  # counters of images released since start
@@ -234,6 +237,7 @@ class Service:
             self.config.store_credentials,
             keep_whole_blob=self._cache.blobs.keeper,
             local_registries=self._layouts,
+            lane=self._lane,
         )
         self._clients["layer-store"] = client
         host = ServiceStoreHost(
@@ -512,6 +516,7 @@ class Service:
                 MappedCredentials(credentials),
                 keep_whole_blob=self._cache.blobs.keeper,
                 local_registries=self._layouts,
+                lane=self._lane,
             )
             self._clients[key] = client
         return client
@@ -617,6 +622,7 @@ class Service:
             "chunks_in_flight": len(self._shared.flights) if self._shared is not None else 0,
             "cache_size_limit_bytes": self._cache.size_limit_bytes if self._cache else 0,
             "network_bytes_received": sum(c.stats.bytes_received for c in self._clients.values()),
+            "fill_wire": self._lane.stats.to_json(),
             **{key: getattr(totals, key) for key, _, _ in COUNTERS},
             "internal_errors": totals.internal_errors + self._fuse_internal_errors(),
             "image_list": [
@@ -645,7 +651,9 @@ class Service:
             layer.fetched_whole_bytes for i in self._all_images() for layer in i.opened.layers
         )
         summed = ImageFigures("", counters, totals.read_latency, totals.fetch_latency)
-        return ServiceFigures(images, summed, len(self._mounts), self._cache_chunk_bytes)
+        return ServiceFigures(
+            images, summed, len(self._mounts), self._cache_chunk_bytes, self._lane.stats
+        )
 
     def _totals(self) -> ResolverStats:
         totals = ResolverStats()
