@@ -16,7 +16,7 @@ from oracles import umoci_unpack
 from test_service import Served, lazyfs_mounts, read_all, start_service, stop
 
 from lazyfs.convert.imagebuild import regular_file, symlink, with_parent_dirs, write_image
-from lazyfs.convert.layout import OciLayout
+from lazyfs.convert.layout import MAX_INDEX_BYTES, OciLayout
 from lazyfs.model.manifests import OCI_MANIFEST, Descriptor
 from lazyfs.model.ranges import ByteRange
 from lazyfs.registry.layoutregistry import is_layout_host, layout_host, parse_range_header
@@ -155,3 +155,20 @@ def test_an_oversized_manifest_in_a_layout_is_refused_unread(
     )  # fmt: skip
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
     assert "more than" in result.stderr
+
+
+def test_an_oversized_index_json_is_refused_in_one_line(service: Served, tmp_path: Path) -> None:
+    """index.json is capped as a registry's index is: ``mount oci:`` of a layout whose
+    index.json is over the cap fails in one line, naming the file."""
+    layout = OciLayout.create(tmp_path / "big")
+    index = layout.path / "index.json"
+    index.write_bytes(index.read_bytes()[:-1] + b" " * MAX_INDEX_BYTES + b"}")
+    mountpoint = tmp_path / "m"
+    mountpoint.mkdir()
+    result = run_lazyfs(
+        "mount", "--socket", str(service.socket), f"oci:{layout.path}", str(mountpoint),
+        check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{index} is" in result.stderr and "more than" in result.stderr, result.stderr
+    assert mountpoint not in lazyfs_mounts()
