@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from lazyfs.bench.links import (
     tbf_arguments,
 )
 from lazyfs.bench.modes import ProcessCost, RunMetrics
+from lazyfs.bench.processes import stop_process
 from lazyfs.bench.proxy import RequestSniffer
 from lazyfs.bench.report import (
     BenchResult,
@@ -250,6 +252,24 @@ def test_service_goals_need_the_links_rtt() -> None:
 def test_process_cost_since() -> None:
     later = ProcessCost(3.5, 200).since(ProcessCost(1.0, 100))
     assert (later.cpu_s, later.peak_rss_bytes) == (2.5, 200)
+
+
+def test_stop_process_signals_then_kills() -> None:
+    """The signal first; SIGKILL only for a process that outlives the wait."""
+    polite = subprocess.Popen(["sleep", "60"])
+    assert stop_process(polite, 30.0) is False
+    assert polite.returncode == -signal.SIGTERM
+    assert stop_process(polite, 30.0) is False  # already gone: nothing to do
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys, time\n"
+         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint(flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert stubborn.stdout is not None
+    stubborn.stdout.readline()  # SIGTERM is ignored from here on
+    assert stop_process(stubborn, 0.2) is True
+    assert stubborn.returncode == -signal.SIGKILL
+    stubborn.stdout.close()
 
 
 # --- retries ---------------------------------------------------------------------------------

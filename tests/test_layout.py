@@ -13,7 +13,7 @@ from imagebuild import build_feature_image
 from oracles import require_tool, run_tool, skopeo_copy, skopeo_inspect
 
 from lazyfs.convert.imagebuild import regular_file, write_image
-from lazyfs.convert.layout import OciLayout
+from lazyfs.convert.layout import MAX_INDEX_BYTES, OciLayout
 from lazyfs.errors import IntegrityError, LayoutError, UsageError
 from lazyfs.model.digest import Digest
 from lazyfs.model.manifests import (
@@ -83,6 +83,26 @@ def test_malformed_index_json(tmp_path: Path, content: bytes | None) -> None:
         layout.resolve(None)
 
 
+def test_an_oversized_index_json_is_refused_unread(tmp_path: Path) -> None:
+    """The author of a layout controls index.json: one over the cap is one LayoutError, and
+    is not read (the check is the file's size)."""
+    layout = OciLayout.create(tmp_path)
+    padded = b'{"schemaVersion":2,"manifests":[]' + b" " * MAX_INDEX_BYTES + b"}"
+    (tmp_path / "index.json").write_bytes(padded)
+    with pytest.raises(LayoutError, match=r"index\.json is \d+ bytes, more than the \d+ allowed"):
+        layout.tags()
+    (tmp_path / "index.json").write_bytes(padded[: MAX_INDEX_BYTES - 1] + b"}")
+    assert layout.tags() == []  # at the cap: read as before
+
+
+def test_an_oversized_oci_layout_file_is_refused(tmp_path: Path) -> None:
+    OciLayout.create(tmp_path)
+    padded = b'{"imageLayoutVersion":"1.0.0"' + b" " * (1 << 20) + b"}"
+    (tmp_path / "oci-layout").write_bytes(padded)
+    with pytest.raises(LayoutError, match=r"oci-layout is \d+ bytes, more than"):
+        OciLayout(tmp_path)
+
+
 # --- blobs -------------------------------------------------------------------------------------
 
 
@@ -103,6 +123,14 @@ def test_read_missing_blob(tmp_path: Path) -> None:
     assert not layout.has_blob(Digest.of(b"x"))
     with pytest.raises(LayoutError, match="no blob"):
         layout.read_blob(Digest.of(b"x"))
+
+
+def test_read_blob_with_a_cap(tmp_path: Path) -> None:
+    layout = OciLayout.create(tmp_path)
+    digest = layout.add_blob_bytes(b"x" * 100)
+    assert layout.read_blob(digest, 100) == b"x" * 100
+    with pytest.raises(LayoutError, match="is 100 bytes, more than the 99 allowed"):
+        layout.read_blob(digest, 99)
 
 
 def test_read_corrupt_blob(tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ same layout is the oracle for the tree."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,10 +18,18 @@ from oracles import umoci_unpack
 from test_service import Served, lazyfs_mounts, read_all, start_service, stop
 
 from lazyfs.convert.imagebuild import regular_file, symlink, with_parent_dirs, write_image
-from lazyfs.convert.layout import OciLayout
+from lazyfs.convert.layout import MAX_INDEX_BYTES, OciLayout
+from lazyfs.errors import LayoutError
 from lazyfs.model.manifests import OCI_MANIFEST, Descriptor
 from lazyfs.model.ranges import ByteRange
-from lazyfs.registry.layoutregistry import is_layout_host, layout_host, parse_range_header
+from lazyfs.registry.layoutregistry import (
+    LayoutRegistry,
+    is_layout_host,
+    layout_host,
+    parse_range_header,
+)
+from lazyfs.service.layouts import ServedLayouts
+from lazyfs.service.service import RECENT_IMAGES_MAX
 
 FILES = {f"data/f{i}.bin": random_bytes(96 << 10, seed=300 + i) for i in range(12)}
 FILES["etc/hello.txt"] = b"hello from a layout\n"
@@ -155,3 +165,75 @@ def test_an_oversized_manifest_in_a_layout_is_refused_unread(
     )  # fmt: skip
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
     assert "more than" in result.stderr
+
+
+def test_an_oversized_index_json_is_refused_in_one_line(service: Served, tmp_path: Path) -> None:
+    """index.json is capped as a registry's index is: ``mount oci:`` of a layout whose
+    index.json is over the cap fails in one line, naming the file."""
+    layout = OciLayout.create(tmp_path / "big")
+    index = layout.path / "index.json"
+    index.write_bytes(index.read_bytes()[:-1] + b" " * MAX_INDEX_BYTES + b"}")
+    mountpoint = tmp_path / "m"
+    mountpoint.mkdir()
+    result = run_lazyfs(
+        "mount", "--socket", str(service.socket), f"oci:{layout.path}", str(mountpoint),
+        check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{index} is" in result.stderr and "more than" in result.stderr, result.stderr
+    assert mountpoint not in lazyfs_mounts()
+
+
+def test_served_layouts_keep_what_is_used_or_being_opened(tmp_path: Path) -> None:
+    layouts = ServedLayouts()
+    a, b = (LayoutRegistry(OciLayout.create(tmp_path / name)) for name in "ab")
+    with layouts.opening("a.invalid", a):
+        with layouts.opening("b.invalid", b):
+            assert layouts.prune([]) == []  # both being opened
+        assert layouts.prune([]) == [b]
+        with pytest.raises(LayoutError), layouts.opening("b.invalid", b):
+            raise LayoutError("the open failed")
+    assert layouts.prune(["a.invalid"]) == [b]  # used: kept; the failed open's: dropped
+    assert list(layouts.by_host) == ["a.invalid"]
+    assert layouts.prune(["elsewhere:5000"]) == [a] and layouts.by_host == {}
+
+
+def test_a_layout_is_served_while_something_reads_through_it(
+    layouts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The service stops serving a layout once no open image reads through its host and no
+    recently released one that a remount would reuse does; a failed open's goes at once."""
+    _, converted = layouts
+    copy = tmp_path / "copy"
+    shutil.copytree(converted, copy)
+    served = start_service(tmp_path / "svc")  # a cache of its own: reads go to the layout
+
+    def dropped(path: Path) -> bool:
+        return f"no longer serving the OCI layout {path}\n" in served.log.read_text()
+
+    try:
+        first, second = tmp_path / "m1", tmp_path / "m2"
+        _mount(served, f"oci:{converted}:chunked", first)
+        _mount(served, f"oci:{copy}:chunked", second)  # the same image, read through the first
+        assert dropped(copy) and not dropped(converted)
+        run_lazyfs("umount", "--socket", str(served.socket), str(first))
+        read_all(second, FILES, threads=2)  # still served: the open image reads through it
+        assert json.loads(run_lazyfs("stats", str(second), "--json").stdout)["bytes_fetched"] > 0
+        run_lazyfs("umount", "--socket", str(served.socket), str(second))
+        assert not dropped(converted)  # released, but a remount would reuse the image
+        for index in range(RECENT_IMAGES_MAX):  # as many other images released after it
+            other = write_image(tmp_path / f"l{index}", "v1", [[regular_file("f", b"%d" % index)]])
+            mountpoint = tmp_path / f"o{index}"
+            _mount(served, other.reference, mountpoint)
+            run_lazyfs("umount", "--socket", str(served.socket), str(mountpoint))
+        assert dropped(converted) and not dropped(tmp_path / f"l{RECENT_IMAGES_MAX - 1}")
+        big = OciLayout.create(tmp_path / "big")
+        data = b"{" + b" " * (5 << 20) + b"}"
+        big.tag(Descriptor(OCI_MANIFEST, big.add_blob_bytes(data), len(data)), "big")
+        failed = run_lazyfs(
+            "mount", "--socket", str(served.socket), f"oci:{big.path}:big", str(tmp_path / "m1"),
+            check=False,
+        )  # fmt: skip
+        assert failed.returncode != 0 and dropped(big.path)
+    finally:
+        stop(served)

@@ -1,10 +1,17 @@
-"""Readahead: the bandwidth-delay window and the chunks that follow a miss."""
+"""Readahead: the bandwidth-delay window, the chunks that follow a miss, and the replay of a
+profile against read-ahead policies (bench/readaheadsim.py)."""
 
 from __future__ import annotations
 
-from lazyfs.formats.chunked.toc import ChunkRef
+from types import SimpleNamespace
+from typing import cast
+
+from lazyfs.bench.readaheadsim import replay, touched_chunks
+from lazyfs.formats.chunked.toc import ChunkRef, TocEntry
+from lazyfs.model.profiles import AccessProfile, ProfileRead
+from lazyfs.mount.opener import OpenedImage
 from lazyfs.mount.readahead import BlobIndex, LinkEstimate, ReadaheadBudget
-from lazyfs.mount.tree import LayerChunk, Node, Tree
+from lazyfs.mount.tree import LayerChunk, Node, Tree, build_tree
 
 
 def test_window_is_the_bandwidth_delay_product_within_bounds() -> None:
@@ -82,3 +89,44 @@ def test_budget_allows_as_much_ahead_as_reads_needed() -> None:
     budget.read("a")  # once
     budget.read("never-fetched-ahead")
     assert budget.allowance_bytes == 150
+
+
+def test_readaheadsim_replays_the_profiles_chunks_once_each() -> None:
+    """bench/readaheadsim.py: the chunks in prefetch's order, a place two files share once;
+    a miss is a round trip, and a picked chunk read later counts as read-ahead used."""
+    a = _file_entries("a", [10, 10, 10], start=0)
+    shared = _file_entries("b", [10], start=10)  # the blob bytes of a's second chunk
+    tree = build_tree([a + shared])
+    profile = AccessProfile(
+        (ProfileRead("/b", 0, 1), ProfileRead("/a", 0, 30), ProfileRead("/missing", 0, 1))
+    )
+    image = SimpleNamespace(tree=tree)
+    wanted = touched_chunks(cast(OpenedImage, image), profile)
+    assert [(node.path, chunk.ref.blob_offset) for node, chunk in wanted] == [
+        ("/b", 10),
+        ("/a", 0),
+        ("/a", 20),
+    ]
+    none = replay("none", wanted, lambda node, chunk: [])
+    assert (none.round_trips, none.fetched_bytes, none.needed_bytes) == (3, 30, 30)
+    by_blob = {chunk.ref.blob_offset: (node, chunk) for node, chunk in wanted}
+    ahead = replay(
+        "next", wanted, lambda node, chunk: [by_blob[20]] if chunk.ref.blob_offset == 0 else []
+    )
+    assert (ahead.round_trips, ahead.ahead_bytes, ahead.ahead_used_bytes) == (2, 10, 10)
+
+
+def _file_entries(name: str, chunk_sizes: list[int], start: int) -> list[TocEntry]:
+    """TOC entries of a file whose chunks are 10 blob bytes each from ``start``."""
+    entries, position = [], 0
+    for index, size in enumerate(chunk_sizes):
+        kind = "reg" if index == 0 else "chunk"
+        entries.append(
+            TocEntry(
+                type=kind, name=name, size=sum(chunk_sizes) if index == 0 else 0,
+                offset=start + 10 * index, end_offset=start + 10 * len(chunk_sizes),
+                chunk_offset=position, chunk_size=size,
+            )
+        )  # fmt: skip
+        position += size
+    return entries

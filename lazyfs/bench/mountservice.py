@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lazyfs.bench.command import lazyfs_command
+from lazyfs.bench.processes import stop_process
 from lazyfs.errors import LazyfsError, ServiceError, ServiceUnavailableError
 from lazyfs.mount import mountinfo
 from lazyfs.service import bindmounts, client
@@ -140,14 +141,8 @@ def _wait_until_up(
 def _stop(process: subprocess.Popen[bytes], scope: Path) -> list[str]:
     """SIGTERM and wait (SIGKILL if it will not go); then detach any lazyfs mount it left."""
     problems = []
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(SERVICE_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            problems.append(f"still running {SERVICE_STOP_TIMEOUT_S:.0f} s after SIGTERM: killed")
-            process.kill()
-            process.wait()
+    if stop_process(process, SERVICE_STOP_TIMEOUT_S):
+        problems.append(f"still running {SERVICE_STOP_TIMEOUT_S:.0f} s after SIGTERM: killed")
     if process.returncode not in (0, -signal.SIGTERM) and not problems:
         problems.append(f"exit status {process.returncode}")
     left = lazyfs_mounts_under(scope)

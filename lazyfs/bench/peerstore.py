@@ -21,7 +21,6 @@ import gzip
 import hashlib
 import json
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lazyfs.bench.images import TAG, BenchImage
+from lazyfs.bench.processes import stop_process
 from lazyfs.convert.layout import OciLayout
 from lazyfs.errors import LazyfsError
 from lazyfs.model.digest import Digest
@@ -214,12 +214,6 @@ def _wait_for_mount(
 
 
 def _stop(process: subprocess.Popen[bytes], mountpoint: Path) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_process(process, _STOP_TIMEOUT_S)
     if mountinfo.is_mounted(mountpoint):
         subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)

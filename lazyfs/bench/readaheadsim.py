@@ -28,6 +28,7 @@ from lazyfs.model.platform import Platform
 from lazyfs.model.profiles import AccessProfile
 from lazyfs.model.reference import Reference
 from lazyfs.mount.opener import OpenedImage, open_image
+from lazyfs.mount.prefetch import profile_order
 from lazyfs.mount.readahead import BlobIndex
 from lazyfs.mount.tree import LayerChunk, Node
 from lazyfs.registry.client import RegistryClient
@@ -48,23 +49,13 @@ class Outcome:
 
 
 def touched_chunks(image: OpenedImage, profile: AccessProfile) -> list[tuple[Node, LayerChunk]]:
-    """The chunks the profile's reads touch, in the order they are first touched."""
+    """The chunks the profile's reads touch, in the order they are first touched (prefetch's
+    order), each place once: a chunk that two files share is fetched once."""
     seen: set[_Key] = set()
     order: list[tuple[Node, LayerChunk]] = []
-    for read in profile.reads:
-        node = image.tree.find(read.path)
-        if node is None:
-            continue
-        end = read.offset + max(read.length, 1)
-        for chunk in node.chunks:
-            ref = chunk.ref
-            key = (chunk.layer, ref.blob_offset)
-            if (
-                ref.zeros
-                or key in seen
-                or not (ref.file_offset < end and read.offset < ref.file_offset + ref.size)
-            ):
-                continue
+    for node, chunk in profile_order(image.tree, profile):
+        key = (chunk.layer, chunk.ref.blob_offset)
+        if key not in seen:
             seen.add(key)
             order.append((node, chunk))
     return order

@@ -199,30 +199,9 @@ def _podman_goals(
         lazy = _ready(grouped, (image, profile, PODMAN_LAZYFS))
         for other, limit in ((PODMAN_PEER, PODMAN_PEER_RATIO_GOAL),
                              (PODMAN_PULL, PODMAN_PULL_RATIO_GOAL)):  # fmt: skip
-            baseline = _ready(grouped, (image, profile, other))
-            if lazy and baseline:
-                ratio = statistics.median(lazy) / statistics.median(baseline)
-                out.append(
-                    Goal(
-                        image,
-                        f"{profile}: {PODMAN_LAZYFS} / {other} pull + run (medians)",
-                        f"<= {limit}",
-                        f"{ratio:.2f}",
-                        ratio <= limit,
-                    )
-                )
-    amplification = [r.amplification for r in runs if r.image == image and r.mode == PODMAN_LAZYFS]
-    if amplification:
-        worst = max(amplification)
-        out.append(
-            Goal(
-                image,
-                f"{PODMAN_LAZYFS} bytes over the link / bytes read (worst run)",
-                f"<= {PODMAN_AMPLIFICATION_GOAL}",
-                f"{worst:.2f}",
-                worst <= PODMAN_AMPLIFICATION_GOAL,
-            )
-        )
+            name = f"{profile}: {PODMAN_LAZYFS} / {other} pull + run (medians)"
+            out += _ratio_goal(image, name, lazy, _ready(grouped, (image, profile, other)), limit)
+    out += _amplification_goal(runs, image, PODMAN_LAZYFS, PODMAN_AMPLIFICATION_GOAL)
     return out
 
 
@@ -237,30 +216,12 @@ def _service_goals(
         limit = MOUNT_BASE_GOAL_S + MOUNT_RTT_FACTOR * check.profile.rtt_s
         for mode in (LAZY_COLD, LAZY_PREFETCH, LAZY_WARM, LAZY_REMOUNT):
             mounts = [r.time_to_mount_s for r in grouped.get((image, check.profile.name, mode), [])]
-            if mounts:
-                median = statistics.median(mounts)
-                out.append(
-                    Goal(
-                        image,
-                        f"{check.profile.name}: {mode} lazyfs mount (median)",
-                        f"<= {limit:.3f} s",
-                        f"{median:.3f} s",
-                        median <= limit,
-                    )
-                )
+            name = f"{check.profile.name}: {mode} lazyfs mount (median)"
+            out += _median_goal(image, name, mounts, limit, f"<= {limit:.3f} s")
     for mode in (LAZY_WARM, LAZY_REMOUNT):
         warm = _ready(grouped, (image, "loopback", mode))
-        if warm:
-            median = statistics.median(warm)
-            out.append(
-                Goal(
-                    image,
-                    f"loopback: {mode} time to ready (median)",
-                    f"<= {WARM_READY_GOAL_S} s",
-                    f"{median:.3f} s",
-                    median <= WARM_READY_GOAL_S,
-                )
-            )
+        name = f"loopback: {mode} time to ready (median)"
+        out += _median_goal(image, name, warm, WARM_READY_GOAL_S, f"<= {WARM_READY_GOAL_S} s")
     return out
 
 
@@ -270,22 +231,13 @@ def _mode_goals(
     image: str,
     mode: str,
 ) -> list[Goal]:
-    out = []
-    wan_full, wan_lazy = (
-        _ready(grouped, (image, "wan", FULL_PULL)),
+    out = _ratio_goal(
+        image,
+        f"wan: {mode} / full-pull time-to-ready (medians)",
         _ready(grouped, (image, "wan", mode)),
+        _ready(grouped, (image, "wan", FULL_PULL)),
+        WAN_RATIO_GOAL,
     )
-    if wan_full and wan_lazy:
-        ratio = statistics.median(wan_lazy) / statistics.median(wan_full)
-        out.append(
-            Goal(
-                image,
-                f"wan: {mode} / full-pull time-to-ready (medians)",
-                f"<= {WAN_RATIO_GOAL}",
-                f"{ratio:.2f}",
-                ratio <= WAN_RATIO_GOAL,
-            )
-        )
     edge_full, edge_lazy = (
         _ready(grouped, (image, "edge", FULL_PULL)),
         _ready(grouped, (image, "edge", mode)),
@@ -301,19 +253,39 @@ def _mode_goals(
                 slowest <= fastest,
             )
         )
+    return out + _amplification_goal(runs, image, mode, AMPLIFICATION_GOAL)
+
+
+def _ratio_goal(
+    image: str, name: str, lazy: Sequence[float], baseline: Sequence[float], limit: float
+) -> list[Goal]:
+    """median(lazy) / median(baseline) within ``limit``; none without runs of both."""
+    if not lazy or not baseline:
+        return []
+    ratio = statistics.median(lazy) / statistics.median(baseline)
+    return [Goal(image, name, f"<= {limit}", f"{ratio:.2f}", ratio <= limit)]
+
+
+def _median_goal(
+    image: str, name: str, seconds: Sequence[float], limit_s: float, target: str
+) -> list[Goal]:
+    """The median of ``seconds`` within ``limit_s``; none without runs."""
+    if not seconds:
+        return []
+    median = statistics.median(seconds)
+    return [Goal(image, name, target, f"{median:.3f} s", median <= limit_s)]
+
+
+def _amplification_goal(
+    runs: Sequence[RunMetrics], image: str, mode: str, limit: float
+) -> list[Goal]:
+    """The worst run's bytes over the link / bytes read of ``mode`` within ``limit``."""
     amplification = [r.amplification for r in runs if r.image == image and r.mode == mode]
-    if amplification:
-        worst = max(amplification)
-        out.append(
-            Goal(
-                image,
-                f"{mode} bytes over the link / bytes read (worst run)",
-                f"<= {AMPLIFICATION_GOAL}",
-                f"{worst:.2f}",
-                worst <= AMPLIFICATION_GOAL,
-            )
-        )
-    return out  # fmt: skip
+    if not amplification:
+        return []
+    worst = max(amplification)
+    name = f"{mode} bytes over the link / bytes read (worst run)"
+    return [Goal(image, name, f"<= {limit}", f"{worst:.2f}", worst <= limit)]
 
 
 def from_json(document: dict[str, Any]) -> BenchResult:

@@ -51,7 +51,7 @@ def run_bundle(args: argparse.Namespace) -> int:
         elif args.action == "import":
             result, text = _import(cache, args)
         else:
-            result, text = run_trio_result(lambda: _export(cache, args))
+            result, text = run_trio(lambda: _export(cache, args))
     finally:
         cache.close()
     if args.json:
@@ -59,17 +59,6 @@ def run_bundle(args: argparse.Namespace) -> int:
     else:
         print(text, file=sys.stderr)
     return 0
-
-
-def run_trio_result(main: Any) -> tuple[dict[str, Any], str]:
-    box: list[tuple[dict[str, Any], str]] = []
-
-    async def wrapped() -> int:
-        box.append(await main())
-        return 0
-
-    run_trio(wrapped)
-    return box[0]
 
 
 def _inventory(cache: Any, output: Path) -> tuple[dict[str, Any], str]:

@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from lazyfs.errors import UsageError
 
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from lazyfs.config import RegistryConfig
     from lazyfs.model.platform import Platform
     from lazyfs.registry.credentials import DockerConfigCredentials
+
+T = TypeVar("T")
 
 
 def parse_bool(text: str) -> bool:
@@ -148,7 +150,8 @@ def with_password(creds: str) -> str:
         raise UsageError("--creds: no password given") from None
 
 
-def run_trio(main: Callable[[], Awaitable[int]]) -> int:
+def run_trio(main: Callable[[], Awaitable[T]]) -> T:
+    """Run ``main`` under trio; what it returns (an exit status, or a command's result)."""
     import anyio  # see module docstring
 
     return anyio.run(main, backend="trio")

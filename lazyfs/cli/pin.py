@@ -50,14 +50,7 @@ def run_pin(args: argparse.Namespace) -> int:
     ref = _reference(args.reference)
     cache = _open_cache(args.cache_dir)
     try:
-        box: list[tuple[dict[str, Any], str]] = []
-
-        async def main() -> int:
-            box.append(await _pin(cache, ref, args.platform))
-            return 0
-
-        run_trio(main)
-        result, text = box[0]
+        result, text = run_trio(lambda: _pin(cache, ref, args.platform))
     finally:
         cache.close()
     _report(args, result, text)

@@ -22,6 +22,7 @@ from typing import Final
 from lazyfs.errors import ImageError, LayoutError, UsageError
 from lazyfs.model.digest import Digest, DigestingWriter
 from lazyfs.model.manifests import (
+    MAX_MANIFEST_BYTES,
     OCI_CONFIG,
     OCI_INDEX,
     OCI_MANIFEST,
@@ -37,6 +38,10 @@ _LAYOUT_FILE: Final = "oci-layout"
 _INDEX_FILE: Final = "index.json"
 _BLOBS_DIR: Final = "blobs"
 _COPY_BUFFER_BYTES: Final = 1 << 20
+# Whoever wrote the layout controls its files: index.json is an image index, capped as a
+# registry's is; oci-layout holds one short field.
+MAX_INDEX_BYTES: Final = MAX_MANIFEST_BYTES
+_MAX_LAYOUT_FILE_BYTES: Final = 64 << 10
 _EMPTY_INDEX: Final = Index(OCI_INDEX, ())
 
 
@@ -71,7 +76,7 @@ class OciLayout:
         """The parsed ``index.json``."""
         path = self.path / _INDEX_FILE
         try:
-            return Index.parse(_read_file(path), None)
+            return Index.parse(_read_file(path, MAX_INDEX_BYTES), None)
         except ImageError as exc:
             raise LayoutError(f"{path}: malformed index: {exc}") from exc
 
@@ -128,11 +133,12 @@ class OciLayout:
     def has_blob(self, digest: Digest) -> bool:
         return self.blob_path(digest).is_file()
 
-    def read_blob(self, digest: Digest) -> bytes:
-        """The blob's bytes, checked against ``digest`` (IntegrityError if they differ)."""
+    def read_blob(self, digest: Digest, max_bytes: int | None = None) -> bytes:
+        """The blob's bytes, checked against ``digest`` (IntegrityError if they differ); with
+        ``max_bytes``, a larger blob is a LayoutError and is not read."""
         if not self.has_blob(digest):
             raise LayoutError(f"{self.path}: no blob {digest}")
-        data = _read_file(self.blob_path(digest))
+        data = _read_file(self.blob_path(digest), max_bytes)
         digest.verify(data, f"blob {digest} in {self.path}")
         return data
 
@@ -201,7 +207,7 @@ class OciLayout:
         if not path.is_file():
             raise LayoutError(f"{self.path}: not an OCI image layout (no {_LAYOUT_FILE} file)")
         try:
-            fields = load_json_object(_read_file(path), str(path))
+            fields = load_json_object(_read_file(path, _MAX_LAYOUT_FILE_BYTES), str(path))
         except ImageError as exc:
             raise LayoutError(f"{path}: {exc}") from exc
         version = fields.get("imageLayoutVersion")
@@ -214,11 +220,22 @@ class OciLayout:
 # --- file helpers ------------------------------------------------------------------------------
 
 
-def _read_file(path: Path) -> bytes:
+def _read_file(path: Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of ``path``; with ``max_bytes``, a larger file is a LayoutError, and at most
+    ``max_bytes + 1`` bytes are read even if it grows meanwhile."""
     try:
-        return path.read_bytes()
+        with path.open("rb") as src:
+            if max_bytes is None:
+                return src.read()
+            size = os.fstat(src.fileno()).st_size
+            data = src.read(max_bytes + 1) if size <= max_bytes else b""
     except OSError as exc:
         raise LayoutError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if size > max_bytes:
+        raise LayoutError(f"{path} is {size} bytes, more than the {max_bytes} allowed")
+    if len(data) > max_bytes:
+        raise LayoutError(f"{path} grew past the {max_bytes} bytes allowed as it was read")
+    return data
 
 
 def _make_parent(path: Path) -> None:

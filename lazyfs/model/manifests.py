@@ -47,6 +47,10 @@ DOCKER_FOREIGN_LAYER_TAR_GZIP: Final = "application/vnd.docker.image.rootfs.fore
 DOCKER_SCHEMA1_MANIFEST: Final = "application/vnd.docker.distribution.manifest.v1+json"
 DOCKER_SCHEMA1_SIGNED_MANIFEST: Final = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 
+# The most a manifest or index may be, from a registry or an OCI layout's index.json:
+# containerd's limit; a bigger one is an attack or a mistake.
+MAX_MANIFEST_BYTES: Final = 4 << 20
+
 INDEX_TYPES: Final = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 IMAGE_MANIFEST_TYPES: Final = frozenset({OCI_MANIFEST, DOCKER_MANIFEST_V2})
 # In the order an Accept header lists them; distribution 2.8 needs the OCI types listed.

@@ -46,7 +46,7 @@ from lazyfs.errors import (
 )
 from lazyfs.localfiles import AtomicFile, ExactReader, read_exactly
 from lazyfs.model.digest import Digest, DigestingWriter
-from lazyfs.model.manifests import ALL_MANIFEST_TYPES, OCI_INDEX
+from lazyfs.model.manifests import ALL_MANIFEST_TYPES, MAX_MANIFEST_BYTES, OCI_INDEX
 from lazyfs.model.ranges import ByteRange, range_header
 from lazyfs.model.reference import Reference
 from lazyfs.registry.auth import Scopes, pull_scope, push_scope
@@ -82,8 +82,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# containerd's limit; a bigger "manifest" is an attack or a mistake.
-MAX_MANIFEST_BYTES = 4 << 20
 # Content types some registries use for manifests; the body's mediaType field then decides.
 _GENERIC_CONTENT_TYPES = frozenset(
     {"", "application/json", "application/octet-stream", "text/plain"}

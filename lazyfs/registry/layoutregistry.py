@@ -29,11 +29,10 @@ from typing import Protocol
 import anyio.to_thread
 import httpx
 
-from lazyfs.errors import LayoutError, LazyfsError
+from lazyfs.errors import LazyfsError
 from lazyfs.model.digest import Digest
-from lazyfs.model.manifests import OCI_MANIFEST, Descriptor
+from lazyfs.model.manifests import MAX_MANIFEST_BYTES, OCI_MANIFEST, Descriptor
 from lazyfs.model.ranges import ByteRange
-from lazyfs.registry.client import MAX_MANIFEST_BYTES
 
 LAYOUT_REPOSITORY = "layout"
 _HOST_SUFFIX = ".oci-layout.invalid"
@@ -60,7 +59,7 @@ class LayoutFiles(Protocol):
 
     def resolve(self, tag: str | None) -> Descriptor: ...
 
-    def read_blob(self, digest: Digest) -> bytes: ...
+    def read_blob(self, digest: Digest, max_bytes: int | None = None) -> bytes: ...
 
     def blob_size(self, digest: Digest) -> int: ...
 
@@ -100,13 +99,8 @@ class LayoutRegistry(httpx.AsyncBaseTransport):
             else:
                 entry = self.layout.resolve(name)
                 digest, media_type = entry.digest, entry.media_type
-            size = self.layout.blob_size(digest)
-            if size > MAX_MANIFEST_BYTES:  # as a registry's answer is capped: never read it
-                raise LayoutError(
-                    f"{self.layout.path}: manifest {digest} is {size} bytes, more than "
-                    f"{MAX_MANIFEST_BYTES}"
-                )
-            data = self.layout.read_blob(digest)
+            # As a registry's answer is capped: a larger one is refused unread.
+            data = self.layout.read_blob(digest, MAX_MANIFEST_BYTES)
             return digest, data, media_type or _media_type_of(data)
 
         digest, data, media_type = await anyio.to_thread.run_sync(read)

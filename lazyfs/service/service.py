@@ -74,6 +74,7 @@ from lazyfs.registry.lanes import BackgroundLane
 from lazyfs.registry.layoutregistry import LAYOUT_REPOSITORY, LayoutRegistry, layout_host
 from lazyfs.registry.mirrors import EndpointOrder, MirrorConfig, system_mirrors
 from lazyfs.service import bindmounts
+from lazyfs.service.layouts import ServedLayouts
 from lazyfs.service.metrics import COUNTERS, ImageFigures, ServiceFigures, serve_metrics
 from lazyfs.service.paths import ServicePaths
 from lazyfs.service.state import MountRecord, ServiceState
@@ -147,7 +148,7 @@ class Service:
         # Every client's fill below every client's reads (registry/lanes.py).
         self._lane = BackgroundLane()
         # OCI layouts opened by `lazyfs mount oci:PATH`, by the host name each is served as.
-        self._layouts: dict[str, LayoutRegistry] = {}
+        self._layouts = ServedLayouts()
         self._retired = ResolverStats()  # counters of images released since start
         self._state = ServiceState.load(self.paths.state)
         self._started = time.monotonic()
@@ -236,7 +237,7 @@ class Service:
             self.config.registry,
             self.config.store_credentials,
             keep_whole_blob=self._cache.blobs.keeper,
-            local_registries=self._layouts,
+            local_registries=self._layouts.by_host,
             lane=self._lane,
         )
         self._clients["layer-store"] = client
@@ -277,6 +278,15 @@ class Service:
             and sum(i.entries for i in self._recent.values()) > RECENT_IMAGES_MAX_ENTRIES
         ):
             self._recent.popitem(last=False)
+        self._prune_layouts()
+
+    def _prune_layouts(self) -> None:
+        """Stop serving the OCI layouts nothing reads through any more (service/layouts.py):
+        the hosts of open images, and of released ones a new mount may reuse, stay."""
+        used = [image.opened.reference.registry for image in self._all_images()]
+        used += [indexed.opened.reference.registry for indexed in self._recent.values()]
+        for served in self._layouts.prune(used):
+            log.info("no longer serving the OCI layout %s", served.layout.path)
 
     def _store_uses(self) -> dict[str, int]:
         return dict(self._store.uses) if self._store is not None else {}
@@ -406,9 +416,18 @@ class Service:
         if mountpoint in self._mounts:
             raise UsageError(f"{mountpoint} is already a lazyfs mount")
         await anyio.to_thread.run_sync(_check_mountpoint, mountpoint, peer)
-        if args.get("layout") is not None:
-            args, host, served = await anyio.to_thread.run_sync(_layout_request, args)
-            self._layouts[host] = served
+        if args.get("layout") is None:
+            return await self._open(args, mountpoint, peer, restoring=restoring)
+        args, host, served = await anyio.to_thread.run_sync(_layout_request, args)
+        try:
+            with self._layouts.opening(host, served):
+                return await self._open(args, mountpoint, peer, restoring=restoring)
+        finally:
+            self._prune_layouts()  # a failed open's, or one whose image reads through another
+
+    async def _open(
+        self, args: dict[str, Any], mountpoint: Path, peer: Peer, *, restoring: bool
+    ) -> Any:
         host_mirrors = await anyio.to_thread.run_sync(system_mirrors)  # registries.conf, per open
         options, client, failover = self._image_setup(args, host_mirrors)
         record = _optional_path(args.get("record_profile"), "record_profile")
@@ -515,7 +534,7 @@ class Service:
                 registry,
                 MappedCredentials(credentials),
                 keep_whole_blob=self._cache.blobs.keeper,
-                local_registries=self._layouts,
+                local_registries=self._layouts.by_host,
                 lane=self._lane,
             )
             self._clients[key] = client

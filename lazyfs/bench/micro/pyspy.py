@@ -20,6 +20,8 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from lazyfs.bench.processes import stop_process
+
 RATE_HZ = 250
 TOP = 12
 _STOP_TIMEOUT_S = 30.0
@@ -49,12 +51,7 @@ def recording(pid: int, out: Path, *, rate_hz: int = RATE_HZ) -> Iterator[None]:
     try:
         yield
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, _STOP_TIMEOUT_S, signal.SIGINT)
 
 
 def _name(frame: str) -> str:

@@ -33,7 +33,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -62,6 +61,7 @@ from lazyfs.bench.micro.common import (
     work_dir,
 )
 from lazyfs.bench.micro.inputs import file_entries, sample_files, usr_files
+from lazyfs.bench.processes import stop_process
 from lazyfs.config import STATS_XATTR
 from lazyfs.convert.imagebuild import (
     regular_file,
@@ -187,13 +187,7 @@ def service(cache_dir: Path, run_dir: Path, *extra: str) -> Iterator[Service]:
                 time.sleep(0.01)
         yield Service(process.pid, socket)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, _STOP_TIMEOUT_S)
 
 
 @contextlib.contextmanager
