@@ -214,6 +214,8 @@ def test_fill_pipeline_deepens_while_reads_are_quiet_and_charges_each_byte_once(
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     before = [depth for started, depth in resolver.starts if started < 0.5]
     assert before[0] == 1 and max(before) == FILL_PIPELINE
+    # No read has missed yet: the whole pipeline at once, no ramp.
+    assert [s for s, _ in resolver.starts[:FILL_PIPELINE]] == [0.0] * FILL_PIPELINE
     assert not [s for s in resolver.starts if 0.5 <= s[0] < 1.0]  # paused
     after = [depth for started, depth in resolver.starts if started >= 1.0]
     assert after[0] == 1 and max(after) == FILL_PIPELINE

@@ -208,14 +208,14 @@ class Prefetcher(Protocol):
 class FillRun:
     """The fill of one image: its batches, a pipeline of them once reads are quiet.
 
-    One batch at a time after a pause, then one more in flight for each batch that completes
-    with no read missing meanwhile, up to ``FILL_PIPELINE``: a single batch in flight leaves
-    the link idle for a round trip between batches (on a 150 ms link, a third of the time),
-    while a deep pipeline right after a read would put more of the fill's bytes in front of
-    the next one. Each batch, as it ends and before its slot frees, pays the bucket for the
-    bytes the image fetched since the last payment (so each byte once, whichever batch
-    fetched it; chunks already cached are free): the cap holds whatever the depth, ahead of
-    it by at most the batches in flight."""
+    ``FILL_PIPELINE`` batches in flight from the start; one at a time after a pause, then one
+    more for each batch that completes with no read missing meanwhile: a single batch in
+    flight leaves the link idle for a round trip between batches (on a 150 ms link, a third
+    of the time), while a deep pipeline right after a read would put more of the fill's bytes
+    in front of the next one. Each batch, as it ends and before its slot frees, pays the
+    bucket for the bytes the image fetched since the last payment (so each byte once,
+    whichever batch fetched it; chunks already cached are free): the cap holds whatever the
+    depth, ahead of it by at most the batches in flight."""
 
     def __init__(
         self,
@@ -228,7 +228,8 @@ class FillRun:
         self._bucket = bucket
         self._progress = progress
         self._pausing = pausing
-        self._depth = 1
+        # Full depth from the start, when no read has missed: the ramp is for after a read.
+        self._depth = FILL_PIPELINE
         self._in_flight = 0
         self._changed = anyio.Event()
         self._charged = resolver.stats.bytes_fetched  # what the prefetch fetched is not fill
