@@ -405,7 +405,7 @@ class Service:
         if args.get("layout") is not None:
             args, host, served = await anyio.to_thread.run_sync(_layout_request, args)
             self._layouts[host] = served
-        host_mirrors = await anyio.to_thread.run_sync(system_mirrors)  # registries.conf, per open
+        host_mirrors = await anyio.to_thread.run_sync(system_mirrors)  # stat, parse if changed
         options, client, failover = self._image_setup(args, host_mirrors)
         record = _optional_path(args.get("record_profile"), "record_profile")
         self._opening += 1
