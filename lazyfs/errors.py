@@ -30,6 +30,7 @@ the CLI prints ``str(exc)`` as a one-line error.
     ├── CacheError                 the local chunk cache failed
     ├── ServiceError               the mount service refused a request, or failed it
     │   └── ServiceUnavailableError   no service listens on the socket (or it cannot be opened)
+    │       └── ServiceNotListeningError  the connection itself failed: nothing listens there
     └── FetchDeadlineError         a read could not be satisfied within its deadline
 """
 
@@ -136,6 +137,11 @@ class ServiceError(LazyfsError):
 
 class ServiceUnavailableError(ServiceError):
     """No service answers on the control socket, or the socket cannot be opened."""
+
+
+class ServiceNotListeningError(ServiceUnavailableError):
+    """The connection to the control socket failed: no service listens there (a client may
+    start one), as opposed to one that is stopping or lost the connection."""
 
 
 class FetchDeadlineError(LazyfsError):

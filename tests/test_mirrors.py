@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from lazyfs.convert.imagebuild import BuiltImage
 from lazyfs.errors import UsageError
 from lazyfs.model.digest import Digest
 from lazyfs.model.reference import Reference
+from lazyfs.registry import mirrors
 from lazyfs.registry.localserver import LocalRegistry
 from lazyfs.registry.mirrors import REGISTRIES_CONF_ENV, MirrorConfig, system_mirrors
 
@@ -153,6 +156,56 @@ def test_a_malformed_or_unreadable_registries_conf_is_a_one_line_error(
     with pytest.raises(UsageError, match=str(path)) as caught:
         system_mirrors({REGISTRIES_CONF_ENV: str(path)})
     assert "\n" not in str(caught.value)
+
+
+def _conf(path: Path, mirror: str, mtime_ns: int | None = None) -> None:
+    """A registries.conf with one mirror for r.example (every mirror name of the same size)."""
+    text = f'[[registry]]\nlocation = "r.example"\n[[registry.mirror]]\nlocation = "{mirror}"\n'
+    path.write_text(text)
+    if mtime_ns is not None:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def _first_mirror(path: Path) -> str:
+    config = system_mirrors({REGISTRIES_CONF_ENV: str(path)})
+    return config.endpoints(Reference.parse("r.example/app:1"))[0].registry
+
+
+def test_registries_conf_is_parsed_again_only_when_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As if its last change were long ago (ctime cannot be set back).
+    monkeypatch.setattr(mirrors, "_SETTLED_NS", -(10**12))
+    parsed: list[str] = []
+    loads = MirrorConfig.loads
+
+    def counted(text: str, source: str) -> MirrorConfig:
+        parsed.append(source)
+        return loads(text, source)
+
+    monkeypatch.setattr(MirrorConfig, "loads", counted)
+    path = tmp_path / "registries.conf"
+    _conf(path, "m1.example", mtime_ns=time.time_ns() - 60 * 10**9)
+    assert [_first_mirror(path) for _ in range(3)] == ["m1.example"] * 3
+    assert parsed == [str(path)]  # once, though the service asks at every open
+    _conf(path, "m2.example", mtime_ns=time.time_ns() - 30 * 10**9)  # same size, new mtime
+    assert _first_mirror(path) == "m2.example"
+    replacement = tmp_path / "new.conf"  # an editor's rename: another inode
+    _conf(replacement, "m3.example", mtime_ns=time.time_ns() - 30 * 10**9)
+    replacement.rename(path)
+    assert _first_mirror(path) == "m3.example"
+    path.unlink()
+    assert system_mirrors({REGISTRIES_CONF_ENV: str(path)}).rules == ()
+
+
+def test_a_registries_conf_changed_just_now_is_never_kept(tmp_path: Path) -> None:
+    """Timestamps are coarse: two writes of the same size in one tick look alike to stat."""
+    path = tmp_path / "registries.conf"
+    _conf(path, "m1.example")
+    assert _first_mirror(path) == "m1.example"
+    before = path.stat()
+    _conf(path, "m2.example", mtime_ns=before.st_mtime_ns)  # the same size and mtime
+    assert _first_mirror(path) == "m2.example"
 
 
 def test_the_user_file_and_drop_ins_as_podman_reads_them(tmp_path: Path) -> None:

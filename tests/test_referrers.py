@@ -102,3 +102,36 @@ def test_bad_profiles_and_missing_images_are_one_line_errors(
         done = run_lazyfs(*argv, check=False)
         assert done.returncode != 0, argv
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+def _log_count(served: Served, line: str) -> int:
+    return served.log.read_text(errors="replace").count(line)
+
+
+def test_a_remount_neither_asks_for_the_profile_again_nor_reorders(
+    image: tuple[LocalRegistry, str], service: Served, tmp_path: Path
+) -> None:
+    """The service keeps what the first mount of an image worked out for its prefetch (the
+    attached profile's order) with the indexed image: a remount asks the registry for the
+    tag's manifest and nothing else."""
+    registry, ref = image
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(PROFILE))
+    run_lazyfs("profile", "push", ref, str(profile))
+    for attempt, name in enumerate(("m1", "m2")):
+        if attempt:
+            before = registry.access_log_summary().requests.copy()
+        service.mount(ref, tmp_path / name)
+        deadline = time.monotonic() + 20
+        while _log_count(service, "prefetch done") <= attempt and time.monotonic() < deadline:
+            time.sleep(0.05)
+        service.call("umount", str(tmp_path / name))
+    after = registry.access_log_summary().requests
+    new = {key for key in after if after[key] != before.get(key, 0)}
+    assert new == {(method, "/v2/referrers/app/manifests/v1") for method, _ in new}, new
+    prefetching = [
+        line.split("prefetching ", 1)[1]
+        for line in service.log.read_text(errors="replace").splitlines()
+        if "prefetching" in line and "chunks of the access profile" in line
+    ]
+    assert len(prefetching) == 2 and prefetching[0] == prefetching[1], prefetching

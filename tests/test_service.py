@@ -336,6 +336,40 @@ def test_on_demand_service_serves_every_mount_of_a_cache(
         raise AssertionError("the on-demand service did not exit after its last image")
 
 
+def test_a_mount_through_a_running_service_is_one_round_trip(tmp_path: Path) -> None:
+    """No health probe before the open: the service the cache's service.json names (here a
+    stand-in that answers every request) gets the open request and nothing else."""
+    cache_dir, mountpoint, path = tmp_path / "cache", tmp_path / "mnt", tmp_path / "fake.sock"
+    cache_dir.mkdir()
+    mountpoint.mkdir()
+    record = {"socket": str(path), "root": str(tmp_path), "pid": 1}
+    (cache_dir / "service.json").write_text(json.dumps(record))
+    answer = {"ok": True, "pid": 4242, "image": "sha256-" + "0" * 64, "offline": False}
+    ops: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen()
+        server.settimeout(0.1)
+
+        def serve() -> None:
+            while (done := client.poll()) is None:
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                with conn, conn.makefile("rb") as lines:
+                    ops.append(json.loads(lines.readline())["op"])
+                    conn.sendall(json.dumps(answer).encode() + b"\n")
+            assert done == 0, client.stderr.read() if client.stderr else ""
+
+        argv = ["mount", "--cache-dir", str(cache_dir), "localhost:5000/app:v1", str(mountpoint)]
+        client = subprocess.Popen(
+            [sys.executable, "-m", "lazyfs", *argv], stderr=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        serve()
+    assert ops == ["open"]
+
+
 def test_registry_stopped_mid_read_fails_reads_not_the_service(
     images: tuple[LocalRegistry, str, str], service: Served, tmp_path: Path
 ) -> None:

@@ -176,6 +176,7 @@ class ChunkFiles:
         self._open_cached = _CachedOpen()
         self._nowait = hasattr(os, "preadv") and hasattr(os, "RWF_NOWAIT")
         self.learned_since_sweep = 0
+        self.evicted = 0  # entries dropped for the bound, ever
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -197,6 +198,7 @@ class ChunkFiles:
         while len(self._entries) > self._max_entries:
             evicted, _ = self._entries.popitem(last=False)
             self._close(evicted)
+            self.evicted += 1
 
     def forget(self, key: str) -> None:
         self._entries.pop(key, None)

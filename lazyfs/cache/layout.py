@@ -19,13 +19,18 @@ every process that evicts sees them in the same transaction as the rows it delet
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
+from lazyfs.model.record import Record
 
-@dataclass(frozen=True)
-class CacheLayout:
+
+class CacheLayout(Record):  # a record, not a dataclass: `lazyfs mount` finds its service here
+    _FIELDS = ("root",)
+    __slots__ = _FIELDS
     root: Path
+
+    def __init__(self, root: Path) -> None:
+        self._set("root", root)
 
     @property
     def chunks_dir(self) -> Path:

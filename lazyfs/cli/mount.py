@@ -26,11 +26,11 @@ from lazyfs.cli.common import (
     print_json,
     with_password,
 )
-from lazyfs.errors import ServiceUnavailableError, UsageError
+from lazyfs.errors import ServiceNotListeningError, ServiceUnavailableError, UsageError
 from lazyfs.model.reference import LAYOUT_PREFIX, Reference, split_layout_location
 from lazyfs.mount import mountinfo
 from lazyfs.service import client
-from lazyfs.service.paths import default_cache_dir
+from lazyfs.service.paths import default_cache_dir, sockets_for_cache
 
 # The rest is imported where it is used: a mount through a running service needs none of it.
 if TYPE_CHECKING:
@@ -94,27 +94,53 @@ def _mount_layout(args: argparse.Namespace, mountpoint: Path) -> int:
 def _open(args: argparse.Namespace, request: dict[str, Any]) -> Any:
     """The open request, sent to the service; once more to a new one if that one was stopping
     (an on-demand service whose idle time ran out just then)."""
+    explicit = _explicit_socket(args)
+    if explicit is not None:
+        return client.call(explicit, "open", **request)
     for attempt in range(_OPEN_ATTEMPTS):
         try:
-            return client.call(_socket(args, start=True), "open", **request)
+            return _open_for_cache(args, request)
         except ServiceUnavailableError:
-            if attempt == _OPEN_ATTEMPTS - 1 or args.socket or os.environ.get(SOCKET_ENV):
+            if attempt == _OPEN_ATTEMPTS - 1:
                 raise
             time.sleep(0.1)
     raise AssertionError("unreachable")
 
 
-def _socket(args: argparse.Namespace, *, start: bool) -> Path:
-    """The service to talk to: --socket, LAZYFS_SOCKET, or the cache's (started if asked)."""
-    explicit = args.socket or (Path(os.environ[SOCKET_ENV]) if os.environ.get(SOCKET_ENV) else None)
+def _open_for_cache(args: argparse.Namespace, request: dict[str, Any]) -> Any:
+    """The open, sent to the service that owns the cache, or to one started for it if none
+    listens. Sent without asking first whether one listens: a refused connection says as much,
+    and a running service (the usual case) then costs one round trip, not three."""
+    cache_dir = args.cache_dir.absolute()
+    for socket in sockets_for_cache(cache_dir):
+        try:
+            return client.call(socket, "open", **request)
+        except ServiceNotListeningError:
+            continue
+    return client.call(_start_service(args, cache_dir), "open", **request)
+
+
+def _explicit_socket(args: argparse.Namespace) -> Path | None:
+    """--socket, else LAZYFS_SOCKET."""
+    if args.socket:
+        return Path(args.socket)
+    return Path(os.environ[SOCKET_ENV]) if os.environ.get(SOCKET_ENV) else None
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    """The service to talk to: --socket, LAZYFS_SOCKET, or the cache's (running or not)."""
+    explicit = _explicit_socket(args)
     if explicit is not None:
-        return Path(explicit)
+        return explicit
     from lazyfs.service import launcher
 
-    cache_dir = args.cache_dir.absolute()
-    socket = launcher.socket_for_cache(cache_dir)
-    if not start or client.is_listening(socket):
-        return socket
+    return launcher.socket_for_cache(args.cache_dir.absolute())
+
+
+def _start_service(args: argparse.Namespace, cache_dir: Path) -> Path:
+    """A service for the cache, started now; its socket."""
+    from lazyfs.service import launcher
+
     settings = launcher.ServiceSettings(
         cache_dir,
         args.cache_size,
@@ -236,8 +262,9 @@ def run_umount(args: argparse.Namespace) -> int:
 
 def _owning_socket(args: argparse.Namespace, mountpoint: Path) -> Path:
     """--socket or LAZYFS_SOCKET, else the service whose pid the mount's stats name."""
-    if args.socket or os.environ.get(SOCKET_ENV):
-        return _socket(args, start=False)
+    explicit = _explicit_socket(args)
+    if explicit is not None:
+        return explicit
     from lazyfs.service import launcher
 
     stats = read_stats(mountpoint)
@@ -253,7 +280,7 @@ def _clear_dead_mount(mountpoint: Path) -> None:
 
 def run_stats(args: argparse.Namespace) -> int:
     if args.mountpoint is None:
-        stats = client.call(_socket(args, start=False), "stats")
+        stats = client.call(_socket(args), "stats")
         stats.pop("ok", None)
     else:
         stats = read_stats(Path(os.path.realpath(args.mountpoint)))

@@ -12,17 +12,20 @@ Normalisation follows ``ParseNormalizedNamed``: the first path component names a
 when it is ``localhost``, contains ``.`` or ``:``, or has uppercase letters; otherwise the image
 lives on Docker Hub (``docker.io``), where single-component repositories get ``library/``.
 
-A pure leaf: no I/O.
+A pure leaf: no I/O. Light: ``lazyfs mount`` parses its reference with it, so it needs no
+dataclasses (model/record.py), and Digest only for a reference that has one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lazyfs.errors import InvalidReferenceError, ManifestError
-from lazyfs.model.digest import Digest
+from lazyfs.model.record import Record
+
+if TYPE_CHECKING:
+    from lazyfs.model.digest import Digest
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API_HOST = "registry-1.docker.io"
@@ -51,22 +54,29 @@ _DIGEST_SHAPE_RE = re.compile(r"[a-z0-9]+:[a-f0-9]+")
 _IDENTIFIER_RE = re.compile(r"[a-f0-9]{64}")
 
 
-@dataclass(frozen=True)
-class Reference:
+class Reference(Record):
     """A fully qualified image reference; construct it with :meth:`parse`."""
 
+    _FIELDS = ("registry", "repository", "tag", "digest")
+    __slots__ = _FIELDS
     registry: str
     repository: str
-    tag: str | None = None
-    digest: Digest | None = None
+    tag: str | None
+    digest: Digest | None
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self, registry: str, repository: str, tag: str | None = None, digest: Digest | None = None
+    ) -> None:
         # Validate here too so that with_tag() and direct construction cannot build a bad ref.
-        where = f"{self.registry}/{self.repository}"
-        _check_registry(self.registry, where)
-        _check_repository(self.repository, where)
-        if self.tag is not None:
-            _check_tag(self.tag, where)
+        where = f"{registry}/{repository}"
+        _check_registry(registry, where)
+        _check_repository(repository, where)
+        if tag is not None:
+            _check_tag(tag, where)
+        self._set("registry", registry)
+        self._set("repository", repository)
+        self._set("tag", tag)
+        self._set("digest", digest)
 
     @classmethod
     def parse(cls, text: str) -> Reference:
@@ -129,11 +139,11 @@ class Reference:
         except ValueError:
             return False
 
-    def with_digest(self, digest: Digest) -> Reference:
-        return dataclasses.replace(self, digest=digest)
+    def with_digest(self, digest: Digest | None) -> Reference:
+        return Reference(self.registry, self.repository, self.tag, digest)
 
     def with_tag(self, tag: str | None) -> Reference:
-        return dataclasses.replace(self, tag=tag)
+        return Reference(self.registry, self.repository, tag, self.digest)
 
 
 LAYOUT_PREFIX = "oci:"
@@ -200,6 +210,8 @@ def _check_tag(tag: str, text: str) -> None:
 
 
 def _parse_digest(digest_text: str, text: str) -> Digest:
+    from lazyfs.model.digest import Digest  # here: most references a client parses have none
+
     if not _DIGEST_SHAPE_RE.fullmatch(digest_text):
         raise _invalid(text, f"invalid digest {digest_text!r}")
     try:

@@ -49,6 +49,11 @@ from lazyfs.registry.sources import MirroredByteSource
 log = logging.getLogger(__name__)
 
 PROFILE_LOOKUP_TIMEOUT_S = 10.0  # the prefetch goes on without it after this
+# A remount asks the registry for the image's attached profile again only after this long: a
+# profile pushed meanwhile is used by the mounts that start after it.
+PROFILE_LOOKUP_TTL_S = 60.0
+
+Order = list[tuple[Node, LayerChunk]]
 
 
 @dataclass(frozen=True)
@@ -79,12 +84,29 @@ def image_name(reference: Reference) -> str:
     return f"{reference.digest.algorithm}-{reference.digest.hex}"
 
 
+class PrefetchPlan:
+    """What the mounts of one indexed image work out before they prefetch, kept with it so
+    that a remount does not again: the order of the TOC's ranks (a sort of every ranked chunk),
+    the attached access profile's order (a registry round trip or two; looked up again after
+    PROFILE_LOOKUP_TTL_S), and whether the cached chunks' files were learned (a query over every
+    chunk). Event-loop state."""
+
+    def __init__(self) -> None:
+        self.embedded: Order | None = None
+        # (when it was looked up, the order of the profile found, None if there was none)
+        self.attached: tuple[float, Order | None] | None = None
+        # ChunkResolver.files_evicted when the files were last learned
+        self.learned_at_evictions: int | None = None
+
+
 @dataclass(frozen=True)
 class IndexedImage:
-    """An opened image with its read-ahead index: what a new mount of it can reuse."""
+    """An opened image with its read-ahead index and prefetch plan: what a new mount of it
+    can reuse."""
 
     opened: OpenedImage
     index: BlobIndex
+    plan: PrefetchPlan = field(default_factory=PrefetchPlan, compare=False)
 
     @property
     def entries(self) -> int:
@@ -102,9 +124,11 @@ class MountedImage:
         recorder: ProfileRecorder | None,
         options: ImageOptions,
         cache: ChunkCache,
+        plan: PrefetchPlan | None = None,
     ) -> None:
         self.opened = opened
         self.index = index
+        self.plan = plan or PrefetchPlan()
         self.name = image_name(opened.reference)
         self.resolver = resolver
         self.options = options
@@ -146,8 +170,9 @@ class MountedImage:
                 reuse=known,
                 limits=options.limits,
             )
+            plan = None
             if reused and reused[0].opened is opened:
-                index = reused[0].index
+                index, plan = reused[0].index, reused[0].plan
             else:
                 index = await anyio.to_thread.run_sync(BlobIndex.of_tree, opened.tree)
         remote = MirroredByteSource(client, opened.reference, failover)
@@ -162,10 +187,10 @@ class MountedImage:
             recorder,
             shared,
         )
-        return cls(opened, index, resolver, client, recorder, options, shared.cache)
+        return cls(opened, index, resolver, client, recorder, options, shared.cache, plan)
 
     def indexed(self) -> IndexedImage:
-        return IndexedImage(self.opened, self.index)
+        return IndexedImage(self.opened, self.index, self.plan)
 
     def served(self) -> ServedImage:
         return ServedImage(self.name, self.opened.tree, self.resolver, self.stats)
@@ -190,9 +215,13 @@ class MountedImage:
     async def _learn_files(self) -> None:
         """Which files hold the image's cached chunks: a warm mount's first reads then go
         straight to the files (one query, in a worker thread; before the prefetch, which on
-        a warm cache only finds hits)."""
+        a warm cache only finds hits). Once per indexed image while the service forgets none:
+        what it caches after that it learns as it stores it."""
+        if self.plan.learned_at_evictions == self.resolver.files_evicted:
+            return
         nodes = self.opened.tree.nodes.values()
         learned = await self.resolver.learn_files(c for node in nodes for c in node.chunks)
+        self.plan.learned_at_evictions = self.resolver.files_evicted
         if learned:
             log.info("%s: %d cached chunk files known", self.opened.reference, learned)
 
@@ -228,36 +257,60 @@ class MountedImage:
         settings, tree = self.options.prefetch, self.opened.tree
         if not settings.enabled:
             return
-        profile = settings.profile or await self._attached_profile()
-        if profile is not None:
-            order = await anyio.to_thread.run_sync(lambda: profile_order(tree, profile))
+        local = settings.profile
+        if local is not None:
+            order = await anyio.to_thread.run_sync(lambda: profile_order(tree, local))
         else:
-            order = await anyio.to_thread.run_sync(embedded_order, tree)
+            attached = await self._attached_order()
+            order = attached if attached is not None else await self._embedded_order()
         self._first = order
         if order:
             log.info("prefetching %d chunks of the access profile", len(order))
             await self.resolver.prefetch(order)
 
-    async def _attached_profile(self) -> AccessProfile | None:
+    async def _embedded_order(self) -> Order:
+        """The order of the TOC's ranks, sorted once per indexed image."""
+        if self.plan.embedded is None:
+            self.plan.embedded = await anyio.to_thread.run_sync(embedded_order, self.opened.tree)
+        return self.plan.embedded
+
+    async def _attached_order(self) -> Order | None:
+        """The order of the attached access profile; None if there is none. Looked up once
+        per PROFILE_LOOKUP_TTL_S per indexed image, unless the lookup failed."""
+        now, known = time.monotonic(), self.plan.attached
+        if known is not None and now - known[0] < PROFILE_LOOKUP_TTL_S:
+            return known[1]
+        profile, settled = await self._attached_profile()
+        order = None
+        if profile is not None:
+            tree = self.opened.tree
+            order = await anyio.to_thread.run_sync(lambda: profile_order(tree, profile))
+        if settled:
+            self.plan.attached = (now, order)
+        return order
+
+    async def _attached_profile(self) -> tuple[AccessProfile | None, bool]:
         """The newest access profile pushed next to the image (``lazyfs profile push``), or
-        the one last found, when the registry cannot say; None if there is none."""
+        the one last found, when the registry cannot say; None if there is none. And whether
+        the registry said (or the image is offline, when it is never asked)."""
         digest = self.opened.reference.digest
         assert digest is not None
         cache, key = self._shared_cache, keys.profile_key(digest)
-        found = None
+        found, settled = None, self.opened.offline
         if not self.opened.offline:
             with anyio.move_on_after(PROFILE_LOOKUP_TIMEOUT_S):
                 try:
                     found = await find_profile(self._client, self.opened.reference, digest)
+                    settled = True
                 except LazyfsError as exc:
                     log.info("%s: no attached access profile: %s", self.opened.reference, exc)
         if found is not None:
             artifact, profile = found
             log.info("prefetching the access profile %s attached to the image", artifact)
             await anyio.to_thread.run_sync(cache.put_meta, key, profile.to_json())
-            return profile
+            return profile, settled
         cached = await anyio.to_thread.run_sync(cache.get_meta, key)
-        return AccessProfile.parse(cached) if cached is not None else None
+        return (AccessProfile.parse(cached) if cached is not None else None), settled
 
     def close(self) -> None:
         self._prefetch_scope.cancel()

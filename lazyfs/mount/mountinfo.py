@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+from lazyfs.model.record import Record
 
 MOUNTINFO: Final = Path("/proc/self/mountinfo")
 _OCTAL_ESCAPE: Final = re.compile(rb"\\([0-7]{3})")
@@ -23,13 +24,20 @@ _MOUNTPOINT_FIELD: Final = 4
 _SEPARATOR: Final = b"-"  # ends the optional tag fields
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of mountinfo: where, what kind of file system, and from what source."""
+class MountEntry(Record):
+    """One line of mountinfo: where, what kind of file system, and from what source. A record,
+    not a dataclass: ``lazyfs mount`` reads mountinfo at every start."""
 
+    _FIELDS = ("mountpoint", "fstype", "source")
+    __slots__ = _FIELDS
     mountpoint: Path
     fstype: str
     source: str
+
+    def __init__(self, mountpoint: Path, fstype: str, source: str) -> None:
+        self._set("mountpoint", mountpoint)
+        self._set("fstype", fstype)
+        self._set("source", source)
 
 
 def unescape(field: bytes) -> str:

@@ -582,6 +582,12 @@ class ChunkResolver:
         self._advise(reads)
         return wanted
 
+    @property
+    def files_evicted(self) -> int:
+        """How many chunk files the service has forgotten for its bound, ever: while that stays
+        the same, every chunk it cached since a ``learn_files`` is known."""
+        return self._files.evicted
+
     async def learn_files(self, chunks: Iterable[LayerChunk]) -> int:
         """Learn which files hold the cached ones of ``chunks`` (the first LEARN_FILES_MAX; one
         query in a worker thread), so that their first reads skip the store's lookup (a

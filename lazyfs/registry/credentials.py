@@ -14,16 +14,14 @@ command line must exist and is read as soon as the source is made.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lazyfs.errors import AuthError, AuthFileError, UsageError
+from lazyfs.model.record import Record
 
 if TYPE_CHECKING:
     import logging
@@ -38,12 +36,19 @@ def _log() -> logging.Logger:
     return logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Credentials:
-    """A user name and secret for one registry. ``repr`` never shows the secret."""
+class Credentials(Record):
+    """A user name and secret for one registry. ``repr`` never shows the secret. A record, not
+    a dataclass: ``lazyfs mount`` imports this module at every start."""
 
+    _FIELDS = ("username", "password")
+    __slots__ = _FIELDS
+    _REPR_HIDDEN = frozenset({"password"})
     username: str
-    password: str = field(repr=False)
+    password: str
+
+    def __init__(self, username: str, password: str) -> None:
+        self._set("username", username)
+        self._set("password", password)
 
 
 _HELPER_TIMEOUT_S = 30.0
@@ -61,11 +66,15 @@ class CredentialSource(Protocol):
     def lookup(self, registry: str) -> Credentials | None: ...
 
 
-@dataclass(frozen=True)
-class StaticCredentials:
+class StaticCredentials(Record):
     """The same credentials for every registry (``--creds``)."""
 
+    _FIELDS = ("credentials",)
+    __slots__ = _FIELDS
     credentials: Credentials
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._set("credentials", credentials)
 
     def lookup(self, registry: str) -> Credentials | None:
         return self.credentials
@@ -215,6 +224,9 @@ def _inline_credentials(entry: Any, path: Path, registry: str) -> Credentials | 
 
 
 def _decode_auth_field(encoded: str, path: Path, registry: str) -> Credentials:
+    import base64  # here: most starts of `lazyfs mount` find no inline auth entry
+    import binascii
+
     try:
         decoded = base64.b64decode(encoded, validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError) as exc:

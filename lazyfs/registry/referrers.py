@@ -12,7 +12,6 @@ Used for access profiles (``lazyfs profile push``; mounts find them: mount/image
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 
@@ -80,7 +79,7 @@ async def push_referrer(
     )
     data = manifest.to_bytes()
     # By digest: under the reference's tag it would replace the image.
-    untagged = dataclasses.replace(ref, tag=None, digest=Digest.of(data))
+    untagged = Reference(ref.registry, ref.repository, None, Digest.of(data))
     digest = await client.push_manifest(untagged, OCI_MANIFEST, data)
     if await client.get_referrers(ref, subject.digest, artifact_type) is None:
         await _add_to_fallback_index(client, ref, subject.digest, manifest, digest, len(data))
@@ -115,7 +114,7 @@ async def _add_to_fallback_index(
 
 
 def _tagged(ref: Reference, subject: Digest) -> Reference:
-    return dataclasses.replace(ref, tag=fallback_tag(subject), digest=None)
+    return Reference(ref.registry, ref.repository, fallback_tag(subject))
 
 
 def _bare(descriptor: Descriptor) -> Descriptor:

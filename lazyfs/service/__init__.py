@@ -8,6 +8,7 @@ registry clients, cache and singleflight table, the open images and their bind m
 
 May import: ``mount``, ``cache``, ``registry``, ``convert``, ``formats``, ``model``, ``errors``,
 ``config``, ``localfiles``. Never imports: ``cli``, ``bench``. ``client``, ``protocol`` and
-``paths`` import only the standard library and leaves, so that ``lazyfs mount`` as a client
-stays cheap. Docs: docs/service.md; the event loop's rules: docs/concurrency.md.
+``paths`` import only the standard library and leaves (``paths`` also ``cache.layout``, for
+the service record), none of them dataclasses, so that ``lazyfs mount`` as a client stays
+cheap. Docs: docs/service.md; the event loop's rules: docs/concurrency.md.
 """

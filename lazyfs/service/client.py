@@ -10,7 +10,12 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from lazyfs.errors import ServiceError, ServiceUnavailableError, UsageError
+from lazyfs.errors import (
+    ServiceError,
+    ServiceNotListeningError,
+    ServiceUnavailableError,
+    UsageError,
+)
 from lazyfs.service.protocol import MAX_MESSAGE_BYTES, decode, encode, request
 
 DEFAULT_TIMEOUT_S = 600.0  # an open fetches metadata over links that may be slow
@@ -52,7 +57,7 @@ def _connect(conn: socket.socket, socket_path: Path) -> None:
     try:
         conn.connect(str(socket_path))
     except (FileNotFoundError, ConnectionRefusedError) as exc:
-        raise ServiceUnavailableError(f"no lazyfs service listens on {socket_path}") from exc
+        raise ServiceNotListeningError(f"no lazyfs service listens on {socket_path}") from exc
     except PermissionError as exc:  # someone listens, but not for us: no service to start
         raise ServiceError(
             f"cannot open the lazyfs service socket {socket_path}: permission denied "
@@ -60,8 +65,8 @@ def _connect(conn: socket.socket, socket_path: Path) -> None:
         ) from exc
     except OSError as exc:
         if exc.errno == errno.ENOTSOCK:
-            raise ServiceUnavailableError(f"{socket_path} is not a socket") from exc
-        raise ServiceUnavailableError(
+            raise ServiceNotListeningError(f"{socket_path} is not a socket") from exc
+        raise ServiceNotListeningError(
             f"cannot connect to the lazyfs service at {socket_path}: {exc.strerror or exc}"
         ) from exc
 

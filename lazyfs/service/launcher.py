@@ -8,7 +8,6 @@ its last image is released. Light: the CLI imports it.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 from lazyfs.cache.layout import CacheLayout
 from lazyfs.errors import ServiceError
 from lazyfs.service import client
-from lazyfs.service.paths import ServicePaths
+from lazyfs.service.paths import ServicePaths, sockets_for_cache
 
 START_TIMEOUT_S = 60.0
 LOCK_WAIT_S = 30.0  # for a service of the same cache that is still stopping
@@ -39,14 +38,8 @@ class ServiceSettings:
 
 def socket_for_cache(cache_dir: Path) -> Path:
     """The socket of the service that owns ``cache_dir`` (running or not)."""
-    try:
-        record = json.loads(CacheLayout(cache_dir).service_record.read_bytes())
-        socket = Path(record["socket"])
-        if client.is_listening(socket):
-            return socket
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return ServicePaths.for_cache(cache_dir).socket
+    *recorded, default = sockets_for_cache(cache_dir)
+    return next((socket for socket in recorded if client.is_listening(socket)), default)
 
 
 def start_service(settings: ServiceSettings) -> tuple[Path, int]:

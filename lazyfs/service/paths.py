@@ -8,9 +8,12 @@ directory finds (or starts) the service that owns it. Light: the CLI imports it.
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
+
+from lazyfs.cache.layout import CacheLayout
+from lazyfs.model.record import Record
 
 
 def default_cache_dir() -> Path:
@@ -25,12 +28,19 @@ def run_base() -> Path:
     return Path(runtime) / "lazyfs" if runtime else Path(f"/tmp/lazyfs-{os.geteuid()}")
 
 
-@dataclass(frozen=True)
-class ServicePaths:
+class ServicePaths(Record):  # a record, not a dataclass: the CLI imports this module
+    _FIELDS = ("run_dir", "socket", "root", "state")
+    __slots__ = _FIELDS
     run_dir: Path
     socket: Path
     root: Path
     state: Path
+
+    def __init__(self, run_dir: Path, socket: Path, root: Path, state: Path) -> None:
+        self._set("run_dir", run_dir)
+        self._set("socket", socket)
+        self._set("root", root)
+        self._set("state", state)
 
     @classmethod
     def in_run_dir(
@@ -46,6 +56,19 @@ class ServicePaths:
     @classmethod
     def for_cache(cls, cache_dir: Path) -> ServicePaths:
         return cls.in_run_dir(run_base() / run_dir_name(cache_dir))
+
+
+def sockets_for_cache(cache_dir: Path) -> list[Path]:
+    """Where the service that owns ``cache_dir`` may listen, in the order to try: the socket its
+    record names (``CACHE_DIR/service.json``: a service given --run-dir or --socket), then the
+    cache's default one. Nothing is probed."""
+    default = ServicePaths.for_cache(cache_dir).socket
+    try:
+        record = json.loads(CacheLayout(cache_dir).service_record.read_bytes())
+        recorded = Path(record["socket"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return [default]
+    return [recorded] if recorded == default else [recorded, default]
 
 
 def run_dir_name(cache_dir: Path) -> str:

@@ -428,7 +428,7 @@ class Service:
     async def _open(
         self, args: dict[str, Any], mountpoint: Path, peer: Peer, *, restoring: bool
     ) -> Any:
-        host_mirrors = await anyio.to_thread.run_sync(system_mirrors)  # registries.conf, per open
+        host_mirrors = await anyio.to_thread.run_sync(system_mirrors)  # stat, parse if changed
         options, client, failover = self._image_setup(args, host_mirrors)
         record = _optional_path(args.get("record_profile"), "record_profile")
         self._opening += 1
