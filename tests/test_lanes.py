@@ -4,6 +4,7 @@ on the wire while a foreground request is open. Against the fault-injecting serv
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import AsyncIterator, Iterator
 
 import anyio
@@ -152,3 +153,11 @@ async def test_background_requests_use_connections_of_their_own(
     if lanes._TCP_WINDOW_CLAMP is not None:
         assert lane.stats.window_bytes >= lanes.MIN_CONNECTION_WINDOW_BYTES
         assert lane.stats.window_bytes <= lanes.MAX_CONNECTION_WINDOW_BYTES
+        # The receive buffer is bounded too (no autotuning to megabytes), and never lowered.
+        bounded = list(lanes._buffers.items())
+        assert bounded
+        for sock, size in bounded:
+            assert size >= lane.stats.window_bytes
+            # Linux doubles the value asked for (bookkeeping overhead).
+            kernel = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4)
+            assert int.from_bytes(kernel, "little") >= size

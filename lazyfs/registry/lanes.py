@@ -16,14 +16,17 @@ requests (lazyfs/model/traffic.py) get this lane, which holds the fill *on the w
   fill's bytes in flight than the window, so the fill's standing queue at the bottleneck is at
   most ``TARGET_QUEUE_S`` of the link. The estimate only grows while the window binds: the
   window allows ``1 + TARGET_QUEUE_S / min_rtt`` times the rate it was computed from;
+- **a receive buffer** (``SO_RCVBUF``) of ``BUFFER_WINDOWS`` windows, raised with the window and
+  never lowered (a buffer shrunk under bytes already in it makes the kernel prune or drop).
+  Linux's autotuning grows a busy connection's buffer to megabytes (0.5-1.7 MB seen on the
+  fill's connections), and while the buffer has room the window stays open whether or not we
+  read: the bound is what makes the next point a stop;
 - **a stop while any foreground request is open** (from before it is sent until its answer is
   closed, auth and redirects included): a background answer is not read from its socket, and no
   background request is sent, so our receive buffer fills, the window closes and the sender
-  stops within one window; reading resumes when the last foreground request ends, or after
-  ``MAX_PAUSE_S`` (then one chunk is read and the wait starts again), so a server never sees a
-  connection stall long enough to drop it. The window is what makes the stop quick: without the
-  clamp, Linux's receive autotuning opens megabytes, and the sender keeps the bottleneck's
-  queue full long after we stop reading.
+  stops within about ``BUFFER_WINDOWS`` windows; reading resumes when the last foreground
+  request ends, or after ``MAX_PAUSE_S`` (then one chunk is read and the wait starts again), so
+  a server never sees a connection stall long enough to drop it.
 
 Event loop only (docs/concurrency.md, "Background fill on the wire"). Socket options are best
 effort: a platform without them, or a socket already closed, leaves the window as the kernel
@@ -35,6 +38,7 @@ from __future__ import annotations
 import math
 import socket
 import struct
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -49,6 +53,7 @@ MIN_WINDOW_BYTES = 128 << 10  # the fill's window in all, whatever the estimate 
 MIN_CONNECTION_WINDOW_BYTES = 16 << 10  # a few segments: below it TCP stalls on delayed ACKs
 MAX_CONNECTION_WINDOW_BYTES = 16 << 20
 MAX_PAUSE_S = 5.0
+BUFFER_WINDOWS = 2  # the receive buffer, in windows: room for a late reader, a short stop
 RATE_BIN_S = 0.25
 RATE_BINS = 20  # the estimate is the best bin of the last 5 s
 
@@ -204,10 +209,24 @@ class _BackgroundBody(httpx.AsyncByteStream):
             return
         try:
             self._socket.setsockopt(socket.IPPROTO_TCP, _TCP_WINDOW_CLAMP, window)
+            self._bound_buffer(window)
         except OSError:
             self._socket = None  # closed, or not TCP: the kernel's window stands
             return
         self._clamped = self._lane.stats.window_bytes = window
+
+    def _bound_buffer(self, window: int) -> None:
+        """A receive buffer of ``BUFFER_WINDOWS`` windows (module docstring), never lowered, so
+        that no byte already buffered is ever over the bound."""
+        assert self._socket is not None
+        rcvbuf = _buffers.get(self._socket, 0)
+        if window * BUFFER_WINDOWS > rcvbuf:
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window * BUFFER_WINDOWS)
+            _buffers[self._socket] = window * BUFFER_WINDOWS
+
+
+# The receive buffer set on each background socket (the socket outlives its answers).
+_buffers: weakref.WeakKeyDictionary[_Socket, int] = weakref.WeakKeyDictionary()
 
 
 def _socket_of(response: httpx.Response) -> _Socket | None:
