@@ -117,12 +117,13 @@ class ResolverConfig:
     # read, and on a high-RTT link each round trip saved still pays (docs/benchmarks.md).
     readahead_next_files_max_bytes: int = 256 << 10
     # The next files are those of the missed file's directory only, and each directory earns
-    # its share: this much before any of its read-ahead was read, then this gain for each byte
-    # that was (ReadaheadBudget.directory_share). Replayed on the bench's python image, 192 KiB
-    # and 3 fetched 1.17x the bytes needed in 63 round trips, 85 % of read-ahead used; 128 KiB
-    # and 3 1.11x in 66, 256 KiB and 3 1.20x in 62 (docs/benchmarks.md).
+    # its share: the first this much, then this gain for each byte of its read-ahead that reads
+    # used, never less than the least (ReadaheadBudget.directory_share). Replayed on the
+    # bench's python image with three workloads (docs/benchmarks.md, "Read-ahead by
+    # directory"): 57, 74 and 71 round trips for 1.23, 1.25 and 1.29x the bytes needed.
     readahead_directory_bytes: int = 192 << 10
-    readahead_directory_gain: float = 3.0
+    readahead_directory_gain: float = 2.0
+    readahead_directory_min_bytes: int = 16 << 10
     # Prefetch of an access profile (lazyfs/mount/prefetch.py): batches of about this many
     # compressed bytes, this many at a time. Measured on the bench's `wan` link (python image):
     # 1 MiB x 4 started 0.3-0.5 s sooner than 1 MiB x 2 or 512 KiB x 4, as fast as 2-4 MiB batches

@@ -4,6 +4,7 @@ against read-ahead policies (bench/readaheadsim.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import cast
 
@@ -106,6 +107,7 @@ def test_budget_credit_and_directory_shares() -> None:
     assert budget.directory_share("/d", 100, 3.0) == 140
     budget.fetched_ahead("c", 200, 200, "/d")
     assert budget.directory_share("/d", 100, 3.0) == 0  # never below nothing
+    assert budget.directory_share("/d", 100, 3.0, least_bytes=16) == 16  # or the least
     budget.read("own")
     assert budget.used_bytes == 70
     assert budget.allowance_bytes == 0  # 50 + 70 needed - 310 ahead
@@ -117,7 +119,7 @@ def _package_tree() -> Tree:
     files = [
         ("p/__init__.py", [10]),
         ("p/__pycache__/__init__.cpython-311.pyc", [10, 10]),
-        ("p/__pycache__/a.cpython-311.pyc", [10]),
+        ("p/__pycache__/a.cpython-311.pyc", [10, 10]),
         ("p/__pycache__/b.cpython-311.pyc", [10]),
         ("p/a.py", [10]),
         ("p/b.py", [10]),
@@ -136,29 +138,33 @@ def _places(picked: list[Ahead]) -> list[tuple[str, int, str | None]]:
     return [(a.node.path, a.chunk.ref.file_offset, a.directory) for a in picked]
 
 
+_CACHE = "/p/__pycache__"
+_A_PYC = "/p/__pycache__/a.cpython-311.pyc"
+_A = [(_A_PYC, 0, _CACHE), (_A_PYC, 10, _CACHE), ("/p/a.py", 0, _CACHE)]
+_B = [("/p/__pycache__/b.cpython-311.pyc", 0, _CACHE), ("/p/b.py", 0, _CACHE)]
+
+
 def test_ahead_in_directory_takes_the_file_its_source_then_its_directory() -> None:
     tree = _package_tree()
     index = BlobIndex.of_tree(tree)
     init = tree.find("/p/__pycache__/__init__.cpython-311.pyc")
     assert init is not None
-    cache = "/p/__pycache__"
+    own = [(init.path, 10, None), ("/p/__init__.py", 0, None)]
     # the rest of the file, its source (not next in the blob), then the next files of its
-    # directory, each with its source; q's files are another directory
-    assert _places(index.ahead_in_directory(init.chunks[0], init, 100, 1000)) == [
-        (init.path, 10, None),
-        ("/p/__init__.py", 0, None),
-        ("/p/__pycache__/a.cpython-311.pyc", 0, cache),
-        ("/p/a.py", 0, cache),
-        ("/p/__pycache__/b.cpython-311.pyc", 0, cache),
-        ("/p/b.py", 0, cache),
-    ]
-    # the directory's share: a file and its source fit whole or end the walk
-    assert _places(index.ahead_in_directory(init.chunks[0], init, 100, 30)) == [
-        (init.path, 10, None),
-        ("/p/__init__.py", 0, None),
-        ("/p/__pycache__/a.cpython-311.pyc", 0, cache),
-        ("/p/a.py", 0, cache),
-    ]
+    # directory, each whole with its source; q's files are another directory
+    assert _places(index.ahead_in_directory(init.chunks[0], init, 100, 1000)) == own + _A + _B
+    # the directory's share: a (30 bytes with its source) fits, then b (20) does not
+    assert _places(index.ahead_in_directory(init.chunks[0], init, 100, 30)) == own + _A
+    # a file too big for what is left is passed over: b still fits
+    assert _places(index.ahead_in_directory(init.chunks[0], init, 100, 25)) == own + _B
+    # a file here already costs nothing, and is not taken again (nor its source)
+    a_pyc = tree.find("/p/__pycache__/a.cpython-311.pyc")
+    assert a_pyc is not None
+    here = {chunk.ref.blob_offset for chunk in a_pyc.chunks}
+    passed = index.ahead_in_directory(
+        init.chunks[0], init, 100, 20, lambda chunk: chunk.ref.blob_offset in here
+    )
+    assert _places(passed) == own + _B
     # a source that does not fit in what the file's rest left is not taken
     assert _places(index.ahead_in_directory(init.chunks[0], init, 15, 0)) == [(init.path, 10, None)]
     # a source file has no source; the last of a directory has no next files
@@ -170,26 +176,30 @@ def test_ahead_in_directory_takes_the_file_its_source_then_its_directory() -> No
 def test_plan_ahead_gives_a_directory_less_when_its_read_ahead_goes_unused() -> None:
     tree = _package_tree()
     index = BlobIndex.of_tree(tree)
-    config = ResolverConfig(readahead_directory_bytes=20, readahead_directory_gain=3.0)
+    config = ResolverConfig(
+        readahead_directory_bytes=30,
+        readahead_directory_gain=3.0,
+        readahead_directory_min_bytes=0,
+    )
     budget = ReadaheadBudget(credit_bytes=1000)
     init = tree.find("/p/__pycache__/__init__.cpython-311.pyc")
     assert init is not None
     first = plan_ahead(index, budget, init.chunks[0], init, config, 1000)
-    assert [a.node.path for a in first if a.directory] == [
-        "/p/__pycache__/a.cpython-311.pyc",
-        "/p/a.py",
-    ]
+    assert [place for place in _places(first) if place[2]] == _A
     for ahead in first:
         budget.fetched_ahead(_key(ahead), 10, 10, ahead.directory)
-    # nothing of a.pyc read yet: the directory's first 20 bytes are spent, nothing more
+    # nothing of a.pyc read yet: the directory's first 30 bytes are spent, nothing more
     assert not any(a.directory for a in plan_ahead(index, budget, init.chunks[0], init, config, 99))
-    budget.read(_key(first[2]))  # a.pyc was read: 20 + 3 x 10 - 20 = 30 for the directory
+    # with a least share, a probe still goes out
+    probing = ResolverConfig(readahead_directory_bytes=30, readahead_directory_min_bytes=20)
+    assert _places(plan_ahead(index, budget, init.chunks[0], init, probing, 99))[2:] == _B
+    budget.read(_key(first[2]))  # a.pyc was read: 30 + 3 x 10 - 30 = 30 for the directory
     a_pyc = tree.find("/p/__pycache__/a.cpython-311.pyc")
     assert a_pyc is not None
     assert _places(plan_ahead(index, budget, a_pyc.chunks[0], a_pyc, config, 1000)) == [
+        ("/p/__pycache__/a.cpython-311.pyc", 10, None),
         ("/p/a.py", 0, None),
-        ("/p/__pycache__/b.cpython-311.pyc", 0, "/p/__pycache__"),
-        ("/p/b.py", 0, "/p/__pycache__"),
+        *_B,
     ]
     # the window (one bandwidth-delay product) caps the share; an empty budget stops all
     assert not any(
@@ -218,12 +228,17 @@ def test_readaheadsim_replays_the_profiles_chunks_once_each() -> None:
         ("/a", 0),
         ("/a", 20),
     ]
-    none = replay("none", wanted, lambda node, chunk, budget: [])
+    none = replay("none", wanted, lambda node, chunk, budget, present: [])
     assert (none.round_trips, none.fetched_bytes, none.needed_bytes) == (3, 30, 30)
     assert (none.requests, none.gap_bytes) == (3, 0)
     by_blob = {chunk.ref.blob_offset: Ahead(node, chunk, None) for node, chunk in wanted}
 
-    def third(node: Node, chunk: LayerChunk, budget: ReadaheadBudget) -> list[Ahead]:
+    def third(
+        node: Node,
+        chunk: LayerChunk,
+        budget: ReadaheadBudget,
+        present: Callable[[LayerChunk], bool],
+    ) -> list[Ahead]:
         return [by_blob[20]] if chunk.ref.blob_offset == 0 else []
 
     ahead = replay("next", wanted, third)

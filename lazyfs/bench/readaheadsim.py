@@ -34,7 +34,8 @@ from lazyfs.mount.tree import LayerChunk, Node
 from lazyfs.registry.client import RegistryClient
 from lazyfs.registry.credentials import DockerConfigCredentials
 
-Pick = Callable[[Node, LayerChunk, ReadaheadBudget], list[Ahead]]
+Present = Callable[[LayerChunk], bool]
+Pick = Callable[[Node, LayerChunk, ReadaheadBudget, Present], list[Ahead]]
 _Key = tuple[int, int]  # (layer, blob offset): a chunk's place
 WINDOW_BYTES = 256 << 10  # the bandwidth-delay window: its cap, reached on loopback and edge
 
@@ -78,6 +79,10 @@ def replay(
     have: set[_Key] = set()
     ahead: set[_Key] = set()
     trips = fetched = ahead_bytes = used = requests = gaps = 0
+
+    def fetched_already(chunk: LayerChunk) -> bool:
+        return (chunk.layer, chunk.ref.blob_offset) in have
+
     for node, chunk in wanted:
         key = (chunk.layer, chunk.ref.blob_offset)
         if key in have:
@@ -91,7 +96,7 @@ def replay(
         fetched += _size(chunk)
         budget.missed(chunk.ref.size)
         sent = [chunk]
-        for extra in pick(node, chunk, budget):
+        for extra in pick(node, chunk, budget, fetched_already):
             extra_key = (extra.chunk.layer, extra.chunk.ref.blob_offset)
             if extra_key not in have and not extra.chunk.ref.zeros:
                 have.add(extra_key)
@@ -144,27 +149,38 @@ def policies(index: BlobIndex) -> dict[str, tuple[Pick, ResolverConfig | None]]:
     found["rest of file and its source"] = (_directory(index, 0), None)
     for share in (64 << 10, 128 << 10, 256 << 10):
         found[f"and {share >> 10} KiB of its directory"] = (_directory(index, share), None)
-    for first, gain in ((128 << 10, 3.0), (192 << 10, 2.0), (192 << 10, 3.0), (256 << 10, 3.0)):
-        config = ResolverConfig(readahead_directory_bytes=first, readahead_directory_gain=gain)
-        label = f"earned share: {first >> 10} KiB first, gain {gain:g}"
+    for first, gain, least in (
+        (192 << 10, 3.0, 0),
+        (192 << 10, 2.0, 0),
+        (64 << 10, 2.0, 16 << 10),
+        (128 << 10, 3.0, 16 << 10),
+        (192 << 10, 2.0, 16 << 10),
+        (192 << 10, 2.0, 32 << 10),
+    ):
+        config = ResolverConfig(
+            readahead_directory_bytes=first,
+            readahead_directory_gain=gain,
+            readahead_directory_min_bytes=least,
+        )
+        label = f"earned: {first >> 10} KiB first, gain {gain:g}, least {least >> 10} KiB"
         found[label] = (_planned(index, config), config)
     return found
 
 
-def _nothing(node: Node, chunk: LayerChunk, budget: ReadaheadBudget) -> list[Ahead]:
+def _nothing(node: Node, chunk: LayerChunk, budget: ReadaheadBudget, _: Present) -> list[Ahead]:
     return []
 
 
 def _following(index: BlobIndex, window: int) -> Pick:
-    return lambda node, chunk, budget: _tagged(index.following(chunk, window))
+    return lambda node, chunk, budget, present: _tagged(index.following(chunk, window))
 
 
 def _ahead(index: BlobIndex, share: int) -> Pick:
-    return lambda node, chunk, budget: _tagged(index.ahead_of(chunk, node, 4 << 20, share))
+    return lambda node, chunk, budget, present: _tagged(index.ahead_of(chunk, node, 4 << 20, share))
 
 
 def _before(index: BlobIndex) -> Pick:
-    def pick(node: Node, chunk: LayerChunk, budget: ReadaheadBudget) -> list[Ahead]:
+    def pick(node: Node, chunk: LayerChunk, budget: ReadaheadBudget, _: Present) -> list[Ahead]:
         allowance = budget.allowance_bytes
         return _tagged(
             index.ahead_of(chunk, node, min(allowance, 4 << 20), min(allowance, WINDOW_BYTES))
@@ -174,11 +190,15 @@ def _before(index: BlobIndex) -> Pick:
 
 
 def _directory(index: BlobIndex, share: int) -> Pick:
-    return lambda node, chunk, budget: index.ahead_in_directory(chunk, node, 4 << 20, share)
+    return lambda node, chunk, budget, present: index.ahead_in_directory(
+        chunk, node, 4 << 20, share, present
+    )
 
 
 def _planned(index: BlobIndex, config: ResolverConfig) -> Pick:
-    return lambda node, chunk, budget: plan_ahead(index, budget, chunk, node, config, WINDOW_BYTES)
+    return lambda node, chunk, budget, present: plan_ahead(
+        index, budget, chunk, node, config, WINDOW_BYTES, present
+    )
 
 
 def _tagged(picked: list[tuple[Node, LayerChunk]]) -> list[Ahead]:

@@ -20,12 +20,16 @@ trip. What the image says about what comes next:
 Whether a directory's files are read together depends on the workload: Python's ``import
 asyncio`` reads 29 of its 33 modules, but 35 of the 171 of the standard library's top level, 6
 of 46 in ``lib-dynload``. So each directory earns its share (``directory_share``): a first
-``readahead_directory_bytes`` (192 KiB), then ``readahead_directory_gain`` (3) bytes for each of
-its read-ahead bytes that reads used, less all it was given. On the bench's python image,
-replaying the workload's reads (``python -m lazyfs.bench.readaheadsim``): the blob after the
-miss (the rest of the file, then 256 KiB of whatever follows) fetched 1.79x the bytes needed in
-67 round trips, 54 % of read-ahead used; this fetches 1.17x in 63, 85 % used
-(docs/benchmarks.md, "Read-ahead by directory").
+``readahead_directory_bytes`` (192 KiB), then ``readahead_directory_gain`` (2) bytes for each of
+its read-ahead bytes that reads used, less all it was given, and never less than
+``readahead_directory_min_bytes`` (16 KiB), a probe for a big directory read sparsely. Within
+the share, files are taken whole with their sources, a file too big for what is left passed
+over. On the bench's python image, replaying the reads of ``import json, asyncio, sqlite3,
+email`` (``python -m lazyfs.bench.readaheadsim``): the rest of the file then 256 KiB of
+whatever follows in the blob fetched 1.79x the bytes needed in 67 round trips, 54 % of
+read-ahead used; this fetches 1.23x in 57, 85 % used; two other imports, 73 and 74 round trips
+for 1.77x and 1.85x before, 74 and 71 for 1.25x and 1.29x now (docs/benchmarks.md, "Read-ahead
+by directory").
 
 A guess costs bytes too, and on a thin link bytes are what the operator pays for. The
 :class:`ReadaheadBudget` keeps the (compressed) bytes fetched ahead at most
@@ -41,12 +45,14 @@ from __future__ import annotations
 import bisect
 import operator
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from lazyfs.config import ResolverConfig
 from lazyfs.mount.tree import LayerChunk, Node, Tree
+
+SCAN_FILES = 64  # files of a directory a miss looks at for read-ahead: bounded work per miss
 
 
 @dataclass
@@ -113,13 +119,18 @@ class ReadaheadBudget:
     def allowance_bytes(self) -> int:
         return max(0, self.credit_bytes + self.needed_bytes - self.ahead_bytes)
 
-    def directory_share(self, directory: str, first_bytes: int, gain: float) -> int:
+    def directory_share(
+        self, directory: str, first_bytes: int, gain: float, least_bytes: int = 0
+    ) -> int:
         """What the next files of ``directory`` may take now: ``first_bytes`` while nothing is
         known, plus ``gain`` bytes for each byte of its read-ahead that reads used, minus all
-        it was given. A directory whose files the workload reads together (a package) earns
-        more; one it reads a file or two of (``lib/``, a big ``__pycache__``) soon gets none."""
+        it was given, but never less than ``least_bytes``. A directory whose files the
+        workload reads together (a package) earns more; one it reads a file or two of
+        (``lib/``) soon gets only the least. That least is a probe: in a big directory read
+        sparsely (Python's standard library, 55 of 171 modules for one workload), reads of
+        what read-ahead brought come long after it, in import order, not name order."""
         ahead, used = self._directories.get(directory, (0, 0))
-        return max(0, int(first_bytes + gain * used - ahead))
+        return max(least_bytes, int(first_bytes + gain * used - ahead))
 
 
 class _Placed(NamedTuple):  # a tuple: one per chunk of the image, made at mount time
@@ -195,14 +206,22 @@ class BlobIndex:
         return picked
 
     def ahead_in_directory(
-        self, chunk: LayerChunk, node: Node, file_bytes: int, directory_bytes: int
+        self,
+        chunk: LayerChunk,
+        node: Node,
+        file_bytes: int,
+        directory_bytes: int,
+        present: Callable[[LayerChunk], bool] = lambda chunk: False,
     ) -> list[Ahead]:
         """What to fetch ahead of a miss of ``node``'s ``chunk``: the rest of ``node`` and, if
         it is compiled Python, its source (which CPython reads next to check the cache: the
-        image's pycs are hash-based), both up to ``file_bytes`` compressed; then the files
-        that follow ``node`` in the blob while they are in its directory (a package's
-        ``__pycache__``, in name order), each with its source, up to ``directory_bytes``.
-        Each chunk is taken only if it fits; a file that does not fit ends the walk."""
+        image's pycs are hash-based), both up to ``file_bytes`` compressed; then, of the next
+        ``SCAN_FILES`` files after ``node`` in the blob that are in its directory (a package's
+        ``__pycache__``, in name order), those that fit in ``directory_bytes``, each whole
+        with its source. A file too big for what is left is passed over, not the end of the
+        walk: in a directory the workload reads little of, a small file is as likely to be
+        read as a big one, and a hit saves a round trip either way. Chunks ``present`` says
+        are here or on their way are passed over and cost nothing."""
         items = self._by_layer.get(chunk.layer, [])
         start = bisect.bisect_right(self._offsets.get(chunk.layer, []), chunk.ref.blob_offset)
         picked: list[Ahead] = []
@@ -210,34 +229,57 @@ class BlobIndex:
         for item in items[start:]:
             if item.node is not node:
                 break
+            if present(item.chunk):
+                continue
             own += _blob_size(item.chunk)
             if own > file_bytes:
                 return picked
             picked.append(Ahead(node, item.chunk, None))
-        source = self._source_chunks(node, file_bytes - own)
+        source = self._source_chunks(node, file_bytes - own, present)
         picked += (Ahead(s_node, s_chunk, None) for s_node, s_chunk in source)
         directory = posixpath.dirname(node.path)
         spent = 0
+        for sibling, chunks in self._next_in_directory(items, start, node, directory):
+            whole = [(sibling, c) for c in chunks if not present(c)]
+            if whole:
+                whole += self._source_chunks(sibling, directory_bytes, present)
+            size = sum(_blob_size(c) for _, c in whole)
+            if whole and spent + size <= directory_bytes:
+                spent += size
+                picked += (Ahead(n, c, directory) for n, c in whole)
+        return picked
+
+    def _next_in_directory(
+        self, items: list[_Placed], start: int, node: Node, directory: str
+    ) -> Iterator[tuple[Node, list[LayerChunk]]]:
+        """The next ``SCAN_FILES`` files from ``items[start]`` on that are in ``directory``
+        (but ``node``), with their chunks."""
+        files = 0
+        current: Node | None = None
+        chunks: list[LayerChunk] = []
         for item in items[start:]:
             if item.node is node:
                 continue
-            if posixpath.dirname(item.node.path) != directory:
-                break
-            with_source = [(item.node, item.chunk)]
-            if item.chunk is item.node.chunks[-1]:  # the file's last chunk: then its source
-                with_source += self._source_chunks(item.node, directory_bytes)
-            spent += sum(_blob_size(c) for _, c in with_source)
-            if spent > directory_bytes:
-                break
-            picked += (Ahead(n, c, directory) for n, c in with_source)
-        return picked
+            if item.node is not current:
+                if current is not None:
+                    yield current, chunks
+                files += 1
+                if files > SCAN_FILES or posixpath.dirname(item.node.path) != directory:
+                    return
+                current, chunks = item.node, []
+            chunks.append(item.chunk)
+        if current is not None:
+            yield current, chunks
 
-    def _source_chunks(self, node: Node, limit_bytes: int) -> list[tuple[Node, LayerChunk]]:
-        """The chunks of ``node``'s source file, if it has one and it fits in ``limit_bytes``."""
+    def _source_chunks(
+        self, node: Node, limit_bytes: int, present: Callable[[LayerChunk], bool]
+    ) -> list[tuple[Node, LayerChunk]]:
+        """The chunks of ``node``'s source file not ``present``, if it has a source and they
+        fit in ``limit_bytes``."""
         source = self._sources.get(node.inode)
         if source is None:
             return []
-        chunks = [(source, c) for c in source.chunks if not c.ref.zeros]
+        chunks = [(source, c) for c in source.chunks if not c.ref.zeros and not present(c)]
         return chunks if sum(_blob_size(c) for _, c in chunks) <= limit_bytes else []
 
 
@@ -278,6 +320,7 @@ def plan_ahead(
     node: Node,
     config: ResolverConfig,
     window_bytes: int,
+    present: Callable[[LayerChunk], bool] = lambda chunk: False,
 ) -> list[Ahead]:
     """What a miss of ``node``'s ``chunk`` fetches ahead (the resolver's choice, and the
     replay's): the rest of the file and its source within the budget, then the next files of
@@ -290,5 +333,8 @@ def plan_ahead(
         posixpath.dirname(node.path),
         min(window_bytes, config.readahead_directory_bytes),
         config.readahead_directory_gain,
+        min(window_bytes, config.readahead_directory_min_bytes),
     )
-    return index.ahead_in_directory(chunk, node, rest_of_file, min(allowance, window_bytes, share))
+    return index.ahead_in_directory(
+        chunk, node, rest_of_file, min(allowance, window_bytes, share), present
+    )

@@ -122,6 +122,9 @@ class RecentChunks:
             self._chunks.move_to_end(key)
         return data
 
+    def __contains__(self, key: str) -> bool:  # no use: the order stays
+        return key in self._chunks
+
     def put(self, key: str, data: bytes) -> None:
         if len(data) > self._limit_bytes or key in self._chunks:
             return
@@ -657,7 +660,9 @@ class ChunkResolver:
         following: list[_Wanted] = []
         directories: dict[str, str | None] = {}
         for item in last.values():
-            for ahead in plan_ahead(index, self._budget, item.chunk, item.node, config, window):
+            for ahead in plan_ahead(
+                index, self._budget, item.chunk, item.node, config, window, self._present
+            ):
                 wanted = self._wanted(ahead.node, ahead.chunk)
                 directories[wanted.key] = ahead.directory
                 following.append(wanted)
@@ -669,6 +674,11 @@ class ChunkResolver:
             )
         self.stats.readahead_bytes = self._budget.ahead_bytes
         return fetch
+
+    def _present(self, chunk: LayerChunk) -> bool:
+        """Whether ``chunk`` is on its way, in memory or known to be in the cache."""
+        key = _key(chunk, self._layers[chunk.layer].check)
+        return key in self._flights or key in self._recent or self._files.entry(key) is not None
 
     async def prefetch(self, order: Sequence[tuple[Node, LayerChunk]]) -> None:
         """Fetch the chunks of ``order`` before anyone reads them, in that order.
