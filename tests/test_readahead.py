@@ -13,7 +13,14 @@ from lazyfs.config import ResolverConfig
 from lazyfs.formats.chunked.toc import ChunkRef, TocEntry
 from lazyfs.model.profiles import AccessProfile, ProfileRead
 from lazyfs.mount.opener import OpenedImage
-from lazyfs.mount.readahead import Ahead, BlobIndex, LinkEstimate, ReadaheadBudget, plan_ahead
+from lazyfs.mount.readahead import (
+    SOURCES,
+    Ahead,
+    BlobIndex,
+    LinkEstimate,
+    ReadaheadBudget,
+    plan_ahead,
+)
 from lazyfs.mount.tree import LayerChunk, Node, Tree, build_tree
 
 
@@ -149,7 +156,7 @@ def test_ahead_in_directory_takes_the_file_its_source_then_its_directory() -> No
     index = BlobIndex.of_tree(tree)
     init = tree.find("/p/__pycache__/__init__.cpython-311.pyc")
     assert init is not None
-    own = [(init.path, 10, None), ("/p/__init__.py", 0, None)]
+    own = [(init.path, 10, None), ("/p/__init__.py", 0, SOURCES)]
     # the rest of the file, its source (not next in the blob), then the next files of its
     # directory, each whole with its source; q's files are another directory
     assert _places(index.ahead_in_directory(init.chunks[0], init, 100, 1000)) == own + _A + _B
@@ -185,11 +192,13 @@ def test_plan_ahead_gives_a_directory_less_when_its_read_ahead_goes_unused() -> 
     init = tree.find("/p/__pycache__/__init__.cpython-311.pyc")
     assert init is not None
     first = plan_ahead(index, budget, init.chunks[0], init, config, 1000)
-    assert [place for place in _places(first) if place[2]] == _A
+    assert [place for place in _places(first) if place[2] == _CACHE] == _A
     for ahead in first:
         budget.fetched_ahead(_key(ahead), 10, 10, ahead.directory)
     # nothing of a.pyc read yet: the directory's first 30 bytes are spent, nothing more
-    assert not any(a.directory for a in plan_ahead(index, budget, init.chunks[0], init, config, 99))
+    assert all(
+        a.directory != _CACHE for a in plan_ahead(index, budget, init.chunks[0], init, config, 99)
+    )
     # with a least share, a probe still goes out
     probing = ResolverConfig(readahead_directory_bytes=30, readahead_directory_min_bytes=20)
     assert _places(plan_ahead(index, budget, init.chunks[0], init, probing, 99))[2:] == _B
@@ -198,14 +207,37 @@ def test_plan_ahead_gives_a_directory_less_when_its_read_ahead_goes_unused() -> 
     assert a_pyc is not None
     assert _places(plan_ahead(index, budget, a_pyc.chunks[0], a_pyc, config, 1000)) == [
         ("/p/__pycache__/a.cpython-311.pyc", 10, None),
-        ("/p/a.py", 0, None),
+        ("/p/a.py", 0, SOURCES),
         *_B,
     ]
     # the window (one bandwidth-delay product) caps the share; an empty budget stops all
-    assert not any(
-        a.directory for a in plan_ahead(index, budget, a_pyc.chunks[0], a_pyc, config, 0)
+    assert all(
+        a.directory != _CACHE for a in plan_ahead(index, budget, a_pyc.chunks[0], a_pyc, config, 0)
     )
     assert plan_ahead(index, ReadaheadBudget(), init.chunks[0], init, config, 1000) == []
+
+
+def test_plan_ahead_stops_fetching_sources_nobody_reads() -> None:
+    """Timestamp-checked pycs: CPython does not read their sources, which then stop coming."""
+    tree = _package_tree()
+    index = BlobIndex.of_tree(tree)
+    config = ResolverConfig(readahead_directory_bytes=15, readahead_directory_min_bytes=0)
+    budget = ReadaheadBudget(credit_bytes=1000)
+    init = tree.find("/p/__pycache__/__init__.cpython-311.pyc")
+    assert init is not None
+    first = plan_ahead(index, budget, init.chunks[0], init, config, 1000)
+    assert [place for place in _places(first) if place[2] == SOURCES] == [
+        ("/p/__init__.py", 0, SOURCES)
+    ]
+    for ahead in first:
+        budget.fetched_ahead(_key(ahead), 20, 20, ahead.directory)  # 20 > the 15 of a share
+    again = plan_ahead(index, budget, init.chunks[0], init, config, 1000)
+    # no source any more, not even a next file's, so b.pyc alone now fits the 15 bytes
+    assert _places(again) == [(init.path, 10, None), _B[0]]
+    budget.read(_key(first[1]))  # the source was read after all: sources earn again
+    assert ("/p/__init__.py", 0, SOURCES) in _places(
+        plan_ahead(index, budget, init.chunks[0], init, config, 1000)
+    )
 
 
 def _key(ahead: Ahead) -> str:

@@ -7,9 +7,10 @@ trip. What the image says about what comes next:
 - a file being read is usually read to its end, so the rest of the missed file comes first (up
   to ``readahead_max_bytes``);
 - a compiled Python module, ``D/__pycache__/NAME.TAG.pyc``, is followed by its source
-  ``D/NAME.py``: pycs compiled with SOURCE_DATE_EPOCH set (Debian's, the bench's) are
-  hash-checked, so CPython reads the source to check each one. It is elsewhere in the blob; a
-  multi-range request brings both;
+  ``D/NAME.py`` when the pyc is hash-checked (``py_compile``'s default with SOURCE_DATE_EPOCH
+  set; the bench image's are), as CPython then reads the source to check it. A
+  timestamp-checked pyc's source is fetched for nothing (a few KiB a module). It is elsewhere
+  in the blob; a multi-range request brings both;
 - files read together sit together in the layer (tar order is name order within a
   directory), but only within one directory: after the last file of a package's
   ``__pycache__`` come its sources, then other packages. So the next files are those of the
@@ -53,6 +54,7 @@ from lazyfs.config import ResolverConfig
 from lazyfs.mount.tree import LayerChunk, Node, Tree
 
 SCAN_FILES = 64  # files of a directory a miss looks at for read-ahead: bounded work per miss
+SOURCES = "sources of pycs"  # the share pycs' sources earn (not a path: no directory's)
 
 
 @dataclass
@@ -101,7 +103,7 @@ class ReadaheadBudget:
         self, key: str, compressed_bytes: int, size_bytes: int, directory: str | None = None
     ) -> None:
         """``key`` was fetched ahead; ``directory`` names the share that paid for it (the next
-        files of that directory), None for the rest of the missed file and its source."""
+        files of that directory, or pycs' sources), None for the rest of the missed file."""
         self.ahead_bytes += compressed_bytes
         self._unused[key] = (compressed_bytes, size_bytes, directory)
         if directory is not None:
@@ -212,6 +214,7 @@ class BlobIndex:
         file_bytes: int,
         directory_bytes: int,
         present: Callable[[LayerChunk], bool] = lambda chunk: False,
+        sources: bool = True,
     ) -> list[Ahead]:
         """What to fetch ahead of a miss of ``node``'s ``chunk``: the rest of ``node`` and, if
         it is compiled Python, its source (which CPython reads next to check the cache: the
@@ -221,7 +224,9 @@ class BlobIndex:
         with its source. A file too big for what is left is passed over, not the end of the
         walk: in a directory the workload reads little of, a small file is as likely to be
         read as a big one, and a hit saves a round trip either way. Chunks ``present`` says
-        are here or on their way are passed over and cost nothing."""
+        are here or on their way are passed over and cost nothing. The missed file's source is
+        tagged ``SOURCES``: whether it is read earns the share of sources (the next files'
+        are their directory's); without ``sources``, no source is taken."""
         items = self._by_layer.get(chunk.layer, [])
         start = bisect.bisect_right(self._offsets.get(chunk.layer, []), chunk.ref.blob_offset)
         picked: list[Ahead] = []
@@ -235,18 +240,18 @@ class BlobIndex:
             if own > file_bytes:
                 return picked
             picked.append(Ahead(node, item.chunk, None))
-        source = self._source_chunks(node, file_bytes - own, present)
-        picked += (Ahead(s_node, s_chunk, None) for s_node, s_chunk in source)
+        if sources:
+            source = self._source_chunks(node, file_bytes - own, present)
+            picked += (Ahead(s_node, s_chunk, SOURCES) for s_node, s_chunk in source)
         directory = posixpath.dirname(node.path)
         spent = 0
         for sibling, chunks in self._next_in_directory(items, start, node, directory):
             whole = [(sibling, c) for c in chunks if not present(c)]
-            if whole:
-                whole += self._source_chunks(sibling, directory_bytes, present)
-            size = sum(_blob_size(c) for _, c in whole)
+            source = self._source_chunks(sibling, directory_bytes, present) if sources else []
+            size = sum(_blob_size(c) for _, c in whole + source)
             if whole and spent + size <= directory_bytes:
                 spent += size
-                picked += (Ahead(n, c, directory) for n, c in whole)
+                picked += (Ahead(n, c, directory) for n, c in whole + source)
         return picked
 
     def _next_in_directory(
@@ -284,8 +289,8 @@ class BlobIndex:
 
 
 class Ahead(NamedTuple):
-    """A chunk to fetch ahead, and the directory whose share pays for it (None: the missed
-    file's own rest, or its source)."""
+    """A chunk to fetch ahead, and the share that pays for it: a directory's, ``SOURCES``, or
+    None (the missed file's own rest)."""
 
     node: Node
     chunk: LayerChunk
@@ -335,6 +340,14 @@ def plan_ahead(
         config.readahead_directory_gain,
         min(window_bytes, config.readahead_directory_min_bytes),
     )
+    # Sources are read only for hash-checked pycs: the missed pycs' sources earn a share of
+    # their own, as a directory does, and no source is fetched once that is spent unread.
+    sources = (
+        budget.directory_share(
+            SOURCES, config.readahead_directory_bytes, config.readahead_directory_gain
+        )
+        > 0
+    )
     return index.ahead_in_directory(
-        chunk, node, rest_of_file, min(allowance, window_bytes, share), present
+        chunk, node, rest_of_file, min(allowance, window_bytes, share), present, sources
     )
