@@ -161,3 +161,27 @@ async def test_background_requests_use_connections_of_their_own(
             # Linux doubles the value asked for (bookkeeping overhead).
             kernel = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4)
             assert int.from_bytes(kernel, "little") >= size
+
+
+async def test_an_answer_closed_early_leaves_the_count(
+    server: FaultServer, client: RegistryClient
+) -> None:
+    """A reader that gives up on a background answer (an error, a cancelled fetch) must not
+    leave it counted: the windows are split over the answers being read."""
+    data, digest = _blob(server, 1 << 20)
+    server.faults.stall_after_bytes, server.faults.stall_times = 200_000, 1
+    lane = _lane(client)
+    seen: list[int] = []
+    with anyio.move_on_after(1.0) as scope, background_traffic():
+        async with anyio.create_task_group() as tasks:
+
+            async def watch() -> None:
+                while True:
+                    seen.append(lane._answers)
+                    await anyio.sleep(0.05)
+
+            tasks.start_soon(watch)
+            await client.get_blob_range(_ref(server), digest, ByteRange(0, len(data)))
+    assert scope.cancelled_caught  # the body stalled: the read was given up
+    assert 1 in seen  # it was being read
+    assert lane._answers == 0

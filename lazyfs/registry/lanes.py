@@ -178,10 +178,12 @@ class _BackgroundBody(httpx.AsyncByteStream):
         self._inner: httpx.AsyncByteStream = inner
         self._socket = _socket_of(response)
         self._clamped = 0
+        self._counted = False  # counted in the lane's answers being read
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         lane = self._lane
         lane._answers += 1
+        self._counted = True
         try:
             self._clamp()
             chunks = self._inner.__aiter__()
@@ -196,10 +198,16 @@ class _BackgroundBody(httpx.AsyncByteStream):
                 self._clamp()
                 yield chunk
         finally:
-            lane._answers -= 1
+            self._uncount()
 
     async def aclose(self) -> None:
+        self._uncount()  # a reader that stopped early: the generator may end only at GC
         await self._inner.aclose()
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._lane._answers -= 1
 
     def _clamp(self) -> None:
         if self._socket is None or _TCP_WINDOW_CLAMP is None:
