@@ -16,8 +16,10 @@ requests (lazyfs/model/traffic.py) get this lane, which holds the fill *on the w
   fill's bytes in flight than the window, so the fill's standing queue at the bottleneck is at
   most ``TARGET_QUEUE_S`` of the link. The estimate only grows while the window binds: the
   window allows ``1 + TARGET_QUEUE_S / min_rtt`` times the rate it was computed from;
-- **a receive buffer** (``SO_RCVBUF``) of ``BUFFER_WINDOWS`` windows, raised with the window and
-  never lowered (a buffer shrunk under bytes already in it makes the kernel prune or drop).
+- **a receive buffer** (``SO_RCVBUF``) of ``BUFFER_WINDOWS`` windows, raised with the window
+  while an answer is read and lowered only once it is whole (a buffer shrunk under bytes
+  already in it makes the kernel prune or drop), so the buffers of the fill's connections add
+  up to about ``BUFFER_WINDOWS`` times the fill's window.
   Linux's autotuning grows a busy connection's buffer to megabytes (0.5-1.7 MB seen on the
   fill's connections), and while the buffer has room the window stays open whether or not we
   read: the bound is what makes the next point a stop;
@@ -35,6 +37,7 @@ chose it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import struct
@@ -192,6 +195,7 @@ class _BackgroundBody(httpx.AsyncByteStream):
                 try:
                     chunk = await chunks.__anext__()
                 except StopAsyncIteration:
+                    self._release_buffer()
                     return
                 lane.rate.add(len(chunk), anyio.current_time())
                 lane.stats.background_bytes += len(chunk)
@@ -224,13 +228,25 @@ class _BackgroundBody(httpx.AsyncByteStream):
         self._clamped = self._lane.stats.window_bytes = window
 
     def _bound_buffer(self, window: int) -> None:
-        """A receive buffer of ``BUFFER_WINDOWS`` windows (module docstring), never lowered, so
-        that no byte already buffered is ever over the bound."""
+        """A receive buffer of ``BUFFER_WINDOWS`` windows (module docstring), only raised while
+        the answer is read, so that no byte already buffered is ever over the bound."""
         assert self._socket is not None
         rcvbuf = _buffers.get(self._socket, 0)
         if window * BUFFER_WINDOWS > rcvbuf:
             self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window * BUFFER_WINDOWS)
             _buffers[self._socket] = window * BUFFER_WINDOWS
+
+    def _release_buffer(self) -> None:
+        """The answer is whole, so nothing more is on its way on this connection: its buffer
+        goes back to the least, and the next answer raises it to its own windows. Kept raised,
+        the buffers of connections that once had the whole window would add up, and a stop
+        would let that much more in."""
+        if self._socket is None or self._socket not in _buffers:
+            return
+        least = MIN_CONNECTION_WINDOW_BYTES * BUFFER_WINDOWS
+        with contextlib.suppress(OSError):
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, least)
+            _buffers[self._socket] = least
 
 
 # The receive buffer set on each background socket (the socket outlives its answers).
