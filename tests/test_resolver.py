@@ -402,6 +402,22 @@ async def test_chunks_of_two_layers_go_to_their_own_blobs(cache: ChunkCache) -> 
     assert [call.blob for call in source.calls] == [second.digest, first.digest]
 
 
+async def test_files_of_two_trees_with_one_inode_number_are_read_apart(cache: ChunkCache) -> None:
+    """A layer store's image serves each layer's own tree through one resolver, and each tree
+    numbers its inodes from 1: what the resolver keeps per file is per node, not per inode."""
+    first, second = BlobBuilder(), BlobBuilder()
+    small = make_node(first, [random_bytes(3000, 1)], inode=2, path="/etc/small")
+    pieces = [random_bytes(4000, 10 + i) for i in range(4)]
+    big = make_node(second, pieces, layer=1, inode=2, path="/usr/lib/big")
+    layers = [first.layer(), second.layer()]
+    source = FakeSource({first.digest: bytes(first.data), second.digest: bytes(second.data)})
+    async with running(source, cache, layers) as resolver:
+        assert await resolver.read(small, 0, 3000) == random_bytes(3000, 1)
+        assert await resolver.read(big, 0, 8000) == b"".join(pieces[:2])
+        assert await resolver.read(big, 8000, 8000) == b"".join(pieces[2:])
+        assert await resolver.read(small, 0, 3000) == random_bytes(3000, 1)
+
+
 # ----------------------------------------------------------------------------- singleflight
 
 

@@ -256,7 +256,9 @@ class ChunkResolver:
         self._files = shared.files
         self._readers = shared.readers
         self._verify = shared.cache.verify_reads
-        self._positions: dict[int, tuple[int, int]] = {}  # inode -> (next offset, advised to)
+        # Per file, by node, never by inode: a layer store's image serves every layer's own
+        # tree through this one resolver, and each tree numbers its inodes from 1.
+        self._positions: dict[Node, tuple[int, int]] = {}  # (next offset, advised to)
         self._located: set[str] = set()  # keys looked up ahead (found or not)
         self._layers = list(layers)
         self._config = config
@@ -264,7 +266,7 @@ class ChunkResolver:
         self._limiter = shared.limiter
         self._flights = shared.flights
         self.foreground = shared.foreground
-        self._starts: dict[int, list[int]] = {}
+        self._starts: dict[Node, list[int]] = {}  # each file's chunk offsets, by node
         self.stats = ResolverStats()
 
     @property
@@ -306,19 +308,19 @@ class ChunkResolver:
         the files of the next FILE_READAHEAD_BYTES of chunks advised, in a reader thread that
         nobody waits for: the kernel reads each chunk file ahead on its own, but not the next
         file. Synchronous."""
-        position, advised = self._positions.pop(node.inode, (0, 0))
+        position, advised = self._positions.pop(node, (0, 0))
         if len(self._positions) >= _SEQUENTIAL_FILES:
             self._positions.clear()
         if offset != position and offset != 0:
-            self._positions[node.inode] = (end, end)
+            self._positions[node] = (end, end)
             return
         if offset != position or advised > end + FILE_READAHEAD_BYTES:
             advised = end  # a new pass over the file: what was advised before is stale
         horizon = min(node.size, end + FILE_READAHEAD_BYTES)
         if advised - end >= FILE_READAHEAD_BYTES // 2 or horizon <= end:
-            self._positions[node.inode] = (end, max(advised, end))
+            self._positions[node] = (end, max(advised, end))
             return
-        self._positions[node.inode] = (end, horizon)
+        self._positions[node] = (end, horizon)
         reads = []
         for chunk in self._covering(node, max(advised, end), horizon):
             key = _key(chunk, self._layers[chunk.layer].check)
@@ -464,9 +466,9 @@ class ChunkResolver:
         return _Wanted(node, chunk, _key(chunk, self._layers[chunk.layer].check))
 
     def _covering(self, node: Node, offset: int, end: int) -> list[LayerChunk]:
-        starts = self._starts.get(node.inode)
+        starts = self._starts.get(node)
         if starts is None:
-            starts = self._starts[node.inode] = [c.ref.file_offset for c in node.chunks]
+            starts = self._starts[node] = [c.ref.file_offset for c in node.chunks]
         low = bisect.bisect_right(starts, offset) - 1
         high = bisect.bisect_left(starts, end)
         return list(node.chunks[max(low, 0) : high])
