@@ -28,7 +28,10 @@ from lazyfs.convert.imagebuild import (
     with_parent_dirs,
     write_image,
 )
+from lazyfs.mount.images import SLOT_SHIFT
 from lazyfs.registry.localserver import LocalRegistry
+
+_INODE_BITS = (1 << SLOT_SHIFT) - 1  # a tree's own inode number, below the slot
 
 LOWER = with_parent_dirs(
     [
@@ -223,3 +226,24 @@ def test_estargz_and_plain_layers_are_served_too(
         assert stat.S_ISCHR(os.lstat(upper / "diff/etc/gone.conf").st_mode)
         assert os.getxattr(upper / "diff/opt/old", "trusted.overlay.opaque") == b"y"
         assert (lower / "diff/usr/lib/big.bin").read_bytes() == random_bytes(3 << 20, seed=7)
+
+
+def test_files_of_two_layers_with_one_inode_number_read_right(
+    served_store: tuple[Served, Path], tmp_path: Path
+) -> None:
+    """Each layer's tree numbers its inodes from 1 and one resolver serves them all: a small
+    file of the lower layer read first must not cut the upper layer's big file of the same
+    number by its own chunk offsets (it read as the first chunk, then zeros)."""
+    _served, store = served_store
+    big = random_bytes(3 << 20, seed=11)
+    lower = with_parent_dirs([regular_file("a/small", b"small\n")])
+    upper = with_parent_dirs([regular_file("b/big", big)])
+    with LocalRegistry(tmp_path / "registry") as registry:
+        image = write_image(tmp_path / "src", "v1", [lower, upper])
+        ref = f"{registry.host}/store/collide:v1"
+        run_lazyfs("convert", "-q", image.reference, ref)
+        lower_dir, upper_dir = layer_dirs(store, ref, manifest_of(registry, ref))
+        small, large = lower_dir / "diff/a/small", upper_dir / "diff/b/big"
+        assert os.stat(small).st_ino & _INODE_BITS == os.stat(large).st_ino & _INODE_BITS  # 3
+        assert small.read_bytes() == b"small\n"
+        assert large.read_bytes() == big
