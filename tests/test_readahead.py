@@ -11,7 +11,7 @@ from lazyfs.formats.chunked.toc import ChunkRef, TocEntry
 from lazyfs.model.profiles import AccessProfile, ProfileRead
 from lazyfs.mount.opener import OpenedImage
 from lazyfs.mount.readahead import BlobIndex, LinkEstimate, ReadaheadBudget
-from lazyfs.mount.tree import LayerChunk, Node, Tree, build_tree
+from lazyfs.mount.tree import LayerChunk, Node, Tree, build_tree, build_trees
 
 
 def test_window_is_the_bandwidth_delay_product_within_bounds() -> None:
@@ -71,6 +71,24 @@ def test_ahead_of_takes_the_rest_of_the_file_then_the_next_files() -> None:
     assert offsets(index.ahead_of(a.chunks[0], a, 150, 1000)) == [100]
     # the missed chunk was the file's last: straight to the next files
     assert offsets(index.ahead_of(a.chunks[2], a, 1000, 50)) == [300]
+
+
+def test_reads_of_a_layers_own_tree_are_read_ahead_as_the_merged_trees() -> None:
+    """A layer store reads through each layer's own tree, whose nodes and inode numbers are
+    not the merged tree's the index was built from: the files are matched by path."""
+    lower = _file_entries("a/x", [10], 0)
+    upper = _file_entries("b/big", [10, 10, 10], 0) + _file_entries("b/next", [10], 30)
+    merged, layers = build_trees([lower, upper], per_layer=True)
+    index = BlobIndex.of_tree(merged)
+    big, own_big = merged.find("/b/big"), layers[1].find("/b/big")
+    assert big is not None and own_big is not None
+    assert own_big is not big and own_big.inode != big.inode
+    # the rest of the file comes within the file's allowance, the next file within the other
+    picked = index.ahead_of(own_big.chunks[0], own_big, 20, 10)
+    assert [(n.path, c.ref.blob_offset) for n, c in picked] == [
+        ("/b/big", 10), ("/b/big", 20), ("/b/next", 30),
+    ]  # fmt: skip
+    assert picked == index.ahead_of(big.chunks[0], big, 20, 10)
 
 
 def test_budget_allows_as_much_ahead_as_reads_needed() -> None:

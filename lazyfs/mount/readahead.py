@@ -98,7 +98,11 @@ _blob_offset = operator.attrgetter("blob_offset")
 
 
 class BlobIndex:
-    """Every chunk of every layer, in blob order, to find what follows a chunk."""
+    """Every chunk of every layer, in blob order, to find what follows a chunk.
+
+    A file is known by its path, not its node: the index is built from the merged tree, and a
+    layer store's reads come with the nodes of each layer's own tree (mount/layerstore.py),
+    which are other objects with other inode numbers for the same files."""
 
     def __init__(self, placed: Iterable[_Placed]) -> None:
         self._by_layer: dict[int, list[_Placed]] = {}
@@ -148,7 +152,7 @@ class BlobIndex:
         in_file, beyond = 0, 0
         for item in items[start:]:
             size = item.chunk.ref.blob_end - item.chunk.ref.blob_offset
-            if item.node is node and beyond == 0:
+            if _same_file(item.node, node) and beyond == 0:
                 if in_file + size > file_bytes:
                     break
                 in_file += size
@@ -158,3 +162,9 @@ class BlobIndex:
                 beyond += size
             picked.append((item.node, item.chunk))
         return picked
+
+
+def _same_file(indexed: Node, read: Node) -> bool:
+    """Whether the index's ``indexed`` is the file of ``read``, a node of the merged tree or of
+    one layer's own tree (BlobIndex)."""
+    return indexed is read or indexed.path == read.path
