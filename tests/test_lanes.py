@@ -157,7 +157,7 @@ async def test_background_requests_use_connections_of_their_own(
         # The receive buffer is bounded too (no autotuning to megabytes); the answer is
         # whole, so its connection's buffer is back to the least.
         # (Sockets of earlier tests may linger in the table, closed, until collected.)
-        bounded = [(s, n) for s, n in lanes._buffers.items() if cast(Any, s).fileno() != -1]
+        bounded = [(s, n) for s, n in lane.buffers.items() if cast(Any, s).fileno() != -1]
         assert bounded
         least = lanes.MIN_CONNECTION_WINDOW_BYTES * lanes.BUFFER_WINDOWS
         for sock, size in bounded:

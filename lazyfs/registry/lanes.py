@@ -121,6 +121,8 @@ class BackgroundLane:
         self._foreground = 0
         self._idle: anyio.Event | None = None  # set when the last foreground request ends
         self._answers = 0  # background answers being read
+        # The receive buffer set on each background socket (a socket outlives its answers).
+        self.buffers: weakref.WeakKeyDictionary[_Socket, int] = weakref.WeakKeyDictionary()
 
     @property
     def foreground_open(self) -> int:
@@ -231,26 +233,22 @@ class _BackgroundBody(httpx.AsyncByteStream):
         """A receive buffer of ``BUFFER_WINDOWS`` windows (module docstring), only raised while
         the answer is read, so that no byte already buffered is ever over the bound."""
         assert self._socket is not None
-        rcvbuf = _buffers.get(self._socket, 0)
+        rcvbuf = self._lane.buffers.get(self._socket, 0)
         if window * BUFFER_WINDOWS > rcvbuf:
             self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window * BUFFER_WINDOWS)
-            _buffers[self._socket] = window * BUFFER_WINDOWS
+            self._lane.buffers[self._socket] = window * BUFFER_WINDOWS
 
     def _release_buffer(self) -> None:
         """The answer is whole, so nothing more is on its way on this connection: its buffer
         goes back to the least, and the next answer raises it to its own windows. Kept raised,
         the buffers of connections that once had the whole window would add up, and a stop
         would let that much more in."""
-        if self._socket is None or self._socket not in _buffers:
+        if self._socket is None or self._socket not in self._lane.buffers:
             return
         least = MIN_CONNECTION_WINDOW_BYTES * BUFFER_WINDOWS
         with contextlib.suppress(OSError):
             self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, least)
-            _buffers[self._socket] = least
-
-
-# The receive buffer set on each background socket (the socket outlives its answers).
-_buffers: weakref.WeakKeyDictionary[_Socket, int] = weakref.WeakKeyDictionary()
+            self._lane.buffers[self._socket] = least
 
 
 def _socket_of(response: httpx.Response) -> _Socket | None:
