@@ -107,14 +107,23 @@ class ResolverConfig:
     # Ranges per multi-range request (multipart/byteranges); 1 disables multi-range.
     max_ranges_per_request: int = 16
     read_deadline_s: float = 120.0
-    # Readahead after a miss: about one bandwidth-delay product, within these bounds
-    # (lazyfs/mount/readahead.py). A maximum of 0 turns it off.
+    # Readahead after a miss (lazyfs/mount/readahead.py): the rest of the missed file up to the
+    # maximum (0 turns read-ahead off), which is also the budget's credit before any read has
+    # needed anything; for the next files, about one bandwidth-delay product, at least the minimum.
     readahead_min_bytes: int = 64 << 10
     readahead_max_bytes: int = 4 << 20
     # Of that, what may go to the files after the missed one (the rest of the missed file may
     # take all of it), also about one bandwidth-delay product: more of them go unused than are
     # read, and on a high-RTT link each round trip saved still pays (docs/benchmarks.md).
     readahead_next_files_max_bytes: int = 256 << 10
+    # The next files are those of the missed file's directory only, and each directory earns
+    # its share: the first this much, then this gain for each byte of its read-ahead that reads
+    # used, never less than the least (ReadaheadBudget.directory_share). Replayed on the
+    # bench's python image with three workloads (docs/benchmarks.md, "Read-ahead by
+    # directory"): 57, 74 and 71 round trips for 1.23, 1.25 and 1.29x the bytes needed.
+    readahead_directory_bytes: int = 192 << 10
+    readahead_directory_gain: float = 2.0
+    readahead_directory_min_bytes: int = 16 << 10
     # Prefetch of an access profile (lazyfs/mount/prefetch.py): batches of about this many
     # compressed bytes, this many at a time. Measured on the bench's `wan` link (python image):
     # 1 MiB x 4 started 0.3-0.5 s sooner than 1 MiB x 2 or 512 KiB x 4, as fast as 2-4 MiB batches

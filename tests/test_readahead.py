@@ -1,16 +1,26 @@
-"""Readahead: the bandwidth-delay window, the chunks that follow a miss, and the replay of a
-profile against read-ahead policies (bench/readaheadsim.py)."""
+"""Readahead: the bandwidth-delay window, the chunks that follow a miss (the rest of the file,
+its source, the next files of its directory and their shares), and the replay of a profile
+against read-ahead policies (bench/readaheadsim.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import cast
 
 from lazyfs.bench.readaheadsim import replay, touched_chunks
+from lazyfs.config import ResolverConfig
 from lazyfs.formats.chunked.toc import ChunkRef, TocEntry
 from lazyfs.model.profiles import AccessProfile, ProfileRead
 from lazyfs.mount.opener import OpenedImage
-from lazyfs.mount.readahead import BlobIndex, LinkEstimate, ReadaheadBudget
+from lazyfs.mount.readahead import (
+    SOURCES,
+    Ahead,
+    BlobIndex,
+    LinkEstimate,
+    ReadaheadBudget,
+    plan_ahead,
+)
 from lazyfs.mount.tree import LayerChunk, Node, Tree, build_tree, build_trees
 
 
@@ -109,6 +119,149 @@ def test_budget_allows_as_much_ahead_as_reads_needed() -> None:
     assert budget.allowance_bytes == 150
 
 
+def test_budget_credit_and_directory_shares() -> None:
+    budget = ReadaheadBudget(credit_bytes=50)
+    assert budget.allowance_bytes == 50  # the rest of a first file, before any read needed
+    assert budget.directory_share("/d", 100, 3.0) == 100  # nothing known yet: the first share
+    budget.fetched_ahead("a", 40, 40, "/d")
+    budget.fetched_ahead("b", 40, 40, "/d")
+    budget.fetched_ahead("own", 30, 30)  # the missed file's rest: no directory pays
+    assert budget.directory_share("/d", 100, 3.0) == 20
+    assert budget.directory_share("/e", 100, 3.0) == 100  # each directory has its own
+    budget.read("a")  # used: earns three times its bytes
+    assert budget.directory_share("/d", 100, 3.0) == 140
+    budget.fetched_ahead("c", 200, 200, "/d")
+    assert budget.directory_share("/d", 100, 3.0) == 0  # never below nothing
+    assert budget.directory_share("/d", 100, 3.0, least_bytes=16) == 16  # or the least
+    budget.read("own")
+    assert budget.used_bytes == 70
+    assert budget.allowance_bytes == 0  # 50 + 70 needed - 310 ahead
+
+
+def _package_tree() -> Tree:
+    """A package, as a tar of a Python install lays it out: the directory's own files, then
+    its __pycache__ (name order), then its modules; then another directory."""
+    files = [
+        ("p/__init__.py", [10]),
+        ("p/__pycache__/__init__.cpython-311.pyc", [10, 10]),
+        ("p/__pycache__/a.cpython-311.pyc", [10, 10]),
+        ("p/__pycache__/b.cpython-311.pyc", [10]),
+        ("p/a.py", [10]),
+        ("p/b.py", [10]),
+        ("q/__pycache__/c.cpython-311.pyc", [10]),
+        ("q/c.py", [10]),
+    ]
+    entries: list[TocEntry] = []
+    start = 0
+    for name, sizes in files:
+        entries += _file_entries(name, sizes, start)
+        start += 10 * len(sizes)
+    return build_tree([entries])
+
+
+def _places(picked: list[Ahead]) -> list[tuple[str, int, str | None]]:
+    return [(a.node.path, a.chunk.ref.file_offset, a.directory) for a in picked]
+
+
+_CACHE = "/p/__pycache__"
+_A_PYC = "/p/__pycache__/a.cpython-311.pyc"
+_A = [(_A_PYC, 0, _CACHE), (_A_PYC, 10, _CACHE), ("/p/a.py", 0, _CACHE)]
+_B = [("/p/__pycache__/b.cpython-311.pyc", 0, _CACHE), ("/p/b.py", 0, _CACHE)]
+
+
+def test_ahead_in_directory_takes_the_file_its_source_then_its_directory() -> None:
+    tree = _package_tree()
+    index = BlobIndex.of_tree(tree)
+    init = tree.find("/p/__pycache__/__init__.cpython-311.pyc")
+    assert init is not None
+    own = [(init.path, 10, None), ("/p/__init__.py", 0, SOURCES)]
+    # the rest of the file, its source (not next in the blob), then the next files of its
+    # directory, each whole with its source; q's files are another directory
+    assert _places(index.ahead_in_directory(init.chunks[0], init, 100, 1000)) == own + _A + _B
+    # the directory's share: a (30 bytes with its source) fits, then b (20) does not
+    assert _places(index.ahead_in_directory(init.chunks[0], init, 100, 30)) == own + _A
+    # a file too big for what is left is passed over: b still fits
+    assert _places(index.ahead_in_directory(init.chunks[0], init, 100, 25)) == own + _B
+    # a file here already costs nothing, and is not taken again (nor its source)
+    a_pyc = tree.find("/p/__pycache__/a.cpython-311.pyc")
+    assert a_pyc is not None
+    here = {chunk.ref.blob_offset for chunk in a_pyc.chunks}
+    passed = index.ahead_in_directory(
+        init.chunks[0], init, 100, 20, lambda chunk: chunk.ref.blob_offset in here
+    )
+    assert _places(passed) == own + _B
+    # a source that does not fit in what the file's rest left is not taken
+    assert _places(index.ahead_in_directory(init.chunks[0], init, 15, 0)) == [(init.path, 10, None)]
+    # a source file has no source; the last of a directory has no next files
+    b_py = tree.find("/p/b.py")
+    assert b_py is not None
+    assert index.ahead_in_directory(b_py.chunks[0], b_py, 100, 1000) == []
+
+
+def test_plan_ahead_gives_a_directory_less_when_its_read_ahead_goes_unused() -> None:
+    tree = _package_tree()
+    index = BlobIndex.of_tree(tree)
+    config = ResolverConfig(
+        readahead_directory_bytes=30,
+        readahead_directory_gain=3.0,
+        readahead_directory_min_bytes=0,
+    )
+    budget = ReadaheadBudget(credit_bytes=1000)
+    init = tree.find("/p/__pycache__/__init__.cpython-311.pyc")
+    assert init is not None
+    first = plan_ahead(index, budget, init.chunks[0], init, config, 1000)
+    assert [place for place in _places(first) if place[2] == _CACHE] == _A
+    for ahead in first:
+        budget.fetched_ahead(_key(ahead), 10, 10, ahead.directory)
+    # nothing of a.pyc read yet: the directory's first 30 bytes are spent, nothing more
+    assert all(
+        a.directory != _CACHE for a in plan_ahead(index, budget, init.chunks[0], init, config, 99)
+    )
+    # with a least share, a probe still goes out
+    probing = ResolverConfig(readahead_directory_bytes=30, readahead_directory_min_bytes=20)
+    assert _places(plan_ahead(index, budget, init.chunks[0], init, probing, 99))[2:] == _B
+    budget.read(_key(first[2]))  # a.pyc was read: 30 + 3 x 10 - 30 = 30 for the directory
+    a_pyc = tree.find("/p/__pycache__/a.cpython-311.pyc")
+    assert a_pyc is not None
+    assert _places(plan_ahead(index, budget, a_pyc.chunks[0], a_pyc, config, 1000)) == [
+        ("/p/__pycache__/a.cpython-311.pyc", 10, None),
+        ("/p/a.py", 0, SOURCES),
+        *_B,
+    ]
+    # the window (one bandwidth-delay product) caps the share; an empty budget stops all
+    assert all(
+        a.directory != _CACHE for a in plan_ahead(index, budget, a_pyc.chunks[0], a_pyc, config, 0)
+    )
+    assert plan_ahead(index, ReadaheadBudget(), init.chunks[0], init, config, 1000) == []
+
+
+def test_plan_ahead_stops_fetching_sources_nobody_reads() -> None:
+    """Timestamp-checked pycs: CPython does not read their sources, which then stop coming."""
+    tree = _package_tree()
+    index = BlobIndex.of_tree(tree)
+    config = ResolverConfig(readahead_directory_bytes=15, readahead_directory_min_bytes=0)
+    budget = ReadaheadBudget(credit_bytes=1000)
+    init = tree.find("/p/__pycache__/__init__.cpython-311.pyc")
+    assert init is not None
+    first = plan_ahead(index, budget, init.chunks[0], init, config, 1000)
+    assert [place for place in _places(first) if place[2] == SOURCES] == [
+        ("/p/__init__.py", 0, SOURCES)
+    ]
+    for ahead in first:
+        budget.fetched_ahead(_key(ahead), 20, 20, ahead.directory)  # 20 > the 15 of a share
+    again = plan_ahead(index, budget, init.chunks[0], init, config, 1000)
+    # no source any more, not even a next file's, so b.pyc alone now fits the 15 bytes
+    assert _places(again) == [(init.path, 10, None), _B[0]]
+    budget.read(_key(first[1]))  # the source was read after all: sources earn again
+    assert ("/p/__init__.py", 0, SOURCES) in _places(
+        plan_ahead(index, budget, init.chunks[0], init, config, 1000)
+    )
+
+
+def _key(ahead: Ahead) -> str:
+    return f"{ahead.chunk.layer}:{ahead.chunk.ref.blob_offset}"
+
+
 def test_readaheadsim_replays_the_profiles_chunks_once_each() -> None:
     """bench/readaheadsim.py: the chunks in prefetch's order, a place two files share once;
     a miss is a round trip, and a picked chunk read later counts as read-ahead used."""
@@ -125,13 +278,25 @@ def test_readaheadsim_replays_the_profiles_chunks_once_each() -> None:
         ("/a", 0),
         ("/a", 20),
     ]
-    none = replay("none", wanted, lambda node, chunk: [])
+    none = replay("none", wanted, lambda node, chunk, budget, present: [])
     assert (none.round_trips, none.fetched_bytes, none.needed_bytes) == (3, 30, 30)
-    by_blob = {chunk.ref.blob_offset: (node, chunk) for node, chunk in wanted}
-    ahead = replay(
-        "next", wanted, lambda node, chunk: [by_blob[20]] if chunk.ref.blob_offset == 0 else []
-    )
+    assert (none.requests, none.gap_bytes) == (3, 0)
+    by_blob = {chunk.ref.blob_offset: Ahead(node, chunk, None) for node, chunk in wanted}
+
+    def third(
+        node: Node,
+        chunk: LayerChunk,
+        budget: ReadaheadBudget,
+        present: Callable[[LayerChunk], bool],
+    ) -> list[Ahead]:
+        return [by_blob[20]] if chunk.ref.blob_offset == 0 else []
+
+    ahead = replay("next", wanted, third)
     assert (ahead.round_trips, ahead.ahead_bytes, ahead.ahead_used_bytes) == (2, 10, 10)
+    # chunks 0 and 20 go in one request, the 10 bytes between them fetched and thrown away
+    assert (ahead.requests, ahead.gap_bytes) == (2, 10)
+    apart = replay("apart", wanted, third, resolver=ResolverConfig(merge_gap_bytes=5))
+    assert (apart.requests, apart.gap_bytes) == (2, 0)  # two ranges, one request
 
 
 def _file_entries(name: str, chunk_sizes: list[int], start: int) -> list[TocEntry]:

@@ -1079,3 +1079,42 @@ async def test_a_mount_learns_its_cached_files_before_the_first_read(cache: Chun
 
 def _tree_of(node: Node) -> Tree:
     return Tree({node.inode: node}, {})
+
+
+def _dir(inode: int, children: dict[bytes, Node], path: str) -> Node:
+    return Node(kind="dir", mode=0o755, inode=inode, children=children, path=path)
+
+
+async def test_a_miss_fetches_its_source_and_its_directorys_next_files(cache: ChunkCache) -> None:
+    """A miss of a package's pyc: its .py (elsewhere in the blob), and the next pycs of its
+    __pycache__ with their .py files, in one request; another directory's file is left."""
+    builder = BlobBuilder()
+    names = ["__pycache__/a.cpython-311.pyc", "__pycache__/b.cpython-311.pyc", "a.py", "b.py"]
+    nodes: dict[str, Node] = {}
+    for i, name in enumerate(names):
+        if name == "a.py":  # another directory's file between the pycs and the sources
+            other = make_node(builder, [random_bytes(3000, 60)], inode=20, path="/q/c.py")
+        piece = random_bytes(3000, 50 + i)
+        nodes[name] = make_node(builder, [piece], inode=10 + i, path=f"/p/{name}", gaps=[100])
+    cached = {name[len("__pycache__/") :].encode(): nodes[name] for name in names[:2]}
+    pycache = _dir(3, cached, "/p/__pycache__")
+    package = _dir(
+        2, {b"__pycache__": pycache, b"a.py": nodes["a.py"], b"b.py": nodes["b.py"]}, "/p"
+    )
+    q = _dir(4, {b"c.py": other}, "/q")
+    root = _dir(1, {b"p": package, b"q": q}, "/")
+    every = [root, package, pycache, q, other, *nodes.values()]
+    tree = Tree({node.inode: node for node in every}, {})
+    layer = builder.layer()
+    source = FakeSource({layer.digest: bytes(builder.data)})
+    config = ResolverConfig(memory_cache_bytes=1 << 20, merge_gap_bytes=0)
+    async with anyio.create_task_group() as tasks:
+        resolver = ChunkResolver(source, cache, [layer], config, tasks, BlobIndex.of_tree(tree))
+        for name in names:
+            node = nodes[name]
+            assert await resolver.read(node, 0, 3000) == random_bytes(3000, 50 + names.index(name))
+        assert len(source.calls) == 1  # the first miss brought the other three
+        assert sorted(source.calls[0].ranges) == sorted(chunk_range(n, 0) for n in nodes.values())
+        stats = resolver.stats
+        assert stats.readahead_bytes == stats.readahead_used_bytes > 0
+        tasks.cancel_scope.cancel()

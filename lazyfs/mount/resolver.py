@@ -43,7 +43,7 @@ from lazyfs.model.verity import format_verity, fsverity_digest
 from lazyfs.mount.filereaders import FileReaders
 from lazyfs.mount.fill import ForegroundMisses
 from lazyfs.mount.prefetch import ProfileRecorder
-from lazyfs.mount.readahead import BlobIndex, LinkEstimate, ReadaheadBudget
+from lazyfs.mount.readahead import BlobIndex, LinkEstimate, ReadaheadBudget, plan_ahead
 from lazyfs.mount.tree import LayerChunk, Node
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,9 @@ class RecentChunks:
         if data is not None:
             self._chunks.move_to_end(key)
         return data
+
+    def __contains__(self, key: str) -> bool:  # no use: the order stays
+        return key in self._chunks
 
     def put(self, key: str, data: bytes) -> None:
         if len(data) > self._limit_bytes or key in self._chunks:
@@ -249,7 +252,7 @@ class ChunkResolver:
         self._recorder = recorder
         self._blob_index = blob_index
         self._link = LinkEstimate()
-        self._budget = ReadaheadBudget()
+        self._budget = ReadaheadBudget(credit_bytes=config.readahead_max_bytes)
         self._shared = shared
         self._recent = shared.recent
         self._cache = shared.cache
@@ -646,21 +649,15 @@ class ChunkResolver:
         return missing
 
     async def _readahead(self, missing: list[_Wanted]) -> list[_Wanted]:
-        """Flights for the chunks that follow each layer's last miss (docs in readahead.py)."""
-        if self._blob_index is None or not missing or self._config.readahead_max_bytes <= 0:
-            return []
-        allowance = self._budget.allowance_bytes
+        """Flights for what follows each layer's last miss (docs in readahead.py)."""
+        index = self._blob_index
         config = self._config
-        rest_of_file = min(allowance, config.readahead_max_bytes)
-        next_files = min(
-            allowance,
-            self._link.window_bytes(
-                min(config.readahead_min_bytes, config.readahead_next_files_max_bytes),
-                config.readahead_next_files_max_bytes,
-            ),
-        )
-        if rest_of_file <= 0:
+        if index is None or not missing or config.readahead_max_bytes <= 0:
             return []
+        window = self._link.window_bytes(
+            min(config.readahead_min_bytes, config.readahead_next_files_max_bytes),
+            config.readahead_next_files_max_bytes,
+        )
         last: dict[int, _Wanted] = {}
         for item in missing:
             if (
@@ -668,19 +665,28 @@ class ChunkResolver:
                 or item.chunk.ref.blob_offset > last[item.chunk.layer].chunk.ref.blob_offset
             ):
                 last[item.chunk.layer] = item
-        following = [
-            self._wanted(node, chunk)
-            for item in last.values()
-            for node, chunk in self._blob_index.ahead_of(
-                item.chunk, item.node, rest_of_file, next_files
-            )
-        ]
+        following: list[_Wanted] = []
+        directories: dict[str, str | None] = {}
+        for item in last.values():
+            for ahead in plan_ahead(
+                index, self._budget, item.chunk, item.node, config, window, self._present
+            ):
+                wanted = self._wanted(ahead.node, ahead.chunk)
+                directories[wanted.key] = ahead.directory
+                following.append(wanted)
         fetch = await self._serve_from_cache(self._claim(following))
         self.stats.readahead_chunks += len(fetch)
         for item in fetch:
-            self._budget.fetched_ahead(item.key, _compressed_size(item), item.chunk.ref.size)
+            self._budget.fetched_ahead(
+                item.key, _compressed_size(item), item.chunk.ref.size, directories[item.key]
+            )
         self.stats.readahead_bytes = self._budget.ahead_bytes
         return fetch
+
+    def _present(self, chunk: LayerChunk) -> bool:
+        """Whether ``chunk`` is on its way, in memory or known to be in the cache."""
+        key = _key(chunk, self._layers[chunk.layer].check)
+        return key in self._flights or key in self._recent or self._files.entry(key) is not None
 
     async def prefetch(self, order: Sequence[tuple[Node, LayerChunk]]) -> None:
         """Fetch the chunks of ``order`` before anyone reads them, in that order.
