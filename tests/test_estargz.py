@@ -526,7 +526,9 @@ class MemorySource:
         self.blobs = blobs
         self.ranges: list[tuple[Digest, ByteRange]] = []
 
-    async def read_ranges(self, blob: Digest, ranges: Sequence[ByteRange]) -> list[bytes]:
+    async def read_ranges(
+        self, blob: Digest, ranges: Sequence[ByteRange], on_data: object = None
+    ) -> list[bytes]:
         self.ranges.extend((blob, r) for r in ranges)
         data = self.blobs[blob]
         return [data[r.start : r.end] for r in ranges]

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from lazyfs.errors import RegistryProtocolError
 from lazyfs.model.ranges import (
     ByteRange,
+    PartialBody,
     merge_ranges,
     parse_content_range,
     parse_multipart_byteranges,
@@ -285,6 +286,77 @@ def test_multipart_round_trips(
     body = build_multipart(parts, boundary.encode(), total=total, newline=newline)
     content_type = f'multipart/byteranges; boundary="{boundary}"'
     assert parse_multipart_byteranges(body, content_type) == parts
+
+
+# --- PartialBody: a 206 body followed as it streams in --------------------------------------
+
+
+def _fed(body: PartialBody, data: bytes, cuts: list[int]) -> list[tuple[int, bytes]]:
+    """What ``body`` finds in ``data`` read in pieces cut at ``cuts``, merged into runs."""
+    runs: list[tuple[int, bytes]] = []
+    bounds = [0, *sorted(c % (len(data) + 1) for c in cuts), len(data)]
+    for start, end in itertools.pairwise(bounds):
+        for offset, piece in body.feed(data[start:end]):
+            if runs and runs[-1][0] + len(runs[-1][1]) == offset:
+                runs[-1] = (runs[-1][0], runs[-1][1] + piece)
+            else:
+                runs.append((offset, piece))
+    return runs
+
+
+@given(
+    parts=_parts,
+    boundary=_boundaries,
+    newline=st.sampled_from([b"\r\n", b"\n"]),
+    cuts=st.lists(st.integers(min_value=0, max_value=1 << 20), max_size=12),
+)
+def test_partial_body_finds_each_part_however_the_body_is_cut(
+    parts: list[tuple[ByteRange, bytes]], boundary: str, newline: bytes, cuts: list[int]
+) -> None:
+    body = build_multipart(parts, boundary.encode(), total=20_000, newline=newline)
+    content_type = f'multipart/byteranges; boundary="{boundary}"'
+    found = _fed(PartialBody(content_type, None), body, cuts)
+    merged: list[tuple[int, bytes]] = []
+    for rng, data in parts:  # parts that touch come out as one run
+        if merged and merged[-1][0] + len(merged[-1][1]) == rng.start:
+            merged[-1] = (merged[-1][0], merged[-1][1] + data)
+        else:
+            merged.append((rng.start, data))
+    assert found == merged
+
+
+@given(cuts=st.lists(st.integers(min_value=0, max_value=5000), max_size=8))
+def test_partial_body_of_one_part_starts_at_its_content_range(cuts: list[int]) -> None:
+    data = bytes(range(256)) * 8
+    body = PartialBody("application/octet-stream", "bytes 1000-3047/9999")
+    assert _fed(body, data + b"trailing junk", cuts) == [(1000, data)]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "content_range"),
+    [
+        ("application/octet-stream", None),  # no Content-Range: nothing is known
+        ("application/octet-stream", "bytes 9-1/10"),
+        ("multipart/byteranges", None),  # no boundary
+    ],
+)
+def test_partial_body_that_cannot_be_followed_finds_nothing(
+    content_type: str, content_range: str | None
+) -> None:
+    assert PartialBody(content_type, content_range).feed(b"x" * 100) == []
+
+
+@given(data=st.binary(max_size=4000), cuts=st.lists(st.integers(0, 4000), max_size=6))
+def test_partial_body_never_raises_on_garbage(data: bytes, cuts: list[int]) -> None:
+    body = b"--THIS_STRING_SEPARATES\r\n" + data
+    for offset, piece in _fed(PartialBody(CONTENT_TYPE, None), body, cuts):
+        assert offset >= 0 and piece
+
+
+def test_partial_body_stops_at_headers_that_never_end() -> None:
+    body = PartialBody(CONTENT_TYPE, None)
+    assert body.feed(b"--THIS_STRING_SEPARATES\r\n" + b"X-Pad: y\r\n" * 4000) == []
+    assert body.feed(b"Content-Range: bytes 0-1/2\r\n\r\nab") == []
 
 
 # --- slice_ranges -----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from lazyfs.errors import (
     TransientRegistryError,
 )
 from lazyfs.formats.chunked.toc import ChunkRef
+from lazyfs.model.bytesource import RangeListener
 from lazyfs.model.digest import Digest
 from lazyfs.model.ranges import ByteRange
 from lazyfs.model.reference import Reference
@@ -147,8 +148,17 @@ class FakeSource:
     delay_s: float = 0.0
     tamper: Callable[[ByteRange, bytes], bytes] | None = None
 
-    async def read_ranges(self, blob: Digest, ranges: Sequence[ByteRange]) -> list[bytes]:
+    # With a listener: ``early_bytes`` of the answer (through ``early_tamper``, if set) are
+    # told as they "arrive", before the delay and the gate.
+    early_bytes: int = 0
+    early_tamper: Callable[[ByteRange, bytes], bytes] | None = None
+
+    async def read_ranges(
+        self, blob: Digest, ranges: Sequence[ByteRange], on_data: RangeListener | None = None
+    ) -> list[bytes]:
         self.calls.append(Call(blob, tuple(ranges)))
+        if on_data is not None and self.early_bytes:
+            await self._tell_early(blob, ranges, on_data)
         if self.delay_s:
             await anyio.sleep(self.delay_s)
         if self.gate is not None:
@@ -160,6 +170,19 @@ class FakeSource:
         if self.tamper is not None:
             bodies = [self.tamper(rng, body) for rng, body in zip(ranges, bodies, strict=True)]
         return bodies
+
+    async def _tell_early(
+        self, blob: Digest, ranges: Sequence[ByteRange], on_data: RangeListener
+    ) -> None:
+        left = self.early_bytes
+        for rng in ranges:
+            body = self.blobs[blob][rng.start : rng.end]
+            if self.early_tamper is not None:
+                body = self.early_tamper(rng, body)
+            for at in range(0, min(left, len(body)), 1000):  # socket reads of 1,000 bytes
+                on_data(rng.start + at, body[at : min(at + 1000, left)])
+                await anyio.sleep(0)
+            left -= min(left, len(body))
 
     @property
     def ranges(self) -> list[ByteRange]:
@@ -1118,3 +1141,81 @@ async def test_a_miss_fetches_its_source_and_its_directorys_next_files(cache: Ch
         stats = resolver.stats
         assert stats.readahead_bytes == stats.readahead_used_bytes > 0
         tasks.cancel_scope.cancel()
+
+
+# ----------------------------------------------------------------- early frames (earlyframes.py)
+
+
+def _file_with_readahead(sizes: Sequence[int]) -> tuple[World, BlobIndex]:
+    world = one_file(sizes)
+    return world, BlobIndex.of_tree(_tree_of(world.node))
+
+
+async def test_a_read_is_served_before_its_read_ahead_arrives(cache: ChunkCache) -> None:
+    """A miss of chunk 0 brings the rest of the file in the same request; the read returns
+    once chunk 0's bytes are in and verified, while the answer is held back."""
+    world, index = _file_with_readahead([6000, 6000, 6000, 6000])
+    first = chunk_range(world.node, 0)
+    world.source.early_bytes = first.length
+    world.source.gate = gate = anyio.Event()
+    async with anyio.create_task_group() as tasks:
+        resolver = ChunkResolver(world.source, cache, [world.layer], ResolverConfig(), tasks, index)
+        with anyio.fail_after(5):
+            assert await resolver.read(world.node, 0, 6000) == world.content[:6000]
+        assert not gate.is_set() and len(world.source.calls) == 1
+        assert world.source.calls[0].ranges == (span(world.node, 0, 3),)  # read-ahead: one range
+        gate.set()
+        with anyio.fail_after(5):
+            assert await resolver.read(world.node, 6000, 18_000) == world.content[6000:]
+        assert len(world.source.calls) == 1
+        assert resolver.stats.chunks_fetched == 4
+        assert resolver.stats.verification_failures == 0
+        tasks.cancel_scope.cancel()
+    assert cache.get_chunk(world.node.chunks[0].ref.verity) == world.content[:6000]
+
+
+async def test_a_read_of_two_chunks_is_served_before_the_read_ahead_behind_them(
+    cache: ChunkCache,
+) -> None:
+    world, index = _file_with_readahead([6000, 6000, 6000, 6000])
+    world.source.gate = gate = anyio.Event()
+    world.source.early_bytes = span(world.node, 0, 1).length  # chunks 0 and 1, then held
+    async with anyio.create_task_group() as tasks:
+        resolver = ChunkResolver(world.source, cache, [world.layer], ResolverConfig(), tasks, index)
+        with anyio.fail_after(5):
+            assert await resolver.read(world.node, 0, 12_000) == world.content[:12_000]
+        assert not gate.is_set()
+        gate.set()
+        tasks.cancel_scope.cancel()
+
+
+async def test_early_bytes_that_fail_are_left_to_the_whole_answer(cache: ChunkCache) -> None:
+    """Early bytes are never trusted: a corrupt early copy of chunk 0 is dropped, the read
+    waits for the answer's end, and gets the verified bytes; no verification failure counts."""
+    world, index = _file_with_readahead([6000, 6000, 6000])
+    first = chunk_range(world.node, 0)
+    world.source.early_bytes = first.length
+    world.source.early_tamper = flip_byte_at(first.start + 10)
+    world.source.delay_s = 0.05
+    async with anyio.create_task_group() as tasks:
+        resolver = ChunkResolver(world.source, cache, [world.layer], ResolverConfig(), tasks, index)
+        with anyio.fail_after(5):
+            assert await resolver.read(world.node, 0, 18_000) == world.content
+        assert resolver.stats.verification_failures == 0
+        assert resolver.stats.chunks_fetched == 3
+        tasks.cancel_scope.cancel()
+
+
+async def test_a_corrupt_chunk_fails_once_early_or_not(cache: ChunkCache) -> None:
+    world, index = _file_with_readahead([6000, 6000, 6000])
+    first = chunk_range(world.node, 0)
+    world.source.early_bytes = first.length
+    world.source.tamper = world.source.early_tamper = flip_byte_at(first.start + 10)
+    async with anyio.create_task_group() as tasks:
+        resolver = ChunkResolver(world.source, cache, [world.layer], ResolverConfig(), tasks, index)
+        with anyio.fail_after(5), pytest.raises(IntegrityError):
+            await resolver.read(world.node, 0, 6000)
+        assert resolver.stats.verification_failures == 1
+        assert await resolver.read(world.node, 6000, 12_000) == world.content[6000:]
+        tasks.cancel_scope.cancel()
+    assert cache.get_chunk(world.node.chunks[0].ref.verity) is None

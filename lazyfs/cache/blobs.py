@@ -31,6 +31,7 @@ import anyio.to_thread
 
 from lazyfs.errors import CacheError, LazyfsError, NotFoundError
 from lazyfs.localfiles import AtomicFile
+from lazyfs.model.bytesource import RangeListener
 from lazyfs.model.digest import Digest
 from lazyfs.model.ranges import ByteRange
 
@@ -109,7 +110,10 @@ class LocalBlobs:
         with scratch as name:
             yield Path(name)
 
-    async def read_ranges(self, blob: Digest, ranges: Sequence[ByteRange]) -> list[bytes]:
+    async def read_ranges(
+        self, blob: Digest, ranges: Sequence[ByteRange], on_data: RangeListener | None = None
+    ) -> list[bytes]:
+        """``on_data`` is not called: the ranges come from one pread each, all at once."""
         return await anyio.to_thread.run_sync(self._read, blob, list(ranges))
 
     def _read(self, blob: Digest, ranges: list[ByteRange]) -> list[bytes]:

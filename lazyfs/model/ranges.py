@@ -197,3 +197,89 @@ def _expect_next_delimiter(body: bytes, pos: int, delimiter: bytes, newline: byt
     if not body.startswith(delimiter, pos):
         raise RegistryProtocolError("multipart/byteranges: part data is not followed by a boundary")
     return pos
+
+
+_PART_HEADERS_MAX_BYTES = 16 << 10  # a delimiter line and a part's headers, at most
+
+
+class PartialBody:
+    """Follows a 206 body as it streams in and says which blob bytes each piece carries, so
+    that work on them can start before the answer is whole (the resolver's early frames).
+
+    Best effort by design: the whole body is still parsed strictly at its end
+    (``parse_multipart_byteranges``), and whatever is done early with these bytes is checked
+    by the chunks' digests first. A body this cannot follow (a missing or malformed header,
+    headers past ``_PART_HEADERS_MAX_BYTES``) just stops it: ``feed`` returns nothing more.
+    """
+
+    def __init__(self, content_type: str, content_range: str | None) -> None:
+        self._stopped = False
+        self._offset = 0  # blob offset of the next part byte
+        self._remaining = 0  # part bytes still to come; 0 while between parts
+        self._pending = bytearray()  # a delimiter line and headers, not yet complete
+        self._delimiter = b""
+        try:
+            if media_type_is_multipart(content_type):
+                self._delimiter = b"--" + _multipart_boundary(content_type)
+            elif content_range is not None:
+                part = parse_content_range(content_range)[0]
+                self._offset, self._remaining = part.start, part.length
+            else:
+                self._stopped = True
+        except RegistryProtocolError:
+            self._stopped = True
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """The (blob offset, bytes) pieces of part data in ``data``, the next bytes of the body."""
+        found: list[tuple[int, bytes]] = []
+        view, pos = data, 0
+        while pos < len(view) and not self._stopped:
+            if self._remaining:
+                take = min(self._remaining, len(view) - pos)
+                found.append((self._offset, bytes(view[pos : pos + take])))
+                self._offset += take
+                self._remaining -= take
+                pos += take
+                continue
+            if not self._delimiter:  # a single part, and it is over
+                self._stopped = True
+                break
+            self._pending += view[pos:]
+            view, pos = self._next_part(), 0
+        return found
+
+    def _next_part(self) -> bytes:
+        """Parse the next part's headers out of what is pending; the bytes after them (empty
+        while the headers are not all in)."""
+        pending = self._pending
+        start = pending.find(self._delimiter)
+        end = pending.find(b"\n\n", start) if start >= 0 else -1
+        crlf_end = pending.find(b"\r\n\r\n", start) if start >= 0 else -1
+        if crlf_end >= 0 and (end < 0 or crlf_end < end):
+            end, blank = crlf_end, 4
+        else:
+            blank = 2
+        if end < 0:
+            if len(pending) > _PART_HEADERS_MAX_BYTES:
+                self._stopped = True
+            return b""
+        headers = bytes(pending[start:end]).decode("latin-1").lower()
+        rest = bytes(pending[end + blank :])
+        pending.clear()
+        name = "content-range:"
+        at = headers.find(name)
+        if at < 0:
+            self._stopped = True  # the closing delimiter, or a part without one
+            return b""
+        try:
+            value = headers[at + len(name) :].split("\n", 1)[0]
+            part = parse_content_range(value)[0]
+        except RegistryProtocolError:
+            self._stopped = True
+            return b""
+        self._offset, self._remaining = part.start, part.length
+        return rest
+
+
+def media_type_is_multipart(content_type: str) -> bool:
+    return content_type.split(";", 1)[0].strip().lower() == _MULTIPART_BYTERANGES

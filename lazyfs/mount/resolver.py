@@ -40,6 +40,7 @@ from lazyfs.model.digest import Digest
 from lazyfs.model.histogram import LatencyHistogram
 from lazyfs.model.ranges import ByteRange
 from lazyfs.model.verity import format_verity, fsverity_digest
+from lazyfs.mount.earlyframes import EarlyFrames
 from lazyfs.mount.filereaders import FileReaders
 from lazyfs.mount.fill import ForegroundMisses
 from lazyfs.mount.prefetch import ProfileRecorder
@@ -138,10 +139,11 @@ class RecentChunks:
 class _Flight:
     """One chunk being fetched; readers that need it wait on ``done``."""
 
-    def __init__(self) -> None:
+    def __init__(self, wanted: bool = False) -> None:
         self.done = anyio.Event()
         self.data: bytes | None = None
         self.error: LazyfsError | None = None
+        self.wanted = wanted  # a reader waits for it (not only read-ahead, prefetch or fill)
 
     def finish(self, data: bytes | None, error: LazyfsError | None) -> None:
         self.data, self.error = data, error
@@ -489,11 +491,12 @@ class ChunkResolver:
                 continue
             flight = self._flights.get(item.key)
             if flight is None:
-                flight = self._flights[item.key] = _Flight()
+                flight = self._flights[item.key] = _Flight(wanted=flights is not None)
                 owned.append(item)
             elif flights is not None and flight.done.is_set():
                 self.stats.cache_hits += 1  # fetched and verified, on its way into the cache
             elif flights is not None:
+                flight.wanted = True
                 self.stats.singleflight_waits += 1
                 self.foreground.missed((flight.done,))  # maybe a fill's: it pauses after it
             joined[item.key] = flight
@@ -777,32 +780,87 @@ class ChunkResolver:
 
     async def _fetch(self, request: _Request) -> None:
         items = [item for group in request.chunks for item in group]
+        blob = self._layers[request.layer]
+        early = _Early()
+        listener = self._early_frames(request, items, blob, early) if len(items) > 1 else None
         verified: _Verified = _Verified()
+        failure: LazyfsError | None = None
         try:
             async with self._limiter:
-                blob = self._layers[request.layer]
                 started = time.monotonic()
-                bodies = await self._source.read_ranges(blob.digest, request.ranges)
+                bodies = await self._source.read_ranges(blob.digest, request.ranges, listener)
                 elapsed = time.monotonic() - started
                 if blob.lazy:
                     self._link.record(sum(len(b) for b in bodies), elapsed)
                     self.stats.fetch_latency.observe(elapsed)
             self._count_fetch(request, bodies)
-            frames = _cut_frames(request, bodies)
+            await early.settled()
+            frames = [f for f in _cut_frames(request, bodies) if f[0].key not in early.served]
+            items = [item for item, _ in frames]
             verified = await anyio.to_thread.run_sync(_verify_frames, blob, frames)
-            results = verified.results
         except LazyfsError as exc:
             log.warning(
                 "fetch of %d chunks from layer %d failed: %s", len(items), request.layer, exc
             )
-            results = [exc] * len(items)
+            failure = exc
         except Exception as exc:  # a bug must fail these reads, not the whole mount
             log.exception("fetch of %d chunks from layer %d crashed", len(items), request.layer)
-            results = [LazyfsError(f"fetch failed: {exc!r}")] * len(items)
+            failure = LazyfsError(f"fetch failed: {exc!r}")
         except BaseException:
             self._finish(items, [FetchDeadlineError("fetch cancelled")] * len(items))
             raise
-        served = self._finish(items, results)
+        if failure is not None:
+            await early.settled()
+            items = [item for item in items if item.key not in early.served]
+            verified.results = [failure] * len(items)
+        await self._keep(verified, self._finish(items, verified.results))
+
+    def _early_frames(
+        self, request: _Request, items: list[_Wanted], blob: LayerBlob, early: _Early
+    ) -> EarlyFrames:
+        """The listener that hands on the chunks readers wait for as their bytes arrive
+        (mount/earlyframes.py), each batch verified and served by ``_settle_early``."""
+
+        def waited(index: int) -> bool:
+            flight = self._flights.get(items[index].key)
+            return flight is not None and flight.wanted and not flight.done.is_set()
+
+        def ready(frames: list[tuple[int, bytes]]) -> None:
+            early.started()
+            batch = [(items[index], frame) for index, frame in frames]
+            self._task_group.start_soon(self._settle_early, blob, batch, early)
+
+        range_of = [which for which, group in enumerate(request.chunks) for _ in group]
+        refs = [item.chunk.ref for item in items]
+        return EarlyFrames(request.ranges, refs, range_of, waited, ready)
+
+    async def _settle_early(
+        self, blob: LayerBlob, frames: list[tuple[_Wanted, bytes]], early: _Early
+    ) -> None:
+        """Background task: verify and serve chunks of an answer still coming in. One that
+        fails stays in flight: the answer's end, strictly parsed, decides (earlyframes.py).
+        Nothing escapes it."""
+        try:
+            verified = await anyio.to_thread.run_sync(_verify_frames, blob, frames)
+            good = [
+                (item, data)
+                for (item, _), data in zip(frames, verified.results, strict=True)
+                if isinstance(data, bytes)
+            ]
+            served = self._finish([item for item, _ in good], [data for _, data in good])
+            early.served.update(item.key for item, _ in good)
+        except Exception:
+            log.exception("early frames of %d chunks crashed", len(frames))
+            return
+        finally:
+            early.batch_done()
+        try:
+            await self._keep(verified, served)
+        except Exception:
+            log.exception("caching %d early chunks crashed", len(served))
+
+    async def _keep(self, verified: _Verified, served: list[tuple[str, _Flight]]) -> None:
+        """Cache what ``verified`` holds; the ``served`` flights stay joinable until then."""
         try:  # readers have their bytes; the served flights stay joinable until cached
             names = await anyio.to_thread.run_sync(self._store, verified)
             for key, (verity, _data) in zip(verified.keys, verified.chunks, strict=True):
@@ -855,6 +913,30 @@ class ChunkResolver:
         except CacheError as exc:  # the bytes are verified and served: only caching failed
             log.warning("could not cache %d chunks: %s", len(verified.chunks), exc)
             return {}
+
+
+class _Early:
+    """A request's early batches (``_settle_early``): which keys they served, and whether any
+    is still being verified (the answer's end waits for those before it takes the rest)."""
+
+    def __init__(self) -> None:
+        self.served: set[str] = set()
+        self._open = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    def started(self) -> None:
+        if self._open == 0:
+            self._idle = anyio.Event()
+        self._open += 1
+
+    def batch_done(self) -> None:
+        self._open -= 1
+        if self._open == 0:
+            self._idle.set()
+
+    async def settled(self) -> None:
+        await self._idle.wait()
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lazyfs.cache.blobs import LocalBlobs
-from lazyfs.model.bytesource import ByteSource
+from lazyfs.model.bytesource import ByteSource, RangeListener
 from lazyfs.model.digest import Digest
 from lazyfs.model.ranges import ByteRange
 
@@ -21,6 +21,9 @@ class RoutingByteSource:
         self._local = local
         self._remote = remote
 
-    async def read_ranges(self, blob: Digest, ranges: Sequence[ByteRange]) -> list[bytes]:
-        source = self._local if self._local.has(blob) else self._remote
-        return await source.read_ranges(blob, ranges)
+    async def read_ranges(
+        self, blob: Digest, ranges: Sequence[ByteRange], on_data: RangeListener | None = None
+    ) -> list[bytes]:
+        if self._local.has(blob):  # a local read is over at once: nothing to hear of early
+            return await self._local.read_ranges(blob, ranges)
+        return await self._remote.read_ranges(blob, ranges, on_data)

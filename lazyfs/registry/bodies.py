@@ -24,9 +24,11 @@ import httpx
 
 from lazyfs.config import RegistryConfig
 from lazyfs.errors import RegistryProtocolError, TransientRegistryError
+from lazyfs.model.bytesource import RangeListener
 from lazyfs.model.digest import Digest, DigestingWriter
 from lazyfs.model.ranges import (
     ByteRange,
+    PartialBody,
     parse_content_range,
     parse_multipart_byteranges,
     slice_ranges,
@@ -103,8 +105,10 @@ async def read_body(
     what: str,
     limit: int | None = None,
     guard: StallGuard = _DEFAULT_GUARD,
+    observe: Callable[[bytes], None] | None = None,
 ) -> bytes:
-    """The whole body, counted; raises on an oversized, truncated or stalled body."""
+    """The whole body, counted; raises on an oversized, truncated or stalled body.
+    ``observe`` sees each piece as it arrives (``early_pieces``)."""
     declared = _declared_length(response)
     if limit is not None and declared is not None and declared > limit:
         raise RegistryProtocolError(f"{what}: answer of {declared} bytes, larger than {limit}")
@@ -118,10 +122,30 @@ async def read_body(
         if limit is not None and size > limit:
             raise RegistryProtocolError(f"{what}: answer larger than {limit} bytes")
         chunks.append(chunk)
+        if observe is not None:
+            observe(chunk)
 
     await each_chunk(response, guard, what, keep)
     check_length(response, size, what)
     return b"".join(chunks)
+
+
+def early_pieces(
+    response: httpx.Response, on_data: RangeListener | None
+) -> Callable[[bytes], None] | None:
+    """An observer for ``read_body`` that tells ``on_data`` which blob bytes each piece of a
+    206 answer carries (one part or multipart), before the body is whole and checked."""
+    if on_data is None or response.status_code != 206:
+        return None
+    body = PartialBody(
+        response.headers.get("Content-Type", ""), response.headers.get("Content-Range")
+    )
+
+    def observe(chunk: bytes) -> None:
+        for offset, data in body.feed(chunk):
+            on_data(offset, data)
+
+    return observe
 
 
 def _declared_length(response: httpx.Response) -> int | None:

@@ -45,6 +45,7 @@ from lazyfs.errors import (
     UnsupportedMediaTypeError,
 )
 from lazyfs.localfiles import AtomicFile, ExactReader, read_exactly
+from lazyfs.model.bytesource import RangeListener
 from lazyfs.model.digest import Digest, DigestingWriter
 from lazyfs.model.manifests import ALL_MANIFEST_TYPES, MAX_MANIFEST_BYTES, OCI_INDEX
 from lazyfs.model.ranges import ByteRange, range_header
@@ -54,6 +55,7 @@ from lazyfs.registry.bodies import (
     BlobSink,
     Progress,
     StallGuard,
+    early_pieces,
     read_body,
     slice_partial_answer,
     slice_whole_blob,
@@ -202,39 +204,52 @@ class RegistryClient:
         progress = Progress(on_progress)
         return await self._retrying(partial(self._download_once, ref, digest, dest, progress))
 
-    async def get_blob_range(self, ref: Reference, digest: Digest, rng: ByteRange) -> bytes:
+    async def get_blob_range(
+        self, ref: Reference, digest: Digest, rng: ByteRange, on_data: RangeListener | None = None
+    ) -> bytes:
         """Bytes ``rng`` of the blob (a whole-blob 200 answer is verified, then sliced)."""
-        return (await self.get_blob_ranges(ref, digest, [rng]))[0]
+        return (await self.get_blob_ranges(ref, digest, [rng], on_data))[0]
 
     async def get_blob_ranges(
-        self, ref: Reference, digest: Digest, ranges: Sequence[ByteRange]
+        self,
+        ref: Reference,
+        digest: Digest,
+        ranges: Sequence[ByteRange],
+        on_data: RangeListener | None = None,
     ) -> list[bytes]:
         """Several ranges in one request; the answer may be multipart, one part, or the blob.
 
         Where the registry showed it cannot serve several ranges at once, one request each.
+        ``on_data`` hears of a 206 answer's bytes as they arrive (model/bytesource.py).
         """
         if not ranges:
             return []
         if len(ranges) == 1 or ref.api_host not in self._single_range_hosts:
             try:
                 return await self._retrying(
-                    partial(self._get_ranges_once, ref, digest, tuple(ranges))
+                    partial(self._get_ranges_once, ref, digest, tuple(ranges), on_data)
                 )
             except RangeNotSatisfiableError:
                 if len(ranges) == 1:
                     raise
                 self._no_multi_range(ref, "416")
-        return await self._ranges_one_by_one(ref, digest, ranges)
+        return await self._ranges_one_by_one(ref, digest, ranges, on_data)
 
     async def _ranges_one_by_one(
-        self, ref: Reference, digest: Digest, ranges: Sequence[ByteRange]
+        self,
+        ref: Reference,
+        digest: Digest,
+        ranges: Sequence[ByteRange],
+        on_data: RangeListener | None,
     ) -> list[bytes]:
         """One Range request per range, all at once (each under the retry policy)."""
         pieces: list[bytes] = [b""] * len(ranges)
 
         async def fetch(index: int) -> None:
             single = (ranges[index],)
-            answer = await self._retrying(partial(self._get_ranges_once, ref, digest, single))
+            answer = await self._retrying(
+                partial(self._get_ranges_once, ref, digest, single, on_data)
+            )
             pieces[index] = answer[0]
 
         async with anyio.create_task_group() as tasks:
@@ -368,7 +383,11 @@ class RegistryClient:
                 )
 
     async def _get_ranges_once(
-        self, ref: Reference, digest: Digest, ranges: tuple[ByteRange, ...]
+        self,
+        ref: Reference,
+        digest: Digest,
+        ranges: tuple[ByteRange, ...],
+        on_data: RangeListener | None = None,
     ) -> list[bytes]:
         what = f"blob {digest} in {ref.name}, {len(ranges)} range(s)"
         call = self._blob_call(ref, "GET", digest, {"Range": range_header(ranges)}, what)
@@ -383,7 +402,8 @@ class RegistryClient:
                 return await slice_whole_blob(
                     response, self.stats, digest, ranges, keeper, what, self._guard
                 )
-            body = await read_body(response, self.stats, what, guard=self._guard)
+            observe = early_pieces(response, on_data)
+            body = await read_body(response, self.stats, what, guard=self._guard, observe=observe)
         return slice_partial_answer(response, body, ranges, what)
 
     def _whole_blob_sink(self, digest: Digest) -> BlobSink | None:

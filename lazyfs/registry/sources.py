@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from lazyfs.model.bytesource import RangeListener
 from lazyfs.model.digest import Digest
 from lazyfs.model.ranges import ByteRange
 from lazyfs.model.reference import Reference
@@ -18,8 +19,10 @@ class RegistryByteSource:
         self._client = client
         self._ref = reference
 
-    async def read_ranges(self, blob: Digest, ranges: Sequence[ByteRange]) -> list[bytes]:
-        return await _read_ranges(self._client, self._ref, blob, ranges)
+    async def read_ranges(
+        self, blob: Digest, ranges: Sequence[ByteRange], on_data: RangeListener | None = None
+    ) -> list[bytes]:
+        return await _read_ranges(self._client, self._ref, blob, ranges, on_data)
 
 
 class MirroredByteSource:
@@ -30,15 +33,22 @@ class MirroredByteSource:
         self._ref = reference
         self._failover = failover
 
-    async def read_ranges(self, blob: Digest, ranges: Sequence[ByteRange]) -> list[bytes]:
+    async def read_ranges(
+        self, blob: Digest, ranges: Sequence[ByteRange], on_data: RangeListener | None = None
+    ) -> list[bytes]:
         return await self._failover.first(
-            self._ref, lambda endpoint: _read_ranges(self._client, endpoint, blob, ranges)
+            self._ref,
+            lambda endpoint: _read_ranges(self._client, endpoint, blob, ranges, on_data),
         )
 
 
 async def _read_ranges(
-    client: RegistryClient, ref: Reference, blob: Digest, ranges: Sequence[ByteRange]
+    client: RegistryClient,
+    ref: Reference,
+    blob: Digest,
+    ranges: Sequence[ByteRange],
+    on_data: RangeListener | None,
 ) -> list[bytes]:
     if len(ranges) == 1:
-        return [await client.get_blob_range(ref, blob, ranges[0])]
-    return await client.get_blob_ranges(ref, blob, ranges)
+        return [await client.get_blob_range(ref, blob, ranges[0], on_data)]
+    return await client.get_blob_ranges(ref, blob, ranges, on_data)
