@@ -307,6 +307,38 @@ async def test_multi_range_uses_multipart_answer(
     assert answer.headers["Content-Type"].startswith("multipart/byteranges")
 
 
+@pytest.mark.parametrize(
+    "ranges",
+    [
+        [ByteRange(1000, 3_000_000)],  # one part
+        [ByteRange(0, 5), ByteRange(1000, 1_500_000), ByteRange(2_000_000, 3_000_000)],
+    ],
+)
+async def test_a_listener_hears_every_range_byte_as_it_arrives(
+    registry: LocalRegistry, client: RegistryClient, tmp_path: Path, ranges: list[ByteRange]
+) -> None:
+    """``on_data`` (early frames) gets the blob bytes of each part of a real registry's 206
+    answer, in order, in more than one piece, before the call returns."""
+    ref = fresh_ref(registry)
+    data = os.urandom(3_000_000)
+    digest = await push_data(client, ref, tmp_path, data)
+    heard: list[tuple[int, bytes]] = []
+    pieces = await client.get_blob_ranges(
+        ref, digest, ranges, lambda offset, piece: heard.append((offset, piece))
+    )
+    assert pieces == [data[r.start : r.end] for r in ranges]
+    assert len(heard) > len(ranges)  # socket reads, not the whole answer at once
+    for offset, piece in heard:
+        assert piece == data[offset : offset + len(piece)]
+    runs: list[list[int]] = []  # what was told, as contiguous runs
+    for offset, piece in heard:
+        if runs and runs[-1][1] == offset:
+            runs[-1][1] += len(piece)
+        else:
+            runs.append([offset, offset + len(piece)])
+    assert runs == [[r.start, r.end] for r in ranges]
+
+
 async def test_pull_through_proxy_ignores_first_range(
     registry: LocalRegistry, client: RegistryClient, tmp_path: Path
 ) -> None:
