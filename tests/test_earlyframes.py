@@ -42,15 +42,23 @@ def test_whole_chunks_go_once_a_waited_one_is_whole() -> None:
     assert len(handed) == 1  # the answer is over: its end serves chunk 2
 
 
-def test_a_reader_that_comes_later_is_served_at_the_next_bytes() -> None:
+def test_a_reader_that_comes_later_is_served_when_it_says_so() -> None:
     chunks = [Frame(0, 1000), Frame(1000, 2000), Frame(2000, 5000)]
     waited: set[int] = set()
     frames, handed = listener([ByteRange(0, 5000)], chunks, waited)
     tell(frames, 0, 2500)
+    frames.wanted(2)  # not whole yet: nothing to do
     assert handed == []
     waited.add(0)
-    tell(frames, 2500, 2600)
+    frames.wanted(0)
     assert handed == [[(0, BLOB[0:1000]), (1, BLOB[1000:2000])]]
+    waited.add(2)
+    tell(frames, 2500, 4999)
+    assert len(handed) == 1
+    tell(frames, 4999, 5000)  # the last byte: the answer's end serves chunk 2
+    assert len(handed) == 1
+    frames.wanted(2)
+    assert len(handed) == 1
 
 
 def test_bytes_told_again_after_a_retry_are_ignored() -> None:

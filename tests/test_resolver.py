@@ -1219,3 +1219,19 @@ async def test_a_corrupt_chunk_fails_once_early_or_not(cache: ChunkCache) -> Non
         assert await resolver.read(world.node, 6000, 12_000) == world.content[6000:]
         tasks.cancel_scope.cancel()
     assert cache.get_chunk(world.node.chunks[0].ref.verity) is None
+
+
+async def test_a_reader_joining_read_ahead_already_in_is_served_at_once(cache: ChunkCache) -> None:
+    """Chunk 1 came in as read-ahead while the answer is held back; a read of it, arriving
+    then, gets it without waiting for the answer's end."""
+    world, index = _file_with_readahead([6000, 6000, 6000, 6000])
+    world.source.gate = gate = anyio.Event()
+    world.source.early_bytes = span(world.node, 0, 1).length
+    async with anyio.create_task_group() as tasks:
+        resolver = ChunkResolver(world.source, cache, [world.layer], ResolverConfig(), tasks, index)
+        with anyio.fail_after(5):
+            assert await resolver.read(world.node, 0, 6000) == world.content[:6000]
+            assert await resolver.read(world.node, 6000, 6000) == world.content[6000:12_000]
+        assert not gate.is_set() and len(world.source.calls) == 1
+        gate.set()
+        tasks.cancel_scope.cancel()

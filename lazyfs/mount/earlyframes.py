@@ -69,9 +69,11 @@ class _Range:
 
 class EarlyFrames:
     """The listener of one request: ``chunks[i]`` lies in ``ranges[range_of[i]]``;
-    ``waited(i)`` says whether a reader waits for chunk i now; ``ready`` gets the indices and
-    frames of whole chunks (each index once), when one of them is waited for and the answer
-    is not over (at its end, the resolver's usual path takes what is left)."""
+    ``waited(i)`` says whether a reader waits for chunk i, asked once, when it becomes whole
+    (a reader that comes later says so with ``wanted``); ``ready`` gets the indices and frames
+    of whole chunks (each index once), when one of them is waited for and the answer is not
+    over (at its end, the resolver's usual path takes what is left). Each socket read costs
+    the chunks it completes, whatever the request's size."""
 
     def __init__(
         self,
@@ -91,6 +93,7 @@ class EarlyFrames:
         self._ready = ready
         self._left_bytes = sum(rng.length for rng in ranges)
         self._whole: list[tuple[int, int]] = []  # (range, chunk index): whole, not handed on
+        self._whole_indices: set[int] = set()
         self._failed = False
 
     def __call__(self, offset: int, data: bytes) -> None:
@@ -102,17 +105,31 @@ class EarlyFrames:
             log.exception("early frames: listener failed; the answer's end will serve")
             self._failed = True
 
+    def wanted(self, index: int) -> None:
+        """A reader now waits for chunk ``index``: if it is whole, hand it on at once."""
+        if self._failed or index not in self._whole_indices or self._left_bytes <= 0:
+            return
+        try:
+            self._hand_on()
+        except Exception:
+            log.exception("early frames: hand-on failed; the answer's end will serve")
+            self._failed = True
+
     def _heard(self, offset: int, data: bytes) -> None:
         which = max(0, bisect.bisect_right(self._starts, offset) - 1)
         end = offset + len(data)
+        waited = False
         while which < len(self._ranges) and self._starts[which] < end:
             part = self._ranges[which]
             at = max(offset, self._starts[which])
             self._left_bytes -= part.add(at, data[at - offset :])
             while part.members and self._chunks[part.members[0]].blob_end <= part.filled:
-                self._whole.append((which, part.members.pop(0)))
+                index = part.members.pop(0)
+                self._whole.append((which, index))
+                self._whole_indices.add(index)
+                waited = waited or self._waited(index)  # only the new ones: see ``wanted``
             which += 1
-        if self._left_bytes > 0 and any(self._waited(index) for _, index in self._whole):
+        if waited and self._left_bytes > 0:
             self._hand_on()
 
     def _hand_on(self) -> None:
@@ -125,4 +142,5 @@ class EarlyFrames:
             first = self._chunks[part.members[0]].blob_offset if part.members else part.end
             part.prune(first)
         self._whole = []
+        self._whole_indices.clear()
         self._ready(frames)

@@ -144,9 +144,18 @@ class _Flight:
         self.data: bytes | None = None
         self.error: LazyfsError | None = None
         self.wanted = wanted  # a reader waits for it (not only read-ahead, prefetch or fill)
+        self.early: tuple[EarlyFrames, int] | None = None  # its request's listener, its index
+
+    def want(self) -> None:
+        """A reader joins: its chunk may already be whole in the answer still coming in."""
+        self.wanted = True
+        if self.early is not None:
+            listener, index = self.early
+            listener.wanted(index)
 
     def finish(self, data: bytes | None, error: LazyfsError | None) -> None:
         self.data, self.error = data, error
+        self.early = None
         self.done.set()
 
     async def wait(self) -> bytes:
@@ -496,7 +505,7 @@ class ChunkResolver:
             elif flights is not None and flight.done.is_set():
                 self.stats.cache_hits += 1  # fetched and verified, on its way into the cache
             elif flights is not None:
-                flight.wanted = True
+                flight.want()
                 self.stats.singleflight_waits += 1
                 self.foreground.missed((flight.done,))  # maybe a fill's: it pauses after it
             joined[item.key] = flight
@@ -832,7 +841,12 @@ class ChunkResolver:
 
         range_of = [which for which, group in enumerate(request.chunks) for _ in group]
         refs = [item.chunk.ref for item in items]
-        return EarlyFrames(request.ranges, refs, range_of, waited, ready)
+        listener = EarlyFrames(request.ranges, refs, range_of, waited, ready)
+        for index, item in enumerate(items):
+            flight = self._flights.get(item.key)
+            if flight is not None and not flight.done.is_set():
+                flight.early = (listener, index)
+        return listener
 
     async def _settle_early(
         self, blob: LayerBlob, frames: list[tuple[_Wanted, bytes]], early: _Early
