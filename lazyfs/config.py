@@ -125,11 +125,15 @@ class ResolverConfig:
     readahead_directory_gain: float = 2.0
     readahead_directory_min_bytes: int = 16 << 10
     # Prefetch of an access profile (lazyfs/mount/prefetch.py): batches of about this many
-    # compressed bytes, this many at a time. Measured on the bench's `wan` link (python image):
-    # 1 MiB x 4 started 0.3-0.5 s sooner than 1 MiB x 2 or 512 KiB x 4, as fast as 2-4 MiB batches
-    # (which deliver the first chunks later); it leaves half the fetch slots to demand misses.
-    prefetch_batch_bytes: int = 1 << 20
-    prefetch_concurrency: int = 4
+    # compressed bytes, this many at a time. Reads join a batch chunk by chunk as its bytes
+    # arrive (mount/earlyframes.py), so a big batch no longer delays the first chunks: with
+    # 8 MiB x 2 a profile laid out first (`convert --prefetch`) comes in one range per layer,
+    # or a few. Measured (python image, `lazyfs bench --mode lazy-prefetch`, docs/benchmarks.md
+    # "Early frames", stop 20) against 1 MiB x 4: 5-6 requests instead of 14-16; loopback
+    # 1.54-1.67 s against 2.26-2.30 s, wan 2.53-2.62 against 2.73-2.98, edge 6.46-6.52 against
+    # 6.64-6.69. It leaves most fetch slots to demand misses.
+    prefetch_batch_bytes: int = 8 << 20
+    prefetch_concurrency: int = 2
     # Verified chunks kept in memory, most recently used (resolver.RecentChunks); 0: none.
     memory_cache_bytes: int = 64 << 20
 
