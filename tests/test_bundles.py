@@ -16,12 +16,20 @@ from lazyfs_run import run_lazyfs
 from test_service import read_all, start_service, stop
 
 from lazyfs.bundle import tocdelta
-from lazyfs.bundle.format import BundleContents
+from lazyfs.bundle.format import (
+    BUNDLE_ARTIFACT_TYPE,
+    CONTENTS_MEDIA_TYPE,
+    BundleContents,
+)
+from lazyfs.bundle.importer import import_bundle
 from lazyfs.bundle.inventory import read_inventory, read_inventory_file, write_inventory
 from lazyfs.bundle.tocdelta import TocDelta
+from lazyfs.cache.store import ChunkCache
 from lazyfs.convert.imagebuild import regular_file, with_parent_dirs, write_image
+from lazyfs.convert.layout import OciLayout
 from lazyfs.errors import BundleError
 from lazyfs.model.digest import Digest
+from lazyfs.model.manifests import MAX_MANIFEST_BYTES, OCI_EMPTY, OCI_MANIFEST, Descriptor, Manifest
 from lazyfs.registry.localserver import LocalRegistry
 
 V1 = {f"srv/lib{i:02}.so": random_bytes(200 << 10, seed=500 + i) for i in range(15)}
@@ -174,6 +182,45 @@ def test_a_delta_against_a_toc_the_node_lacks_is_refused_whole(
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert "does not hold" in done.stderr
     assert not (other / "chunks").exists() or _cache_entries(other) == 0
+
+
+def _tiny_bundle(path: Path, carried: bytes, manifest_bytes: int) -> str:
+    """A bundle at ``path`` carrying one metadata entry, ``carried`` (no images, no chunks),
+    its manifest padded with an annotation to ``manifest_bytes``; the entry's key."""
+    layout = OciLayout.create(path)
+    key = f"blob:{Digest.of(carried)}"
+    contents = BundleContents((), ((key, layout.add_blob_bytes(carried)),), (), ()).to_json()
+    layer = Descriptor(CONTENTS_MEDIA_TYPE, layout.add_blob_bytes(contents), len(contents))
+    config = Descriptor(OCI_EMPTY, layout.add_blob_bytes(b"{}"), 2)
+    extra = {"artifactType": BUNDLE_ARTIFACT_TYPE}
+    unpadded = len(Manifest(OCI_MANIFEST, config, (layer,), {"pad": ""}, extra).to_bytes())
+    pad = {"pad": "x" * (manifest_bytes - unpadded)}
+    manifest = Manifest(OCI_MANIFEST, config, (layer,), pad, extra).to_bytes()
+    assert len(manifest) == manifest_bytes
+    descriptor = Descriptor(OCI_MANIFEST, layout.add_blob_bytes(manifest), len(manifest))
+    layout.tag(descriptor, "lazyfs-bundle")
+    return key
+
+
+@pytest.mark.parametrize("manifest_bytes", [MAX_MANIFEST_BYTES, MAX_MANIFEST_BYTES + 1])
+def test_a_bundle_manifest_over_the_manifest_cap_is_refused(
+    tmp_path: Path, manifest_bytes: int
+) -> None:
+    """The bundle manifest is read no bigger than a registry's manifest may be; over it,
+    one line and nothing imported."""
+    key = _tiny_bundle(tmp_path / "bundle", b"carried", manifest_bytes)
+    cache = ChunkCache(tmp_path / "cache", None)
+    try:
+        if manifest_bytes <= MAX_MANIFEST_BYTES:
+            import_bundle(tmp_path / "bundle", cache, tmp_path / "staging")
+            assert cache.get_meta(key) == b"carried"
+            return
+        with pytest.raises(BundleError, match=r"the bundle manifest is \d+ bytes, more than") as e:
+            import_bundle(tmp_path / "bundle", cache, tmp_path / "staging")
+        assert "\n" not in str(e.value)
+        assert cache.get_meta(key) is None
+    finally:
+        cache.close()
 
 
 def test_bundles_without_deltas_stay_version_1(exported: dict[str, Path | str]) -> None:

@@ -3,19 +3,15 @@ on the wire while a foreground request is open. Against the fault-injecting serv
 
 from __future__ import annotations
 
-import os
 import socket
-from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
 
 import anyio
 import pytest
+from faulthelpers import add_blob, ref_on
 from faultserver import FaultServer
 
-from lazyfs.config import RegistryConfig
-from lazyfs.model.digest import Digest
 from lazyfs.model.ranges import ByteRange
-from lazyfs.model.reference import Reference
 from lazyfs.model.traffic import background_traffic, is_background
 from lazyfs.registry import lanes
 from lazyfs.registry.client import RegistryClient
@@ -24,27 +20,7 @@ from lazyfs.registry.lanes import BackgroundLane, DeliveryRate, window_bytes
 pytestmark = pytest.mark.anyio
 
 BLOB_BYTES = 4 << 20
-
-
-@pytest.fixture
-def server() -> Iterator[FaultServer]:
-    with FaultServer() as fault_server:
-        yield fault_server
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[RegistryClient]:
-    async with RegistryClient(RegistryConfig()) as registry_client:
-        yield registry_client
-
-
-def _ref(server: FaultServer) -> Reference:
-    return Reference.parse(f"{server.host}/lanes/test:latest")
-
-
-def _blob(server: FaultServer, size: int = BLOB_BYTES) -> tuple[bytes, Digest]:
-    data = os.urandom(size)
-    return data, Digest.parse(server.add_blob(data))
+REPO = "lanes/test"
 
 
 def _lane(client: RegistryClient) -> BackgroundLane:
@@ -98,13 +74,15 @@ def test_traffic_class_is_scoped_and_inherited() -> None:
 async def test_background_answers_wait_while_a_foreground_request_is_open(
     server: FaultServer, client: RegistryClient
 ) -> None:
-    data, digest = _blob(server)
+    data, digest = add_blob(server, BLOB_BYTES)
     lane = _lane(client)
     got: list[bytes] = []
 
     async def fill() -> None:
         with background_traffic():
-            got.append(await client.get_blob_range(_ref(server), digest, ByteRange(0, len(data))))
+            got.append(
+                await client.get_blob_range(ref_on(server, REPO), digest, ByteRange(0, len(data)))
+            )
 
     async with anyio.create_task_group() as tasks, lane.foreground():
         tasks.start_soon(fill)
@@ -120,7 +98,7 @@ async def test_background_answers_wait_while_a_foreground_request_is_open(
 async def test_a_foreground_exchange_holds_the_lane_until_its_answer_is_closed(
     server: FaultServer, client: RegistryClient
 ) -> None:
-    data, digest = _blob(server, 100_000)
+    data, digest = add_blob(server, 100_000)
     server.faults.stall_after_bytes, server.faults.stall_times = 1000, 1
     server.faults.stall_s, server.faults.trickle_interval_s = 30.0, 0.0005
     lane = _lane(client)
@@ -133,7 +111,7 @@ async def test_a_foreground_exchange_holds_the_lane_until_its_answer_is_closed(
 
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(watch)
-        body = await client.get_blob_range(_ref(server), digest, ByteRange(0, 5000))
+        body = await client.get_blob_range(ref_on(server, REPO), digest, ByteRange(0, 5000))
         assert lane.foreground_open == 0
     assert body == data[:5000]
     assert 1 in seen
@@ -142,8 +120,8 @@ async def test_a_foreground_exchange_holds_the_lane_until_its_answer_is_closed(
 async def test_background_requests_use_connections_of_their_own(
     server: FaultServer, client: RegistryClient
 ) -> None:
-    data, digest = _blob(server, 300_000)
-    ref = _ref(server)
+    data, digest = add_blob(server, 300_000)
+    ref = ref_on(server, REPO)
     assert await client.get_blob_range(ref, digest, ByteRange(0, 10)) == data[:10]
     with background_traffic():
         assert await client.get_blob_range(ref, digest, ByteRange(10, 300_000)) == data[10:]
@@ -172,7 +150,7 @@ async def test_an_answer_closed_early_leaves_the_count(
 ) -> None:
     """A reader that gives up on a background answer (an error, a cancelled fetch) must not
     leave it counted: the windows are split over the answers being read."""
-    data, digest = _blob(server, 1 << 20)
+    data, digest = add_blob(server, 1 << 20)
     server.faults.stall_after_bytes, server.faults.stall_times = 200_000, 1
     lane = _lane(client)
     seen: list[int] = []
@@ -185,7 +163,7 @@ async def test_an_answer_closed_early_leaves_the_count(
                     await anyio.sleep(0.05)
 
             tasks.start_soon(watch)
-            await client.get_blob_range(_ref(server), digest, ByteRange(0, len(data)))
+            await client.get_blob_range(ref_on(server, REPO), digest, ByteRange(0, len(data)))
     assert scope.cancelled_caught  # the body stalled: the read was given up
     assert 1 in seen  # it was being read
     assert lane._answers == 0

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
 from pathlib import Path
 
 import pytest
-from imagebuild import build_feature_image
+from imagebuild import build_feature_image, random_bytes
 from lazyfs_run import mounted, run_lazyfs, stats
 from oracles import assert_trees_equal, tree_snapshot
 from test_service import start_service, stop
 
-from lazyfs.convert.imagebuild import BuiltImage
+from lazyfs.convert.imagebuild import BuiltImage, regular_file, with_parent_dirs, write_image
 from lazyfs.errors import UsageError
 from lazyfs.model.digest import Digest
 from lazyfs.model.reference import Reference
@@ -120,6 +121,39 @@ def test_mount_through_proxy_mirror_with_first_mirror_down(
     assert_trees_equal(direct_tree, mounted_tree)
     assert served_by_proxy > 0
     assert origin_before >= 0
+
+
+def test_the_attached_profile_is_found_through_the_mirrors(tmp_path: Path) -> None:
+    """The referrers lookup of a mount's access profile goes where its blobs do: mirrors in
+    order, then the origin. Here the origin is down and only the mirror holds the image and
+    its profile; the image has no ranks of its own, so a prefetch shows the profile was found."""
+    files = {f"app/m{i:02}.py": random_bytes(96 << 10, seed=300 + i) for i in range(8)}
+    built = write_image(
+        tmp_path / "src", "v1", [with_parent_dirs(regular_file(p, d) for p, d in files.items())]
+    )
+    profile = tmp_path / "profile.json"
+    reads = [["/app/m03.py", 0, 96 << 10], ["/app/m05.py", 0, 96 << 10]]
+    profile.write_text(json.dumps({"version": 1, "image": "", "reads": reads}))
+    origin = f"127.0.0.1:{_dead_port()}"
+    with LocalRegistry(tmp_path / "mirror") as mirror:
+        run_lazyfs("convert", "-q", built.reference, f"{mirror.host}/app:v1")
+        run_lazyfs("profile", "push", f"{mirror.host}/app:v1", str(profile))
+        config = tmp_path / "registries.toml"
+        config.write_text(
+            f'[[registry]]\nlocation = "{origin}"\n'
+            f'[[registry.mirror]]\nlocation = "127.0.0.1:{_dead_port()}"\n'
+            f'[[registry.mirror]]\nlocation = "{mirror.host}"\n'
+        )
+        ref, lookups = f"{origin}/app:v1", "/v2/app/manifests/sha256-"  # the tag schema's
+        before = mirror.access_log_summary().count("GET", lookups)
+        with mounted(ref, tmp_path / "mnt", tmp_path / "cache", "--config", str(config)) as mnt:
+            deadline = time.monotonic() + 20
+            while stats(mnt)["prefetch_chunks"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            figures = stats(mnt)
+            assert figures["prefetch_chunks"] > 0, figures
+            assert (mnt / "app/m05.py").read_bytes() == files["app/m05.py"]
+        assert mirror.access_log_summary().count("GET", lookups) > before
 
 
 # ------------------------------------------------------------ the host's registries.conf

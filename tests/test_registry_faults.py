@@ -9,11 +9,11 @@ import os
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
+from faulthelpers import FAST_RETRY, add_blob, ref_on
 from faultserver import FaultServer
 
 from lazyfs.config import RegistryConfig, RetryConfig
@@ -45,29 +45,12 @@ from lazyfs.registry.wire import ConnectionRefusedRegistryError
 pytestmark = pytest.mark.anyio
 
 USER, PASSWORD = "alice", "pa55-w0rd-s3cret"
-FAST_RETRY = RetryConfig(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
 FAST = RegistryConfig(retry=FAST_RETRY)
 
 
 @pytest.fixture
-def server() -> Iterator[FaultServer]:
-    with FaultServer() as fault_server:
-        yield fault_server
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[RegistryClient]:
-    async with RegistryClient(FAST) as registry_client:
-        yield registry_client
-
-
-def ref_on(server: FaultServer, repo: str = "test/app") -> Reference:
-    return Reference.parse(f"{server.host}/{repo}:latest")
-
-
-def add_blob(server: FaultServer, size: int = 10_000) -> tuple[bytes, Digest]:
-    data = os.urandom(size)
-    return data, Digest.parse(server.add_blob(data))
+def registry_config() -> RegistryConfig:
+    return FAST
 
 
 def secret_forms() -> list[str]:

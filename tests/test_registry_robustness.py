@@ -10,13 +10,12 @@ expected is reported as such, not as an unreachable registry.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from faulthelpers import FAST_RETRY, add_blob, ref_on
 from faultserver import FaultServer
 
 from lazyfs.config import RegistryConfig, RetryConfig
@@ -26,7 +25,6 @@ from lazyfs.errors import (
     RegistryUnreachableError,
     TransientRegistryError,
 )
-from lazyfs.model.digest import Digest
 from lazyfs.model.manifests import OCI_MANIFEST
 from lazyfs.model.ranges import ByteRange
 from lazyfs.model.reference import Reference
@@ -35,31 +33,15 @@ from lazyfs.registry.credentials import Credentials, StaticCredentials
 
 pytestmark = pytest.mark.anyio
 
-FAST_RETRY = RetryConfig(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
 # A stall is declared after 0.3 s without 4 KiB of progress.
 FAST = RegistryConfig(retry=FAST_RETRY, stall_timeout_s=0.3, stall_min_bytes=4096)
+BLOB_BYTES = 50_000
 RANGES = [ByteRange(10, 20), ByteRange(30_000, 30_045), ByteRange(49_000, 50_000)]
 
 
 @pytest.fixture
-def server() -> Iterator[FaultServer]:
-    with FaultServer() as fault_server:
-        yield fault_server
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[RegistryClient]:
-    async with RegistryClient(FAST) as registry_client:
-        yield registry_client
-
-
-def ref_on(server: FaultServer, repo: str = "test/app") -> Reference:
-    return Reference.parse(f"{server.host}/{repo}:latest")
-
-
-def add_blob(server: FaultServer, size: int = 50_000) -> tuple[bytes, Digest]:
-    data = os.urandom(size)
-    return data, Digest.parse(server.add_blob(data))
+def registry_config() -> RegistryConfig:
+    return FAST
 
 
 def wanted(data: bytes) -> list[bytes]:
@@ -80,7 +62,7 @@ def assert_one_line(exc: BaseException) -> None:
 async def test_416_to_several_ranges_falls_back_to_one_range_each(
     server: FaultServer, client: RegistryClient
 ) -> None:
-    data, digest = add_blob(server)
+    data, digest = add_blob(server, BLOB_BYTES)
     server.faults.multi_range_status = 416
     assert await client.get_blob_ranges(ref_on(server), digest, RANGES) == wanted(data)
     assert await client.get_blob_ranges(ref_on(server), digest, RANGES) == wanted(data)
@@ -93,7 +75,7 @@ async def test_416_to_several_ranges_falls_back_to_one_range_each(
 async def test_whole_blob_to_several_ranges_is_used_then_one_range_each(
     server: FaultServer, client: RegistryClient
 ) -> None:
-    data, digest = add_blob(server)
+    data, digest = add_blob(server, BLOB_BYTES)
     server.faults.multi_range_status = 200
     assert await client.get_blob_ranges(ref_on(server), digest, RANGES) == wanted(data)
     assert await client.get_blob_ranges(ref_on(server), digest, RANGES) == wanted(data)
@@ -104,7 +86,7 @@ async def test_whole_blob_to_several_ranges_is_used_then_one_range_each(
 
 async def test_single_range_hosts_are_remembered_per_registry(client: RegistryClient) -> None:
     with FaultServer() as refusing, FaultServer() as serving:
-        data, digest = add_blob(refusing)
+        data, digest = add_blob(refusing, BLOB_BYTES)
         serving.add_blob(data)
         refusing.faults.multi_range_status = 416
         assert await client.get_blob_ranges(ref_on(refusing), digest, RANGES) == wanted(data)
@@ -196,7 +178,7 @@ async def test_a_stalled_manifest_ends(server: FaultServer, client: RegistryClie
 async def test_a_shifted_content_range_is_refused(
     server: FaultServer, client: RegistryClient
 ) -> None:
-    _, digest = add_blob(server)
+    _, digest = add_blob(server, BLOB_BYTES)
     server.faults.content_range_shift = 1  # claims bytes 101-200 for a request of 100-199
     with pytest.raises(RegistryProtocolError, match="lacks bytes") as caught:
         await client.get_blob_range(ref_on(server), digest, ByteRange(100, 200))
@@ -217,7 +199,7 @@ async def test_a_shifted_content_range_is_refused(
 async def test_a_wrong_content_range_is_caught(
     server: FaultServer, client: RegistryClient, content_range: str, error: type[Exception]
 ) -> None:
-    _, digest = add_blob(server)
+    _, digest = add_blob(server, BLOB_BYTES)
     server.faults.content_range_override = content_range
     with pytest.raises(error) as caught:
         await client.get_blob_range(ref_on(server), digest, ByteRange(100, 200))
@@ -227,7 +209,7 @@ async def test_a_wrong_content_range_is_caught(
 async def test_a_206_without_content_range_is_refused(
     server: FaultServer, client: RegistryClient
 ) -> None:
-    _, digest = add_blob(server)
+    _, digest = add_blob(server, BLOB_BYTES)
     server.faults.content_range_override = ""
     with pytest.raises(RegistryProtocolError, match="without Content-Range") as caught:
         await client.get_blob_range(ref_on(server), digest, ByteRange(100, 200))
@@ -238,7 +220,7 @@ async def test_a_206_without_content_range_is_refused(
 async def test_a_truncated_range_answer_is_retried(
     server: FaultServer, client: RegistryClient, ranges: list[ByteRange]
 ) -> None:
-    data, digest = add_blob(server)
+    data, digest = add_blob(server, BLOB_BYTES)
     server.faults.truncate_times = 1
     answer = await client.get_blob_ranges(ref_on(server), digest, ranges)
     assert answer == [data[r.start : r.end] for r in ranges]
@@ -248,7 +230,7 @@ async def test_a_truncated_range_answer_is_retried(
 async def test_a_truncated_whole_blob_answer_to_a_range_is_retried(
     server: FaultServer, client: RegistryClient
 ) -> None:
-    data, digest = add_blob(server)
+    data, digest = add_blob(server, BLOB_BYTES)
     server.faults.ignore_range, server.faults.truncate_times = True, 1
     assert await client.get_blob_range(ref_on(server), digest, ByteRange(5, 50)) == data[5:50]
     assert client.stats.retries == 1
@@ -271,7 +253,7 @@ async def test_a_body_longer_than_the_descriptor_says_is_refused_early(
 async def test_a_redirect_to_another_host_carries_no_credentials(
     server: FaultServer, bearer: bool
 ) -> None:
-    data, digest = add_blob(server)
+    data, digest = add_blob(server, BLOB_BYTES)
     server.faults.redirect_blobs = True
     if bearer:
         server.faults.bearer = True
@@ -311,7 +293,7 @@ def _assert_plain_http_error(exc: BaseException, host: str) -> None:
 
 
 async def test_an_insecure_registry_still_falls_back_to_plain_http(server: FaultServer) -> None:
-    data, digest = add_blob(server)
+    data, digest = add_blob(server, BLOB_BYTES)
     config = RegistryConfig(
         retry=FAST_RETRY, tls_verify=True, insecure_registries=frozenset({server.host})
     )

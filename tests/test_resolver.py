@@ -19,10 +19,11 @@ from pathlib import Path
 import anyio
 import pytest
 import zstandard
+from faulthelpers import FAST_RETRY
 from faultserver import FaultServer
 
 from lazyfs.cache.store import ChunkCache, LoadedChunk
-from lazyfs.config import RegistryConfig, ResolverConfig, RetryConfig
+from lazyfs.config import RegistryConfig, ResolverConfig
 from lazyfs.errors import (
     FetchDeadlineError,
     IntegrityError,
@@ -828,19 +829,10 @@ async def test_shutdown_fails_waiting_readers(cache: ChunkCache) -> None:
 
 # ------------------------------------------------------------------------ through real HTTP
 
-FAST_RETRY = RetryConfig(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
-
 
 @pytest.fixture
-def server() -> Iterator[FaultServer]:
-    with FaultServer() as fault_server:
-        yield fault_server
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[RegistryClient]:
-    async with RegistryClient(RegistryConfig(retry=FAST_RETRY)) as registry_client:
-        yield registry_client
+def registry_config() -> RegistryConfig:
+    return RegistryConfig(retry=FAST_RETRY)
 
 
 def served(server: FaultServer, client: RegistryClient, world: World) -> RegistryByteSource:

@@ -37,7 +37,7 @@ from lazyfs.formats import estargz
 from lazyfs.formats.bounded import zstd_exact
 from lazyfs.formats.chunked.toc import LEGACY_TOC_CHECKSUM_ANNOTATION, TOC_CHECKSUM_ANNOTATION
 from lazyfs.model.digest import Digest
-from lazyfs.model.manifests import Index, Manifest, parse_manifest_or_index
+from lazyfs.model.manifests import MAX_MANIFEST_BYTES, Index, Manifest, parse_manifest_or_index
 from lazyfs.model.reference import Reference
 from lazyfs.model.verity import format_verity, fsverity_digest
 
@@ -103,7 +103,15 @@ def _contents(layout: OciLayout) -> BundleContents:
     ] or [d for d in layout.index().manifests if d.ref_name == "lazyfs-bundle"]
     if len(entries) != 1:
         raise BundleError(f"{layout.path}: not a lazyfs bundle (no single bundle manifest)")
-    manifest = Manifest.parse(layout.read_blob(entries[0].digest), entries[0].media_type)
+    # Whoever wrote the bundle controls its files: its manifest is capped as a registry's is.
+    size = layout.blob_size(entries[0].digest)
+    if size > MAX_MANIFEST_BYTES:
+        raise BundleError(
+            f"{layout.path}: the bundle manifest is {size} bytes, "
+            f"more than the {MAX_MANIFEST_BYTES} a manifest may have"
+        )
+    data = layout.read_blob(entries[0].digest, MAX_MANIFEST_BYTES)  # capped if it grows meanwhile
+    manifest = Manifest.parse(data, entries[0].media_type)
     if manifest.extra.get("artifactType") != BUNDLE_ARTIFACT_TYPE or len(manifest.layers) != 1:
         raise BundleError(f"{layout.path}: the bundle manifest is not a lazyfs bundle's")
     layer = manifest.layers[0]

@@ -121,6 +121,7 @@ class MountedImage:
         index: BlobIndex,
         resolver: ChunkResolver,
         client: RegistryClient,
+        failover: Failover,
         recorder: ProfileRecorder | None,
         options: ImageOptions,
         cache: ChunkCache,
@@ -133,6 +134,7 @@ class MountedImage:
         self.resolver = resolver
         self.options = options
         self._client = client
+        self._failover = failover  # the endpoints the image was opened through
         self._shared_cache = cache
         self._recorder = recorder
         self._started = time.monotonic()
@@ -187,7 +189,7 @@ class MountedImage:
             recorder,
             shared,
         )
-        return cls(opened, index, resolver, client, recorder, options, shared.cache, plan)
+        return cls(opened, index, resolver, client, failover, recorder, options, shared.cache, plan)
 
     def indexed(self) -> IndexedImage:
         return IndexedImage(self.opened, self.index, self.plan)
@@ -300,7 +302,11 @@ class MountedImage:
         if not self.opened.offline:
             with anyio.move_on_after(PROFILE_LOOKUP_TIMEOUT_S):
                 try:
-                    found = await find_profile(self._client, self.opened.reference, digest)
+                    # Where the image's blobs come from: mirrors in order, then the origin.
+                    found = await self._failover.first(
+                        self.opened.reference,
+                        lambda endpoint: find_profile(self._client, endpoint, digest),
+                    )
                     settled = True
                 except LazyfsError as exc:
                     log.info("%s: no attached access profile: %s", self.opened.reference, exc)
