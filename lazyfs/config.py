@@ -112,6 +112,9 @@ class ResolverConfig:
     # needed anything; for the next files, about one bandwidth-delay product, at least the minimum.
     readahead_min_bytes: int = 64 << 10
     readahead_max_bytes: int = 4 << 20
+    # Of a file's rest, what its first miss brings; a later miss brings the rest up to the
+    # maximum (ReadaheadBudget.rest_of_file_share): a file read in part costs one window.
+    readahead_first_bytes: int = 256 << 10
     # Of that, what may go to the files after the missed one (the rest of the missed file may
     # take all of it), also about one bandwidth-delay product: more of them go unused than are
     # read, and on a high-RTT link each round trip saved still pays (docs/benchmarks.md).

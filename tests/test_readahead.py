@@ -313,3 +313,21 @@ def _file_entries(name: str, chunk_sizes: list[int], start: int) -> list[TocEntr
         )  # fmt: skip
         position += size
     return entries
+
+
+def test_a_files_first_miss_brings_one_window_of_its_rest_a_later_one_the_rest() -> None:
+    """``head -c 64k`` of a big file costs one window; a file read on (an executable, a
+    library) brings its rest at its second miss."""
+    entries = _file_entries("big", [10] * 100, 0)
+    tree = build_tree([entries])
+    index = BlobIndex.of_tree(tree)
+    big = tree.find("/big")
+    assert big is not None
+    config = ResolverConfig(readahead_first_bytes=30, readahead_max_bytes=500)
+    budget = ReadaheadBudget(credit_bytes=10_000)
+    first = plan_ahead(index, budget, big.chunks[0], big, config, 1000)
+    assert [a.chunk.ref.file_offset for a in first] == [10, 20, 30]
+    later = plan_ahead(index, budget, big.chunks[40], big, config, 1000)
+    assert [a.chunk.ref.file_offset for a in later] == [410 + 10 * i for i in range(50)]
+    other = ReadaheadBudget(credit_bytes=10_000)  # another mount's budget knows nothing
+    assert len(plan_ahead(index, other, big.chunks[40], big, config, 1000)) == 3

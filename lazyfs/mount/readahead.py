@@ -55,6 +55,7 @@ from lazyfs.mount.tree import LayerChunk, Node, Tree
 
 SCAN_FILES = 64  # files of a directory a miss looks at for read-ahead: bounded work per miss
 SOURCES = "sources of pycs"  # the share pycs' sources earn (not a path: no directory's)
+MISSED_FILES_MAX = 1 << 14  # files whose first miss is remembered (then forgotten all at once)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class ReadaheadBudget:
     used_bytes: int = 0  # compressed: fetched ahead and then read
     credit_bytes: int = 0  # allowed before any read needed anything (one file's rest)
     _unused: dict[str, tuple[int, int, str | None]] = field(default_factory=dict, repr=False)
+    _missed_files: set[str] = field(default_factory=set, repr=False)
     _directories: dict[str, list[int]] = field(default_factory=dict, repr=False)  # [ahead, used]
 
     def missed(self, size_bytes: int) -> None:
@@ -120,6 +122,19 @@ class ReadaheadBudget:
     @property
     def allowance_bytes(self) -> int:
         return max(0, self.credit_bytes + self.needed_bytes - self.ahead_bytes)
+
+    def rest_of_file_share(self, path: str, first_bytes: int, most_bytes: int) -> int:
+        """What a miss of ``path`` may fetch of the rest of its file: ``first_bytes`` at its
+        first miss, all of it (up to ``most_bytes``) at any later one. A file read only in part
+        (``head -c 64k`` of a big one) costs one window, not its rest; a file read on (an
+        executable, a library, a file read whole) misses again past that window, and then
+        brings the rest in one round trip more."""
+        if path in self._missed_files:
+            return most_bytes
+        if len(self._missed_files) >= MISSED_FILES_MAX:
+            self._missed_files.clear()
+        self._missed_files.add(path)
+        return first_bytes
 
     def directory_share(
         self, directory: str, first_bytes: int, gain: float, least_bytes: int = 0
@@ -338,10 +353,14 @@ def plan_ahead(
     present: Callable[[LayerChunk], bool] = lambda chunk: False,
 ) -> list[Ahead]:
     """What a miss of ``node``'s ``chunk`` fetches ahead (the resolver's choice, and the
-    replay's): the rest of the file and its source within the budget, then the next files of
-    its directory within the directory's share and one bandwidth-delay product."""
+    replay's): the rest of the file (one window at its first miss, then all of it) and its
+    source within the budget, then the next files of its directory within the directory's
+    share and one bandwidth-delay product."""
     allowance = budget.allowance_bytes
-    rest_of_file = min(allowance, config.readahead_max_bytes)
+    first = min(config.readahead_first_bytes, config.readahead_max_bytes)
+    rest_of_file = min(
+        allowance, budget.rest_of_file_share(node.path, first, config.readahead_max_bytes)
+    )
     if rest_of_file <= 0:
         return []
     share = budget.directory_share(
