@@ -819,7 +819,11 @@ class ChunkResolver:
             self._finish(items, [FetchDeadlineError("fetch cancelled")] * len(items))
             raise
         if failure is not None:
-            await early.settled()
+            try:
+                await early.settled()
+            except BaseException:  # cancelled meanwhile: no waiter may be stranded (inv. 7)
+                self._finish(items, [FetchDeadlineError("fetch cancelled")] * len(items))
+                raise
             items = [item for item in items if item.key not in early.served]
             verified.results = [failure] * len(items)
         await self._keep(verified, self._finish(items, verified.results))
