@@ -94,3 +94,13 @@ def test_a_failing_hand_on_stops_the_listener_without_raising() -> None:
     frames(0, BLOB[0:150])
     frames(150, BLOB[150:250])
     assert calls == 1
+
+
+def test_a_closed_listener_hears_nothing_and_holds_nothing() -> None:
+    chunks = [Frame(0, 1000), Frame(1000, 2000), Frame(2000, 3000)]
+    frames, handed = listener([ByteRange(0, 3000)], chunks, set())
+    tell(frames, 0, 1500)
+    frames.close()
+    frames.wanted(0)
+    tell(frames, 1500, 2500)
+    assert handed == []

@@ -105,6 +105,14 @@ class EarlyFrames:
             log.exception("early frames: listener failed; the answer's end will serve")
             self._failed = True
 
+    def close(self) -> None:
+        """The answer is over (whole or failed): hear nothing more, and let its pieces go."""
+        self._failed = True
+        self._whole = []
+        self._whole_indices.clear()
+        for part in self._ranges:
+            part.pieces = []
+
     def wanted(self, index: int) -> None:
         """A reader now waits for chunk ``index``: if it is whole, hand it on at once."""
         if self._failed or index not in self._whole_indices or self._left_bytes <= 0:

@@ -797,7 +797,11 @@ class ChunkResolver:
         try:
             async with self._limiter:
                 started = time.monotonic()
-                bodies = await self._source.read_ranges(blob.digest, request.ranges, listener)
+                try:
+                    bodies = await self._source.read_ranges(blob.digest, request.ranges, listener)
+                finally:
+                    if listener is not None:
+                        listener.close()
                 elapsed = time.monotonic() - started
                 if blob.lazy:
                     self._link.record(sum(len(b) for b in bodies), elapsed)
