@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -43,7 +44,7 @@ class _Range:
         self.end = rng.end
         self.filled = rng.start  # the prefix [start, filled) has arrived
         self.pieces: list[tuple[int, bytes]] = []
-        self.members = list(members)  # indices of its chunks, in blob order, not yet whole
+        self.members = deque(members)  # indices of its chunks, in blob order, not yet whole
 
     def add(self, offset: int, data: bytes) -> int:
         """Take what extends the prefix; how many bytes that was."""
@@ -92,36 +93,31 @@ class EarlyFrames:
         self._waited = waited
         self._ready = ready
         self._left_bytes = sum(rng.length for rng in ranges)
-        self._whole: list[tuple[int, int]] = []  # (range, chunk index): whole, not handed on
-        self._whole_indices: set[int] = set()
-        self._failed = False
+        self._whole: dict[int, int] = {}  # chunk index -> its range: whole, not handed on
+        self._stopped = False
 
     def __call__(self, offset: int, data: bytes) -> None:
-        if self._failed:
-            return
-        try:
-            self._heard(offset, data)
-        except Exception:  # a bug here must cost only the early start, never the fetch
-            log.exception("early frames: listener failed; the answer's end will serve")
-            self._failed = True
+        if not self._stopped:
+            self._guarded(self._heard, offset, data)
 
     def close(self) -> None:
         """The answer is over (whole or failed): hear nothing more, and let its pieces go."""
-        self._failed = True
-        self._whole = []
-        self._whole_indices.clear()
+        self._stopped = True
+        self._whole.clear()
         for part in self._ranges:
             part.pieces = []
 
     def wanted(self, index: int) -> None:
         """A reader now waits for chunk ``index``: if it is whole, hand it on at once."""
-        if self._failed or index not in self._whole_indices or self._left_bytes <= 0:
-            return
+        if not self._stopped and index in self._whole and self._left_bytes > 0:
+            self._guarded(self._hand_on)
+
+    def _guarded(self, step: Callable[..., None], *args: int | bytes) -> None:
         try:
-            self._hand_on()
-        except Exception:
-            log.exception("early frames: hand-on failed; the answer's end will serve")
-            self._failed = True
+            step(*args)
+        except Exception:  # a bug here must cost only the early start, never the fetch
+            log.exception("early frames: listener failed; the answer's end will serve")
+            self._stopped = True
 
     def _heard(self, offset: int, data: bytes) -> None:
         which = max(0, bisect.bisect_right(self._starts, offset) - 1)
@@ -132,9 +128,8 @@ class EarlyFrames:
             at = max(offset, self._starts[which])
             self._left_bytes -= part.add(at, data[at - offset :])
             while part.members and self._chunks[part.members[0]].blob_end <= part.filled:
-                index = part.members.pop(0)
-                self._whole.append((which, index))
-                self._whole_indices.add(index)
+                index = part.members.popleft()
+                self._whole[index] = which
                 waited = waited or self._waited(index)  # only the new ones: see ``wanted``
             which += 1
         if waited and self._left_bytes > 0:
@@ -142,13 +137,12 @@ class EarlyFrames:
 
     def _hand_on(self) -> None:
         frames = []
-        for which, index in self._whole:
+        for index, which in self._whole.items():
             chunk = self._chunks[index]
             frames.append((index, self._ranges[which].cut(chunk.blob_offset, chunk.blob_end)))
-        for which in {which for which, _ in self._whole}:
+        for which in set(self._whole.values()):
             part = self._ranges[which]
             first = self._chunks[part.members[0]].blob_offset if part.members else part.end
             part.prune(first)
-        self._whole = []
-        self._whole_indices.clear()
+        self._whole.clear()
         self._ready(frames)
