@@ -121,10 +121,15 @@ def slice_ranges(data: bytes, base_offset: int, ranges: Sequence[ByteRange]) -> 
     return slices
 
 
-def _multipart_boundary(content_type: str) -> bytes:
+def _content_type(value: str) -> email.message.Message:
     # email.message handles parameter quoting and RFC 2231 for us.
     message = email.message.Message()
-    message["Content-Type"] = content_type
+    message["Content-Type"] = value
+    return message
+
+
+def _multipart_boundary(content_type: str) -> bytes:
+    message = _content_type(content_type)
     if message.get_content_type() != _MULTIPART_BYTERANGES:
         raise RegistryProtocolError(f"expected {_MULTIPART_BYTERANGES}, got {content_type!r}")
     boundary = message.get_boundary()
@@ -137,12 +142,18 @@ def _multipart_boundary(content_type: str) -> bytes:
 
 def _first_delimiter(body: bytes, delimiter: bytes) -> int:
     """Offset of the first delimiter, which must start the body or a line (after a preamble)."""
+    index = _find_delimiter(body, delimiter)
+    if index < 0:
+        raise RegistryProtocolError("multipart/byteranges body has no boundary delimiter")
+    return index
+
+
+def _find_delimiter(body: bytes, delimiter: bytes) -> int:
+    """Offset of the first delimiter that starts ``body`` or a line of it; -1 if none."""
     if body.startswith(delimiter):
         return 0
     index = body.find(b"\n" + delimiter)
-    if index < 0:
-        raise RegistryProtocolError("multipart/byteranges body has no boundary delimiter")
-    return index + 1
+    return index + 1 if index >= 0 else -1
 
 
 def _line_ending_after(body: bytes, pos: int) -> bytes:
@@ -219,7 +230,7 @@ class PartialBody:
         self._pending = bytearray()  # a delimiter line and headers, not yet complete
         self._delimiter = b""
         try:
-            if media_type_is_multipart(content_type):
+            if _content_type(content_type).get_content_type() == _MULTIPART_BYTERANGES:
                 self._delimiter = b"--" + _multipart_boundary(content_type)
             elif content_range is not None:
                 part = parse_content_range(content_range)[0]
@@ -249,37 +260,27 @@ class PartialBody:
         return found
 
     def _next_part(self) -> bytes:
-        """Parse the next part's headers out of what is pending; the bytes after them (empty
-        while the headers are not all in)."""
-        pending = self._pending
-        start = pending.find(self._delimiter)
-        end = pending.find(b"\n\n", start) if start >= 0 else -1
-        crlf_end = pending.find(b"\r\n\r\n", start) if start >= 0 else -1
-        if crlf_end >= 0 and (end < 0 or crlf_end < end):
-            end, blank = crlf_end, 4
-        else:
-            blank = 2
-        if end < 0:
+        """Parse the next part's headers out of what is pending, as the strict parser does
+        (``_read_part_headers``, ``_part_range``); the bytes after them (empty while they are
+        not all in)."""
+        pending = bytes(self._pending)
+        at = _find_delimiter(pending, self._delimiter)
+        line_end = pending.find(b"\n", at + len(self._delimiter)) if at >= 0 else -1
+        if line_end < 0 or not _headers_complete(pending, line_end):
             if len(pending) > _PART_HEADERS_MAX_BYTES:
                 self._stopped = True
             return b""
-        headers = bytes(pending[start:end]).decode("latin-1").lower()
-        rest = bytes(pending[end + blank :])
-        pending.clear()
-        name = "content-range:"
-        at = headers.find(name)
-        if at < 0:
-            self._stopped = True  # the closing delimiter, or a part without one
-            return b""
+        self._pending.clear()
         try:
-            value = headers[at + len(name) :].split("\n", 1)[0]
-            part = parse_content_range(value)[0]
+            headers, body_start = _read_part_headers(pending, line_end + 1)
+            part = _part_range(headers)
         except RegistryProtocolError:
-            self._stopped = True
+            self._stopped = True  # the closing delimiter, or a part this cannot follow
             return b""
         self._offset, self._remaining = part.start, part.length
-        return rest
+        return pending[body_start:]
 
 
-def media_type_is_multipart(content_type: str) -> bool:
-    return content_type.split(";", 1)[0].strip().lower() == _MULTIPART_BYTERANGES
+def _headers_complete(data: bytes, line_end: int) -> bool:
+    """Whether a blank line follows the line ending at ``line_end`` somewhere in ``data``."""
+    return data.find(b"\n\r\n", line_end) >= 0 or data.find(b"\n\n", line_end) >= 0
