@@ -172,6 +172,9 @@ async def test_a_cancelled_wait_leaves_its_job_to_be_finished_later() -> None:
         await readers.run(release.wait, lambda: finished.append("first"))
     assert finished == [] and readers.pending == 1
     release.set()
+    with anyio.fail_after(5):  # its thread has reported it done, and nobody has finished it
+        while not readers._completions.done:
+            await anyio.sleep(0.005)
     await readers.run(lambda: None, lambda: finished.append("second"))
     assert "first" in finished  # finished by the next read, on the loop
     await anyio.sleep(0.05)
