@@ -217,3 +217,31 @@ def test_the_entries_of_one_image_are_capped(image: dict[str, str]) -> None:
         anyio.run(open_with, LimitsConfig(max_image_toc_entries=5), backend="trio")
     message = str(caught.value)
     assert "\n" not in message and image["ref"] in message and "max_image_toc_entries" in message
+
+
+def test_reopening_a_cached_image_writes_no_metadata(
+    image: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest, tag and TOCs a cache holds are not written again on every open."""
+    written: list[str] = []
+    put_meta = ChunkCache.put_meta
+
+    def counting(self: ChunkCache, key: str, data: bytes) -> None:
+        written.append(key)
+        put_meta(self, key, data)
+
+    monkeypatch.setattr(ChunkCache, "put_meta", counting)
+
+    async def open_twice() -> None:
+        cache = ChunkCache(Path(image["cache"]), None)
+        try:
+            async with RegistryClient() as client:
+                ref = Reference.parse(image["ref"])
+                await open_image(client, cache, ref, Platform.host())
+                written.clear()  # the first open may complete what the cache held
+                await open_image(client, cache, ref, Platform.host())
+        finally:
+            cache.close()
+
+    anyio.run(open_twice, backend="trio")
+    assert written == []

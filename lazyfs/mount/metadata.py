@@ -45,16 +45,18 @@ class MetadataFetcher:
         tag_key = keys.tag_key(ref)
         if not self.offline:
             # With a digest remembered for the tag, a refused connection falls back at once.
-            fallback = await self.get(tag_key) is not None
-            get = partial(self.client.get_manifest, cached_fallback=fallback)
+            known = await self.get(tag_key)
+            get = partial(self.client.get_manifest, cached_fallback=known is not None)
             try:
                 fetched = await self.failover.first(ref, get)
             except _OFFLINE_ERRORS as exc:
                 log.warning("registry unreachable (%s); trying the cache", exc)
                 self.offline = True
             else:
-                await self.remember(keys.blob_key(fetched.digest), fetched.data)
-                await self.remember(tag_key, str(fetched.digest).encode())
+                remembered = str(fetched.digest).encode()
+                if known != remembered:  # else both are cached already: no write on a remount
+                    await self.remember(keys.blob_key(fetched.digest), fetched.data)
+                    await self.remember(tag_key, remembered)
                 return fetched.digest, fetched.data, fetched.media_type
         digest = Digest.parse((await self.cached(tag_key, f"{ref} (registry down)")).decode())
         data = await self.cached(keys.blob_key(digest), str(digest))
@@ -89,17 +91,19 @@ class MetadataFetcher:
     ) -> bytes:
         """The compressed TOC, checked against the manifest's checksum annotation."""
         key = keys.blob_key(checksum)
-        data = await self.get(key)
+        cached = await self.get(key)
+        if cached is None and self.offline:
+            raise RegistryUnreachableError(
+                f"TOC of {layer.digest} is not cached and the registry is down"
+            )
+        data = cached
         if data is None:
-            if self.offline:
-                raise RegistryUnreachableError(
-                    f"TOC of {layer.digest} is not cached and the registry is down"
-                )
             data = await self.blob_range(ref, layer, ByteRange(section.offset, section.end))
         actual = Digest("sha256", hashlib.sha256(data).hexdigest())
         if actual != checksum:
             raise IntegrityError(f"TOC of layer {layer.digest}", str(checksum), str(actual))
-        await self.remember(key, data)
+        if cached is None:  # a cached TOC is not written again (a megabyte per layer)
+            await self.remember(key, data)
         return data
 
     async def blob_range(self, ref: Reference, layer: Descriptor, rng: ByteRange) -> bytes:

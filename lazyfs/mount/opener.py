@@ -242,7 +242,7 @@ async def _estargz_entries(
     """The eStargz TOC: footer, then the TOC member, checked against the annotation."""
     expected = layer.annotations[estargz.TOC_DIGEST_ANNOTATION]
     key = keys.estargz_toc_key(expected)
-    cached = await fetcher.get(key)
+    cached = known = await fetcher.get(key)
     if cached is None:
         tail_size = estargz.tail_read_size(layer.size)
         tail = await fetcher.blob_range(ref, layer, ByteRange(layer.size - tail_size, layer.size))
@@ -255,7 +255,8 @@ async def _estargz_entries(
     actual = estargz.toc_digest(toc_json)
     if actual != expected:
         raise IntegrityError(f"eStargz TOC of layer {layer.digest}", expected, actual)
-    await fetcher.remember(key, cached)
+    if known is None:
+        await fetcher.remember(key, cached)
     return await anyio.to_thread.run_sync(  # a worker thread, as for zstd:chunked TOCs
         lambda: estargz.toc_entries(toc_json, int(offset_line), layer=str(layer.digest))
     )
