@@ -1213,6 +1213,51 @@ async def test_a_corrupt_chunk_fails_once_early_or_not(cache: ChunkCache) -> Non
     assert cache.get_chunk(world.node.chunks[0].ref.verity) is None
 
 
+async def test_chunks_served_early_stand_when_the_answer_fails_later(cache: ChunkCache) -> None:
+    """Chunk 0 came early and verified; the answer then fails: its reader keeps its bytes,
+    chunk 0 is cached, the rest fail and are fetched again by the next read."""
+    world, index = _file_with_readahead([6000, 6000, 6000])
+    world.source.early_bytes = chunk_range(world.node, 0).length
+    world.source.gate = gate = anyio.Event()
+    world.source.errors = [TransientRegistryError("connection dropped mid-answer")]
+    async with anyio.create_task_group() as tasks:
+        resolver = ChunkResolver(world.source, cache, [world.layer], ResolverConfig(), tasks, index)
+        with anyio.fail_after(5):
+            assert await resolver.read(world.node, 0, 6000) == world.content[:6000]
+            gate.set()
+            await wait_until(lambda: cache.get_chunk(world.node.chunks[0].ref.verity) is not None)
+            assert await resolver.read(world.node, 6000, 12_000) == world.content[6000:]
+        assert world.source.calls[1].ranges == (span(world.node, 1, 2),)  # chunk 0 not again
+        tasks.cancel_scope.cancel()
+
+
+async def test_shutdown_while_early_batches_are_held_fails_the_rest(cache: ChunkCache) -> None:
+    """The answer is held after chunk 0 came early: cancelling the resolver serves chunk 0's
+    reader and fails the reader of chunk 1, neither hangs."""
+    world, index = _file_with_readahead([6000, 6000, 6000])
+    world.source.early_bytes = chunk_range(world.node, 0).length
+    world.source.gate = anyio.Event()  # never set
+    results: list[bytes | LazyfsError] = []
+
+    async def reader(resolver: ChunkResolver, offset: int) -> None:
+        try:
+            results.append(await resolver.read(world.node, offset, 6000))
+        except LazyfsError as exc:
+            results.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as readers, anyio.create_task_group() as tasks:
+            config = ResolverConfig()
+            resolver = ChunkResolver(world.source, cache, [world.layer], config, tasks, index)
+            readers.start_soon(reader, resolver, 0)
+            await wait_until(lambda: len(results) == 1)
+            readers.start_soon(reader, resolver, 6000)
+            await wait_until(lambda: resolver.stats.singleflight_waits == 1)
+            tasks.cancel_scope.cancel()
+    assert results[0] == world.content[:6000]
+    assert isinstance(results[1], FetchDeadlineError)
+
+
 async def test_a_reader_joining_read_ahead_already_in_is_served_at_once(cache: ChunkCache) -> None:
     """Chunk 1 came in as read-ahead while the answer is held back; a read of it, arriving
     then, gets it without waiting for the answer's end."""

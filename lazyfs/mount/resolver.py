@@ -520,6 +520,9 @@ class ChunkResolver:
             log.exception("resolving %d chunks crashed", len(owned))
             self.stats.internal_errors += 1
             self._finish(owned, [LazyfsError(f"internal error: {exc!r}")] * len(owned))
+        except BaseException:  # cancelled before its fetches own them (invariant 7)
+            self._finish(owned, [FetchDeadlineError("fetch cancelled")] * len(owned))
+            raise
 
     async def _serve_or_fetch(self, owned: list[_Wanted]) -> None:
         missing = await self._serve_from_cache(owned)
@@ -723,6 +726,9 @@ class ChunkResolver:
             async with anyio.create_task_group() as fetches:
                 for request in self._plan(missing):
                     fetches.start_soon(self._fetch, request)
+        except BaseException:  # cancelled before its fetches own them: no waiter stranded (7)
+            self._finish(owned, [FetchDeadlineError("prefetch cancelled")] * len(owned))
+            raise
         finally:
             slots.release()
 
@@ -788,13 +794,40 @@ class ChunkResolver:
         return groups
 
     async def _fetch(self, request: _Request) -> None:
+        """Fetch ``request``, verify its chunks and complete their flights; nothing escapes.
+        Chunks that readers wait for are served as their frames arrive, in batches of the
+        ``early`` task group (``_settle_early``); the answer's end waits for them and verifies
+        only the chunks they did not serve."""
         items = [item for group in request.chunks for item in group]
         blob = self._layers[request.layer]
-        early = _Early()
-        listener = self._early_frames(request, items, blob, early) if len(items) > 1 else None
-        verified: _Verified = _Verified()
-        failure: LazyfsError | None = None
+        served: set[str] = set()  # the flight keys the early batches served
         try:
+            async with anyio.create_task_group() as early:  # ends once its batches are settled
+                bodies = await self._read(request, items, blob, early, served)
+            items = [item for item in items if item.key not in served]
+            outcome = (
+                bodies
+                if isinstance(bodies, LazyfsError)
+                else await self._verify_answer(request, blob, bodies, served)
+            )
+        except BaseException:  # cancelled: no waiter may be stranded (invariant 7)
+            self._finish(items, [FetchDeadlineError("fetch cancelled")] * len(items))
+            raise
+        verified = outcome if isinstance(outcome, _Verified) else _Verified([outcome] * len(items))
+        await self._keep(verified, self._finish(items, verified.results))
+
+    async def _read(
+        self,
+        request: _Request,
+        items: list[_Wanted],
+        blob: LayerBlob,
+        early: TaskGroup,
+        served: set[str],
+    ) -> list[bytes] | LazyfsError:
+        """The bodies of ``request``'s ranges, or what the fetch failed with (the early
+        batches started into ``early`` meanwhile still serve what they verified)."""
+        try:
+            listener = self._early_frames(request, items, blob, early, served)
             async with self._limiter:
                 started = time.monotonic()
                 try:
@@ -803,49 +836,55 @@ class ChunkResolver:
                     if listener is not None:
                         listener.close()
                 elapsed = time.monotonic() - started
-                if blob.lazy:
-                    self._link.record(sum(len(b) for b in bodies), elapsed)
-                    self.stats.fetch_latency.observe(elapsed)
+            if blob.lazy:
+                self._link.record(sum(len(b) for b in bodies), elapsed)
+                self.stats.fetch_latency.observe(elapsed)
             self._count_fetch(request, bodies)
-            await early.settled()
-            frames = [f for f in _cut_frames(request, bodies) if f[0].key not in early.served]
-            items = [item for item, _ in frames]
-            verified = await anyio.to_thread.run_sync(_verify_frames, blob, frames)
-        except LazyfsError as exc:
-            log.warning(
-                "fetch of %d chunks from layer %d failed: %s", len(items), request.layer, exc
-            )
-            failure = exc
-        except Exception as exc:  # a bug must fail these reads, not the whole mount
-            log.exception("fetch of %d chunks from layer %d crashed", len(items), request.layer)
-            failure = LazyfsError(f"fetch failed: {exc!r}")
-        except BaseException:
-            self._finish(items, [FetchDeadlineError("fetch cancelled")] * len(items))
-            raise
-        if failure is not None:
-            try:
-                await early.settled()
-            except BaseException:  # cancelled meanwhile: no waiter may be stranded (inv. 7)
-                self._finish(items, [FetchDeadlineError("fetch cancelled")] * len(items))
-                raise
-            items = [item for item in items if item.key not in early.served]
-            verified.results = [failure] * len(items)
-        await self._keep(verified, self._finish(items, verified.results))
+        except Exception as exc:
+            return self._fetch_failure(request, exc)
+        return bodies
+
+    async def _verify_answer(
+        self, request: _Request, blob: LayerBlob, bodies: list[bytes], served: set[str]
+    ) -> _Verified | LazyfsError:
+        """Worker thread: the chunks of the answer that no early batch served, verified."""
+        try:
+            frames = [f for f in _cut_frames(request, bodies) if f[0].key not in served]
+            return await anyio.to_thread.run_sync(_verify_frames, blob, frames)
+        except Exception as exc:
+            return self._fetch_failure(request, exc)
+
+    @staticmethod
+    def _fetch_failure(request: _Request, exc: Exception) -> LazyfsError:
+        """What the flights of a failed fetch end with: a bug fails these reads, not the mount."""
+        chunks = sum(len(group) for group in request.chunks)
+        if isinstance(exc, LazyfsError):
+            log.warning("fetch of %d chunks from layer %d failed: %s", chunks, request.layer, exc)
+            return exc
+        log.error("fetch of %d chunks from layer %d crashed", chunks, request.layer, exc_info=exc)
+        return LazyfsError(f"fetch failed: {exc!r}")
 
     def _early_frames(
-        self, request: _Request, items: list[_Wanted], blob: LayerBlob, early: _Early
-    ) -> EarlyFrames:
+        self,
+        request: _Request,
+        items: list[_Wanted],
+        blob: LayerBlob,
+        early: TaskGroup,
+        served: set[str],
+    ) -> EarlyFrames | None:
         """The listener that hands on the chunks readers wait for as their bytes arrive
-        (mount/earlyframes.py), each batch verified and served by ``_settle_early``."""
+        (mount/earlyframes.py), each batch verified and served by ``_settle_early``; none for
+        a request of one chunk, whose answer's end is its frame's."""
+        if len(items) < 2:
+            return None
 
         def waited(index: int) -> bool:
             flight = self._flights.get(items[index].key)
             return flight is not None and flight.wanted and not flight.done.is_set()
 
         def ready(frames: list[tuple[int, bytes]]) -> None:
-            early.started()
             batch = [(items[index], frame) for index, frame in frames]
-            self._task_group.start_soon(self._settle_early, blob, batch, early)
+            early.start_soon(self._settle_early, blob, batch, served)
 
         range_of = [which for which, group in enumerate(request.chunks) for _ in group]
         refs = [item.chunk.ref for item in items]
@@ -857,11 +896,11 @@ class ChunkResolver:
         return listener
 
     async def _settle_early(
-        self, blob: LayerBlob, frames: list[tuple[_Wanted, bytes]], early: _Early
+        self, blob: LayerBlob, frames: list[tuple[_Wanted, bytes]], served: set[str]
     ) -> None:
-        """Background task: verify and serve chunks of an answer still coming in. One that
-        fails stays in flight: the answer's end, strictly parsed, decides (earlyframes.py).
-        Nothing escapes it."""
+        """Task of a fetch's early group: verify and serve chunks of an answer still coming
+        in, then hand their caching to the resolver's tasks. One that fails stays in flight:
+        the answer's end, strictly parsed, decides (earlyframes.py). Nothing escapes it."""
         try:
             verified = await anyio.to_thread.run_sync(_verify_frames, blob, frames)
             good = [
@@ -869,13 +908,14 @@ class ChunkResolver:
                 for (item, _), data in zip(frames, verified.results, strict=True)
                 if isinstance(data, bytes)
             ]
-            served = self._finish([item for item, _ in good], [data for _, data in good])
-            early.served.update(item.key for item, _ in good)
+            flights = self._finish([item for item, _ in good], [data for _, data in good])
+            served.update(item.key for item, _ in good)
         except Exception:
             log.exception("early frames of %d chunks crashed", len(frames))
             return
-        finally:
-            early.batch_done()
+        self._task_group.start_soon(self._keep_early, verified, flights)
+
+    async def _keep_early(self, verified: _Verified, served: list[tuple[str, _Flight]]) -> None:
         try:
             await self._keep(verified, served)
         except Exception:
@@ -935,30 +975,6 @@ class ChunkResolver:
         except CacheError as exc:  # the bytes are verified and served: only caching failed
             log.warning("could not cache %d chunks: %s", len(verified.chunks), exc)
             return {}
-
-
-class _Early:
-    """A request's early batches (``_settle_early``): which keys they served, and whether any
-    is still being verified (the answer's end waits for those before it takes the rest)."""
-
-    def __init__(self) -> None:
-        self.served: set[str] = set()
-        self._open = 0
-        self._idle = anyio.Event()
-        self._idle.set()
-
-    def started(self) -> None:
-        if self._open == 0:
-            self._idle = anyio.Event()
-        self._open += 1
-
-    def batch_done(self) -> None:
-        self._open -= 1
-        if self._open == 0:
-            self._idle.set()
-
-    async def settled(self) -> None:
-        await self._idle.wait()
 
 
 @dataclass
