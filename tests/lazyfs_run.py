@@ -40,6 +40,23 @@ def stats(mountpoint: Path) -> dict[str, Any]:
     return json.loads(os.getxattr(mountpoint, "user.lazyfs.stats"))  # type: ignore[no-any-return]
 
 
+def settled_stats(mountpoint: Path, quiet_s: float = 0.3, timeout_s: float = 20.0) -> dict[str, Any]:
+    """The mount's stats once its fetches have settled: a read returns as soon as its own
+    chunks are verified, while the rest of the answer (read-ahead) may still be coming in."""
+    deadline = time.monotonic() + timeout_s
+    last = stats(mountpoint)
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = stats(mountpoint)
+        if all(now[key] == last[key] for key in _SETTLED_KEYS):
+            return now
+        last = now
+    return last
+
+
+_SETTLED_KEYS = ("chunks_fetched", "range_requests", "bytes_fetched")
+
+
 @contextmanager
 def mounted(reference: str, mountpoint: Path, cache_dir: Path, *extra: str) -> Iterator[Path]:
     """Mount with the real CLI; unmount afterwards and check the daemon is gone."""

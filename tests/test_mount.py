@@ -12,7 +12,7 @@ from pathlib import Path
 import diskcache
 import pytest
 from imagebuild import build_big_image, build_feature_image, layout_manifest, layout_tocs
-from lazyfs_run import mounted, run_lazyfs, stats, wait_gone
+from lazyfs_run import mounted, run_lazyfs, settled_stats, stats, wait_gone
 from oracles import assert_trees_equal, tree_snapshot, umoci_unpack
 
 from lazyfs.convert.imagebuild import BuiltImage, directory, regular_file, write_image
@@ -140,7 +140,7 @@ def test_32_concurrent_readers_fetch_each_chunk_once(
             thread.start()
         for thread in threads:
             thread.join()
-        counters = stats(mnt)
+        counters = settled_stats(mnt)
     assert errors == []
     expected = _expected_chunks(layout_tocs(big_converted), set(chosen))
     cache = diskcache.Cache(str(tmp_path / "cache" / "chunks"))
