@@ -46,3 +46,9 @@ def alias_key(sha256: str) -> str:
 def profile_key(image: Digest) -> str:
     """The access profile last found attached to an image manifest (for offline mounts)."""
     return f"profile:{image}"
+
+
+def kept_toc_key(checksum: Digest, blob_end: int) -> str:
+    """A zstd:chunked TOC as checked for a blob whose payload ends at ``blob_end``, kept by
+    mount/kepttocs.py (its own sha256 inside, not a digest of something fetched)."""
+    return f"kept-toc:{checksum}:{blob_end}"

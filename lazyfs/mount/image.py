@@ -27,6 +27,7 @@ from lazyfs.errors import LazyfsError
 from lazyfs.model.platform import Platform
 from lazyfs.model.profiles import AccessProfile
 from lazyfs.model.reference import Reference
+from lazyfs.mount import kepttocs
 from lazyfs.mount.fill import (
     FillProgress,
     FillRun,
@@ -207,12 +208,18 @@ class MountedImage:
         """The prefetch, then (if asked for) the fill. A background task: nothing escapes
         it, and closing the image cancels it."""
         with self._prefetch_scope:
+            await self._guarded("keeping the checked TOCs", self._keep_tocs)
             await self._guarded("learning the cached files", self._learn_files)
             await self._guarded("prefetch", self._prefetch)
             if self.options.fill and not await self._guarded("fill", lambda: self._fill(bucket)):
                 self.fill.state = "failed"
         if self.options.fill and self.fill.state not in ("done", "failed"):
             self.fill.state = "stopped"
+
+    async def _keep_tocs(self) -> None:
+        """Keep the TOCs this open parsed, for the next open (mount/kepttocs.py)."""
+        if self.opened.unkept:
+            await anyio.to_thread.run_sync(kepttocs.keep, self._shared_cache, self.opened.unkept)
 
     async def _learn_files(self) -> None:
         """Which files hold the image's cached chunks: a warm mount's first reads then go

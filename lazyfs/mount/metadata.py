@@ -18,7 +18,7 @@ import anyio.to_thread
 from lazyfs.cache import keys
 from lazyfs.cache.store import ChunkCache
 from lazyfs.errors import IntegrityError, RegistryUnreachableError, TransientRegistryError
-from lazyfs.formats.chunked.toc import BlobSection
+from lazyfs.formats.chunked.toc import BlobSection, Toc
 from lazyfs.model.digest import Digest
 from lazyfs.model.manifests import Descriptor
 from lazyfs.model.ranges import ByteRange
@@ -39,6 +39,7 @@ class MetadataFetcher:
         self.cache = cache
         self.failover = failover
         self.offline = False
+        self.unkept_tocs: list[tuple[str, Toc]] = []  # parsed here, for kepttocs.keep
 
     async def root(self, ref: Reference) -> tuple[Digest, bytes, str | None]:
         """The manifest or index ``ref`` names: its digest, bytes and media type if known."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -63,6 +63,7 @@ from lazyfs.model.manifests import (
 from lazyfs.model.platform import Platform
 from lazyfs.model.ranges import ByteRange
 from lazyfs.model.reference import Reference
+from lazyfs.mount import kepttocs
 from lazyfs.mount.metadata import MetadataFetcher
 from lazyfs.mount.resolver import LayerBlob
 from lazyfs.mount.tree import Tree, build_trees
@@ -84,6 +85,9 @@ class OpenedImage:
     # Opened for a layer store (per_layer): each layer's own tree, and the config's diff_ids.
     layer_trees: tuple[Tree, ...] = ()
     diff_ids: tuple[Digest, ...] = ()
+    # The TOCs this open parsed, to be kept for the next (mount/kepttocs.py) once the mount is
+    # ready; emptied by whoever keeps them.
+    unkept: list[tuple[str, Toc]] = field(default_factory=list, compare=False, repr=False)
 
 
 async def open_image(
@@ -123,10 +127,11 @@ async def open_image(
         lambda: build_trees([toc.entries for toc, _ in indexed], per_layer=per_layer)
     )
     layers = tuple(blob for _, blob in indexed)
+    unkept = fetcher.unkept_tocs
     if not per_layer:
-        return OpenedImage(pinned, parsed, layers, tree, fetcher.offline)
+        return OpenedImage(pinned, parsed, layers, tree, fetcher.offline, unkept=unkept)
     diff_ids = await _diff_ids(fetcher, pinned, parsed)
-    return OpenedImage(pinned, parsed, layers, tree, fetcher.offline, layer_trees, diff_ids)
+    return OpenedImage(pinned, parsed, layers, tree, fetcher.offline, layer_trees, diff_ids, unkept)
 
 
 async def _diff_ids(
@@ -349,6 +354,10 @@ async def _layer_toc(fetcher: MetadataFetcher, ref: Reference, layer: Descriptor
             "convert the image with `lazyfs convert` first"
         )
     section = parse_toc_position(position, layer=str(layer.digest), blob_size=layer.size)
+    kept_key = keys.kept_toc_key(Digest.parse(checksum), section.offset)
+    kept = await anyio.to_thread.run_sync(kepttocs.load, fetcher.cache, kept_key)
+    if kept is not None:  # checked by an earlier open against this checksum and blob end
+        return kept
     compressed = await fetcher.toc(ref, layer, section, Digest.parse(checksum))
     what = f"layer {layer.digest}: TOC"
 
@@ -356,7 +365,9 @@ async def _layer_toc(fetcher: MetadataFetcher, ref: Reference, layer: Descriptor
         data = zstd_exact(compressed, section.uncompressed_length, what)
         return Toc.parse(data, layer=str(layer.digest), blob_size=section.offset)
 
-    return await anyio.to_thread.run_sync(parse)
+    toc = await anyio.to_thread.run_sync(parse)
+    fetcher.unkept_tocs.append((kept_key, toc))
+    return toc
 
 
 def _layer_blob(layer: Descriptor) -> LayerBlob:

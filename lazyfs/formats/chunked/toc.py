@@ -92,6 +92,9 @@ _POSITION_NUMBER = re.compile(r"[0-9]{1,19}")
 _VALUES_PER_ENTRY = 16
 _CONTAINERS_PER_ENTRY = 2  # the entry object and its xattrs object
 _DEFAULT_LIMITS = LimitsConfig()
+# Bump when a check of Toc.parse changes: TOCs kept as checked by older rules
+# (lazyfs/mount/kepttocs.py) are then parsed and checked again.
+CHECKS_VERSION = 1
 
 
 @dataclass(frozen=True)
