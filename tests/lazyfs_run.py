@@ -40,7 +40,9 @@ def stats(mountpoint: Path) -> dict[str, Any]:
     return json.loads(os.getxattr(mountpoint, "user.lazyfs.stats"))  # type: ignore[no-any-return]
 
 
-def settled_stats(mountpoint: Path, quiet_s: float = 0.3, timeout_s: float = 20.0) -> dict[str, Any]:
+def settled_stats(
+    mountpoint: Path, quiet_s: float = 0.3, timeout_s: float = 20.0
+) -> dict[str, Any]:
     """The mount's stats once its fetches have settled: a read returns as soon as its own
     chunks are verified, while the rest of the answer (read-ahead) may still be coming in."""
     deadline = time.monotonic() + timeout_s
